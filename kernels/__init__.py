@@ -1,0 +1,1 @@
+"""Triton kernels with a PyTorch reference each (DESIGN §5); shipped as mmcompress.kernels."""

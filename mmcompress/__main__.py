@@ -1,0 +1,5 @@
+import sys
+
+from mmcompress.cli import main
+
+sys.exit(main())

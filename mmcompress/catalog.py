@@ -1,0 +1,22 @@
+"""Static facts about the built-in compressors, readable without importing torch (used by `mmcompress list`).
+
+A compressor's class carries the same facts (`family`, `modality`, `needs`); tests check they agree.
+"""
+
+from __future__ import annotations
+
+# name: (module under mmcompress.compressors, family, modality, needs, one-line summary)
+BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
+    "random": ("baselines", "baseline", "any", (), "random selection (seeded)"),
+    "uniform": ("baselines", "baseline", "any", (), "evenly strided selection"),
+    "pool": ("pool", "transformation", "1D/2D/3D", (), "grid-aware average/bilinear pooling to a target grid"),
+    "tome": ("tome", "similarity", "any", (), "ToMe bipartite soft matching, size-weighted merge"),
+    "divprune": ("divprune", "similarity", "any", (), "greedy max-min diversity selection"),
+    "visionzip": ("visionzip", "attention", "image/video", ("scores",), "dominant by scores + merged context"),
+    "prumerge": ("prumerge", "attention, adaptive", "image", ("scores",), "IQR outliers of scores + kNN merge"),
+    "prumerge+": ("prumerge", "attention, adaptive", "image", ("scores",), "prumerge + spatially uniform samples"),
+    "text_recovery": ("text_recovery", "query", "image/video", ("scores", "text"), "keep, recover by text, merge"),
+    "temporal": ("temporal", "similarity", "video", ("grid",), "merge similar tokens across frames, then spatial"),
+    "audio_merge": ("audio_merge", "similarity", "audio", (), "neighbour-only merging along time"),
+    "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
+}

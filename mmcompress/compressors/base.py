@@ -1,0 +1,323 @@
+"""The compressor contract (DESIGN §3): input checks, budgets, prefix handling, ragged batches, result assembly.
+
+A method implements one function, `plan(inp, k)`, that decides which input tokens go to which of `k` output slots
+for a batch whose samples all get the same budget. Everything else is done here once for every method.
+
+Letters: B batch, N tokens in (N' without the prefix), M tokens out, C channels, L text length.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmcompress.compressors.merge_ops import gather_tokens, grid_coords, segment_mean, segment_sum
+from mmcompress.types import CompressOutput
+
+
+def checks_enabled() -> bool:
+    """Whether the finiteness check on x runs (off with MMCOMPRESS_CHECKS=0)."""
+    return os.environ.get("MMCOMPRESS_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@dataclass
+class Inputs:
+    """Checked inputs of one call, with the prefix split off.
+
+    Attributes:
+        x: [B, N', C] tokens to compress (prefix removed).
+        size: [B, N'] float32 sizes, or None when all ones.
+        grid: grid of the N' tokens, or None.
+        coords: [N', len(grid)] int64 coordinates, or None.
+        text: [B, L, C] query embeddings (a [B, C] input becomes L = 1), or None.
+        scores: [B, N'] importance, or None.
+        metric: [B, N', d] similarity features, or None.
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor | None = None
+    grid: tuple[int, ...] | None = None
+    coords: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    metric: torch.Tensor | None = None
+
+    @property
+    def sim(self) -> torch.Tensor:
+        """[B, N', d] features to compare tokens by: `metric` if given, else `x`."""
+        return self.x if self.metric is None else self.metric
+
+    def sizes(self) -> torch.Tensor:
+        """[B, N'] float32 sizes (ones when none were given)."""
+        if self.size is not None:
+            return self.size
+        return torch.ones(self.x.shape[:2], dtype=torch.float32, device=self.x.device)
+
+    def take(self, rows: torch.Tensor) -> Inputs:
+        """The sub-batch at batch indices `rows`."""
+
+        def pick(t):
+            return None if t is None else t.index_select(0, rows)
+
+        return Inputs(pick(self.x), pick(self.size), self.grid, self.coords, pick(self.text), pick(self.scores),
+                      pick(self.metric))
+
+
+@dataclass
+class Plan:
+    """What a method decided for a batch with budget k.
+
+    Attributes:
+        assign: [B, N'] int64 slot in [0, M) of each token, -1 if dropped. Slot numbering may be arbitrary.
+        rep: [B, M] int64 representative input token of each slot (a member of it); slots are put in rep order.
+        x: optional [B, M, C] output tokens, for methods whose outputs are not size-weighted means of members.
+        size: optional [B, M] float32 sizes when they are not the sums of member sizes.
+    """
+
+    assign: torch.Tensor
+    rep: torch.Tensor
+    x: torch.Tensor | None = None
+    size: torch.Tensor | None = None
+
+
+def _check_keep(keep: Any) -> int | float | str:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, str)):
+        raise TypeError(f"keep: expected an int, a float in (0, 1] or 'auto', got {type(keep).__name__} {keep!r}")
+    if isinstance(keep, str):
+        if keep != "auto":
+            raise ValueError(f"keep: the only string accepted is 'auto', got {keep!r}")
+        return keep
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ValueError(f"keep: an int budget must be >= 1 token, got {keep}")
+        return keep
+    if not (0.0 < keep <= 1.0) or math.isnan(keep):
+        raise ValueError(f"keep: a float budget is a fraction in (0, 1], got {keep}")
+    return keep
+
+
+def _check_tensor(name: str, t: Any, x: torch.Tensor, shapes: list[tuple], what: str) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {what}, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: is on {t.device} but x is on {x.device}; move both to one device")
+    for shape in shapes:
+        if t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape, strict=True)):
+            return t
+    raise ValueError(f"{name}: expected shape {what}, got {tuple(t.shape)}")
+
+
+class Compressor:
+    """Base class of every compressor. Subclasses set the class facts and implement `plan`.
+
+    Args:
+        keep: tokens out per sample (int, prefix not counted), fraction of the non-prefix tokens in (0, 1]
+            (rounded, at least 1), or "auto" (per-sample budget from the method's adaptive rule).
+        epsilon: target relative reconstruction error used by keep="auto" (see `adaptive`).
+    """
+
+    name: str = ""
+    family: str = ""
+    modality: str = "any"
+    needs: tuple[str, ...] = ()
+    #: True when each output token is the size-weighted mean of the inputs assigned to it.
+    exact_mean: bool = True
+    #: True when every slot holds exactly one input token (outputs are then gathered, not averaged).
+    select_only: bool = False
+
+    def __init__(self, keep: int | float | str = 0.5, *, epsilon: float = 0.1):
+        self.keep = _check_keep(keep)
+        if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0 < epsilon < 1:
+            raise ValueError(f"epsilon: expected a float in (0, 1), got {epsilon!r}")
+        self.epsilon = float(epsilon)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, keep={self.keep!r})"
+
+    # ---- to implement -------------------------------------------------------------------------------
+    def plan(self, inp: Inputs, k: int) -> Plan:
+        """Decide the k output slots for a batch whose samples all get budget k (1 <= k <= N')."""
+        raise NotImplementedError
+
+    def auto_keep(self, inp: Inputs) -> torch.Tensor:
+        """[B] int64 per-sample budgets for keep="auto"; default: the `adaptive` estimator at `self.epsilon`."""
+        from mmcompress.compressors.adaptive import estimate_keep
+
+        return estimate_keep(inp, self.epsilon)
+
+    # ---- the call -----------------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        grid: tuple[int, ...] | list[int] | None = None,
+        prefix: int = 0,
+        size: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+        metric: torch.Tensor | None = None,
+    ) -> CompressOutput:
+        """Compress x [B, N, C]; see DESIGN §3 for the arguments and `CompressOutput` for the result."""
+        inp, head, head_size = self._inputs(x, grid, prefix, size, text, scores, metric)
+        Nb = inp.x.shape[1]
+        if self.keep == "auto":
+            ks = self.auto_keep(inp).to(torch.long).clamp(1, Nb)
+            if bool((ks == ks[0]).all()):
+                return self._finish(inp, self._plan_checked(inp, int(ks[0])), head, head_size)
+            return self._ragged(inp, ks, head, head_size)
+        k = self._budget(Nb)
+        return self._finish(inp, self._plan_checked(inp, k), head, head_size)
+
+    def _budget(self, Nb: int) -> int:
+        if isinstance(self.keep, int):
+            if self.keep > Nb:
+                raise ValueError(f"keep: {self.keep} tokens asked but x has only N - prefix = {Nb} tokens")
+            return self.keep
+        return max(1, min(Nb, round(self.keep * Nb)))
+
+    def _plan_checked(self, inp: Inputs, k: int) -> Plan:
+        Nb = inp.x.shape[1]
+        if k >= Nb:  # identity: every token is its own slot
+            B = inp.x.shape[0]
+            idx = torch.arange(Nb, device=inp.x.device).expand(B, Nb)
+            return Plan(assign=idx, rep=idx, x=inp.x)
+        return self.plan(inp, k)
+
+    def _inputs(self, x, grid, prefix, size, text, scores, metric):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor [B, N, C], got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating point tensor, got dtype {x.dtype}")
+        if x.dim() != 3:
+            raise ValueError(f"x: expected shape [B, N, C], got {tuple(x.shape)} (rank {x.dim()})")
+        B, N, C = x.shape
+        if B == 0 or N == 0 or C == 0:
+            raise ValueError(f"x: is empty, shape {tuple(x.shape)}; need B, N, C >= 1")
+        if isinstance(prefix, bool) or not isinstance(prefix, int):
+            raise TypeError(f"prefix: expected an int, got {type(prefix).__name__}")
+        if not 0 <= prefix < N:
+            raise ValueError(f"prefix: expected 0 <= prefix < N = {N}, got {prefix}")
+        Nb = N - prefix
+        coords = None
+        if grid is not None:
+            if not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3 or not all(
+                isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid
+            ):
+                raise ValueError(f"grid: expected (W,), (H, W) or (T, H, W) of positive ints, got {grid!r}")
+            grid = tuple(grid)
+            if math.prod(grid) != Nb:
+                raise ValueError(f"grid: {grid} holds {math.prod(grid)} tokens but N - prefix = {N} - {prefix} = {Nb}")
+            coords = grid_coords(grid, x.device)
+        size = _check_tensor("size", size, x, [(B, N)], f"[B, N] = [{B}, {N}]")
+        text = _check_tensor("text", text, x, [(B, None, C), (B, C)], f"[B, L, C] or [B, C] with B={B}, C={C}")
+        scores = _check_tensor("scores", scores, x, [(B, N)], f"[B, N] = [{B}, {N}]")
+        metric = _check_tensor("metric", metric, x, [(B, N, None)], f"[B, N, d] with B={B}, N={N}")
+        for nm, t in (("text", text), ("metric", metric)):
+            if t is not None and not t.is_floating_point():
+                raise TypeError(f"{nm}: expected a floating point tensor, got dtype {t.dtype}")
+        if text is not None and text.dim() == 2:
+            text = text.unsqueeze(1)
+        if text is not None and text.shape[1] == 0:
+            raise ValueError("text: is empty (L = 0)")
+        for need in self.needs:
+            if need in ("text", "scores", "grid") and locals()[need] is None:
+                raise ValueError(f"{need}: compressor {self.name!r} needs `{need}=` and did not get it")
+        if checks_enabled():
+            # one cheap reduction; NaN/inf propagate through the sum, the exact check runs only if it is not finite
+            if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+                raise ValueError("x: contains NaN or inf (set MMCOMPRESS_CHECKS=0 to skip this check)")
+            if size is not None and not bool(((size > 0) & torch.isfinite(size)).all()):
+                raise ValueError("size: every entry must be finite and > 0")
+        if scores is not None:
+            scores = scores.float()
+        if size is not None:
+            size = size.float()
+        head = x[:, :prefix]
+        head_size = (
+            torch.ones(B, prefix, dtype=torch.float32, device=x.device) if size is None else size[:, :prefix]
+        )
+        inp = Inputs(
+            x=x[:, prefix:],
+            size=None if size is None else size[:, prefix:],
+            grid=grid,
+            coords=coords,
+            text=text,
+            scores=None if scores is None else scores[:, prefix:],
+            metric=None if metric is None else metric[:, prefix:],
+        )
+        return inp, head, head_size
+
+    def _finish(self, inp: Inputs, plan: Plan, head: torch.Tensor, head_size: torch.Tensor) -> CompressOutput:
+        x, P = inp.x, head.shape[1]
+        B, Nb, C = x.shape
+        M = plan.rep.shape[1]
+        rep = plan.rep
+        assign = plan.assign
+        out_x, out_size = plan.x, plan.size
+        if M > 1 and not bool((rep[:, 1:] > rep[:, :-1]).all()):  # put slots in representative order
+            order = rep.argsort(dim=1)
+            inv = order.argsort(dim=1)
+            rep = rep.gather(1, order)
+            assign = torch.where(assign >= 0, inv.gather(1, assign.clamp(min=0)), assign)
+            if out_x is not None:
+                out_x = gather_tokens(out_x, order)
+            if out_size is not None:
+                out_size = out_size.gather(1, order)
+        if out_x is None:
+            if self.select_only:
+                out_x = gather_tokens(x, rep)
+            else:
+                out_x = segment_mean(x, inp.size, assign, M)
+        if out_size is None:
+            out_size = segment_sum(inp.sizes(), assign, M).float()
+        pos = None
+        if inp.coords is not None:
+            pos = inp.coords[rep]  # [B, M, len(grid)]
+            if P:
+                pos = torch.cat([pos.new_full((B, P, pos.shape[-1]), -1), pos], 1)
+        if P:
+            ar = torch.arange(P, device=x.device).expand(B, P)
+            out = CompressOutput(
+                x=torch.cat([head, out_x], 1),
+                assign=torch.cat([ar, torch.where(assign >= 0, assign + P, assign)], 1),
+                size=torch.cat([head_size, out_size], 1),
+                pos=pos,
+                rep=torch.cat([ar, rep + P], 1),
+            )
+        else:
+            out = CompressOutput(x=out_x, assign=assign, size=out_size, pos=pos, rep=rep)
+        return out
+
+    def _ragged(self, inp: Inputs, ks: torch.Tensor, head: torch.Tensor, head_size: torch.Tensor) -> CompressOutput:
+        """Samples with different budgets: plan each budget group, pad to the largest, set `mask`."""
+        B, Nb, C = inp.x.shape
+        P = head.shape[1]
+        Mmax = int(ks.max()) + P
+        dev = inp.x.device
+        x = inp.x.new_zeros(B, Mmax, C)
+        assign = torch.full((B, P + Nb), -1, dtype=torch.long, device=dev)
+        size = torch.zeros(B, Mmax, dtype=torch.float32, device=dev)
+        mask = torch.zeros(B, Mmax, dtype=torch.bool, device=dev)
+        rep = torch.full((B, Mmax), -1, dtype=torch.long, device=dev)
+        pos = None if inp.coords is None else torch.full((B, Mmax, inp.coords.shape[1]), -1, dtype=torch.long,
+                                                         device=dev)
+        for k in torch.unique(ks).tolist():
+            rows = (ks == k).nonzero().squeeze(1)
+            sub = inp.take(rows)
+            o = self._finish(sub, self._plan_checked(sub, int(k)), head.index_select(0, rows),
+                             head_size.index_select(0, rows))
+            m = o.x.shape[1]
+            x[rows, :m] = o.x
+            assign[rows] = o.assign
+            size[rows, :m] = o.size
+            mask[rows, :m] = True
+            rep[rows, :m] = o.rep
+            if pos is not None:
+                pos[rows, :m] = o.pos
+        return CompressOutput(x=x, assign=assign, size=size, mask=mask, pos=pos, rep=rep)

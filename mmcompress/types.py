@@ -1,0 +1,44 @@
+"""The result type every compressor returns (DESIGN §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CompressOutput:
+    """Compressed tokens plus the provenance needed to undo, weight or place them.
+
+    Attributes:
+        x: [B, M, C] compressed tokens: prefix first, then kept/merged tokens in the order of their
+            representative input token.
+        assign: [B, N] int64 output slot of every input token, -1 if the token was dropped.
+        size: [B, M] float32, how many input tokens each output token stands for (0 on padded slots).
+        mask: [B, M] bool valid slots when samples got different budgets; None when all budgets are equal.
+        pos: [B, M, len(grid)] int64 grid coordinate of each output token's representative input token
+            (-1 for prefix tokens and padded slots); None when no grid was given.
+        rep: [B, M] int64 index of the representative input token of each slot (-1 on padded slots).
+    """
+
+    x: torch.Tensor
+    assign: torch.Tensor
+    size: torch.Tensor
+    mask: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    rep: torch.Tensor | None = None
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[B] number of valid output tokens per sample (prefix included)."""
+        if self.mask is None:
+            return torch.full((self.x.shape[0],), self.x.shape[1], dtype=torch.long, device=self.x.device)
+        return self.mask.sum(1)
+
+    def unmerge(self) -> torch.Tensor:
+        """[B, N, C] reconstruction of the inputs: each input token gets its slot's value, dropped ones 0."""
+        B, N = self.assign.shape
+        idx = self.assign.clamp(min=0)
+        out = torch.gather(self.x, 1, idx.unsqueeze(-1).expand(B, N, self.x.shape[-1]))
+        return out * (self.assign >= 0).unsqueeze(-1).to(out.dtype)
