@@ -1,4 +1,7 @@
-"""`mmcompress` command line (`bench` and `demo` arrive with the eval-suite and demo issues). `list` and `--version` never import torch (they answer in well under a second)."""
+"""`mmcompress` command line. `list` and `--version` never import torch (well under a second).
+
+`bench` and `demo` arrive with the eval-suite and demo issues.
+"""
 
 from __future__ import annotations
 

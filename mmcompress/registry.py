@@ -28,6 +28,8 @@ def register(name: str):
         existing = _REGISTRY.get(name)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"register(name): {name!r} is already registered to {existing.__qualname__}")
+        if name in BUILTINS and cls.__module__ != f"mmcompress.compressors.{BUILTINS[name][0]}":
+            raise ValueError(f"register(name): {name!r} is a built-in compressor name; choose another")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

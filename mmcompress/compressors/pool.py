@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcompress.compressors.base import Compressor, Inputs, Plan
+from mmcompress.compressors.merge_ops import accum_dtype
 from mmcompress.registry import register
 
 
@@ -125,7 +126,39 @@ class GridPool(Compressor):
         plan = Plan(assign=assign, rep=rep.expand(B, M))
         if self.mode == "bilinear":
             plan.x = self._interpolate(x, grid, target)
+        else:
+            plan.x, plan.size = self._separable_mean(x, inp.size, grid, target)
         return plan
+
+    @staticmethod
+    def _separable_mean(x: torch.Tensor, size: torch.Tensor | None, grid: tuple[int, ...], target: tuple[int, ...]):
+        """Cell means computed one axis at a time, each as a small [t, g] 0/1 matrix product.
+
+        Cells are products of per-axis row ranges, so the sums separate. Measured on 2 CPU cores, [4, 2880, 1024]:
+        ~2.5x faster than index_add along the axis and ~10x faster than one index_add over all N' tokens.
+        Returns x [B, M, C] in x's dtype and size [B, M] float32.
+        """
+        B, N, C = x.shape
+        acc = accum_dtype(x.dtype)
+        v = x.to(acc).reshape(B, *grid, C)
+        w = None if size is None else size.to(acc).reshape(B, *grid, 1)
+        if w is not None:
+            v = v * w
+        cells = torch.ones((), dtype=acc, device=x.device)
+        for axis, (g, t) in enumerate(zip(grid, target, strict=True)):
+            if g == t:
+                continue
+            part = torch.zeros(t, g, dtype=acc, device=x.device)  # [t, g] row-range membership
+            part[torch.arange(g, device=x.device) * t // g, torch.arange(g, device=x.device)] = 1
+            cells = cells * part.sum(1).view(*([1] * axis), t, *([1] * (len(grid) - axis - 1)))
+            pre, post = math.prod(v.shape[: 1 + axis]), math.prod(v.shape[2 + axis:])
+            v = (part @ v.reshape(pre, g, post)).reshape(*v.shape[: 1 + axis], t, *v.shape[2 + axis:])
+            if w is not None:
+                wpost = math.prod(w.shape[2 + axis:])
+                w = (part @ w.reshape(pre, g, wpost)).reshape(*w.shape[: 1 + axis], t, *w.shape[2 + axis:])
+        M = math.prod(target)
+        den = cells.expand(*target).reshape(1, M, 1).expand(B, M, 1) if w is None else w.reshape(B, M, 1)
+        return (v.reshape(B, M, C) / den).to(x.dtype), den.reshape(B, M).float().contiguous()
 
     @staticmethod
     def _interpolate(x: torch.Tensor, grid: tuple[int, ...], target: tuple[int, ...]) -> torch.Tensor:

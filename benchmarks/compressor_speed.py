@@ -1,0 +1,110 @@
+"""Speed of compressors against a tensor copy timed in the same run (rows as data: one CSV row per case).
+
+Each repeat times `x.clone()` and the compressor back to back, so the reported ratio (median over repeats of
+op / clone) is robust to this machine's noise; p20/p50/p80 are over the repeats.
+
+    python benchmarks/compressor_speed.py --out runs/bench/speed.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mmcompress as mmc
+
+# (label, shape, prefix, grid)
+SHAPES = [("vit-b 577", (16, 577, 768), 1, (24, 24)), ("llava-next 2880", (4, 2880, 1024), 0, (5, 24, 24))]
+# (name, options, keep as a fraction of N - prefix, label)
+CASES = [
+    ("tome", {}, 0.5, "tome"),
+    ("tome", {"match_dtype": torch.bfloat16}, 0.5, "tome[match=bf16]"),
+    ("pool", {}, 0.25, "pool[avg]"),
+    ("pool", {"mode": "bilinear"}, 0.25, "pool[bilinear]"),
+    ("uniform", {}, 0.25, "uniform"),
+]
+
+
+def quantiles(v: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(v, n=10, method="inclusive")
+    return q[1], statistics.median(v), q[7]
+
+
+def bench_case(x, comp, kw, repeats: int, inner: int):
+    """Median-of-repeats timing; each repeat runs `inner` calls of the clone and of the op."""
+    for _ in range(2):
+        comp(x, **kw)
+        x.clone()
+    t_op, t_clone, ratios = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            x.clone()
+        t1 = time.perf_counter()
+        for _ in range(inner):
+            comp(x, **kw)
+        t2 = time.perf_counter()
+        c, o = (t1 - t0) / inner * 1e3, (t2 - t1) / inner * 1e3
+        t_clone.append(c)
+        t_op.append(o)
+        ratios.append(o / c)
+    return t_op, t_clone, ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench/speed.csv")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--inner", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["op", "provider", "shape", "dtype", "keep", "checks", "p20_ms", "p50_ms", "p80_ms", "clone_p50_ms",
+              "ratio_to_clone_p50", "threads", "device", "torch", "mmcompress", "python"]
+    rows = []
+    total = len(SHAPES) * len(CASES) * 2
+    i = 0
+    for label, shape, prefix, grid in SHAPES:
+        x = torch.randn(*shape)
+        Nb = shape[1] - prefix
+        for name, opts, frac, op in CASES:
+            keep = max(1, round(frac * Nb))
+            comp = mmc.create(name, keep=keep, **opts)
+            kw = {"prefix": prefix, "grid": grid}
+            for checks in ("1", "0"):
+                i += 1
+                os.environ["MMCOMPRESS_CHECKS"] = checks
+                t_op, t_clone, ratios = bench_case(x, comp, kw, args.repeats, args.inner)
+                p20, p50, p80 = quantiles(t_op)
+                row = {"op": op, "provider": "torch", "shape": "x".join(map(str, shape)), "dtype": "float32",
+                       "keep": keep, "checks": checks, "p20_ms": f"{p20:.3f}", "p50_ms": f"{p50:.3f}",
+                       "p80_ms": f"{p80:.3f}", "clone_p50_ms": f"{statistics.median(t_clone):.3f}",
+                       "ratio_to_clone_p50": f"{statistics.median(ratios):.2f}", "threads": args.threads,
+                       "device": platform.processor() or platform.machine(), "torch": torch.__version__,
+                       "mmcompress": mmc.__version__, "python": platform.python_version()}
+                rows.append(row)
+                print(f"[{i}/{total}] {op:18s} {label:16s} checks={checks} p50 {p50:8.2f} ms  "
+                      f"clone {float(row['clone_p50_ms']):6.2f} ms  ratio {row['ratio_to_clone_p50']}x",
+                      file=sys.stderr, flush=True)
+    os.environ.pop("MMCOMPRESS_CHECKS", None)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out} ({len(rows)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
