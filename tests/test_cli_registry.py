@@ -1,10 +1,12 @@
-"""CLI (`mmcompress list`, `--version`) and the registry (decorator, entry points, did-you-mean)."""
+"""CLI (`mmcompress list`, `--version`) and the registry (decorator, entry points, did-you-mean).
+
+`list` answers fast because it never imports torch; that is what is asserted (timings belong in benchmarks).
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,15 +19,12 @@ from mmcompress.compressors.base import Compressor, Plan
 def test_list_prints_every_compressor_without_torch():
     code = ("import sys; from mmcompress.cli import main; main(['list']); "
             "assert 'torch' not in sys.modules, 'list imported torch'")
-    t = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    elapsed = time.perf_counter() - t
     names = [line.split()[0] for line in r.stdout.splitlines()[1:]]
     assert set(names) >= {"random", "uniform", "pool", "tome"}
     assert set(names) == set(mmc.available())
     header = r.stdout.splitlines()[0].split()
     assert header[:4] == ["name", "family", "modality", "needs"]
-    assert elapsed < 5  # generous: a cold interpreter on a loaded CI machine; torch import alone takes longer
 
 
 def test_module_entry_point_and_version():
