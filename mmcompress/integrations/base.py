@@ -75,10 +75,18 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_for(model: torch.nn.Module) -> type[Adapter]:
-    """The adapter class for `model`, by `model.config.model_type`."""
+    """The adapter class for `model`, by `model.config.model_type`.
+
+    Models without a known `config.model_type` (timm, open_clip) go to the first adapter whose optional
+    classmethod `matches(model)` returns True.
+    """
     mt = getattr(getattr(model, "config", None), "model_type", None)
     types_ = supported_model_types()
     if mt not in _ADAPTERS:
+        for cls in dict.fromkeys(_ADAPTERS.values()):
+            matches = getattr(cls, "matches", None)
+            if matches is not None and matches(model):
+                return cls
         raise ValueError(f"model: unsupported model_type {mt!r} ({type(model).__name__}); supported: "
                          f"{', '.join(types_)}")
     return _ADAPTERS[mt]
