@@ -1,0 +1,238 @@
+"""easy-VQA (PyPI ``easy-vqa``): data loading and answer scoring.
+
+The package ships ``easy_vqa/data/{train,test}/{questions.json,images/<id>.png}`` and ``data/answers.txt``;
+``questions.json`` is a list of ``[question, answer, image_id]``. The package is located without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["EasyVQASample", "answers", "data_root", "image_path", "load_split", "normalize_answer", "score", "subset"]
+
+INSTALL = "pip install --no-deps easy-vqa==1.0"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class EasyVQASample:
+    """One easy-VQA question."""
+
+    question: str
+    answer: str
+    image_id: int
+    split: str
+
+    @property
+    def image_path(self) -> Path:
+        """Path of the 64 x 64 PNG of this question."""
+        return image_path(self.split, self.image_id)
+
+
+def data_root() -> Path:
+    """Return ``easy_vqa/data`` of the installed package.
+
+    Raises:
+        ImportError: If ``easy-vqa`` is not installed (the message names the install command).
+    """
+    spec = importlib.util.find_spec("easy_vqa")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"easy-VQA data not installed; install it with: {INSTALL}")
+    root = Path(list(spec.submodule_search_locations)[0]) / "data"
+    if not (root / "answers.txt").is_file():
+        raise ImportError(f"easy-VQA data missing under {root}; reinstall with: {INSTALL}")
+    return root
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def image_path(split: str, image_id: int) -> Path:
+    """Return the PNG path of ``image_id`` in ``split``."""
+    _check_split(split)
+    return data_root() / split / "images" / f"{int(image_id)}.png"
+
+
+def answers() -> list[str]:
+    """Return the 13 possible answers."""
+    return [a.strip() for a in (data_root() / "answers.txt").read_text().splitlines() if a.strip()]
+
+
+def load_split(split: str) -> list[EasyVQASample]:
+    """Load every question of a split (38,575 train / 9,673 test), in file order.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        List of samples.
+    """
+    _check_split(split)
+    rows = json.loads((data_root() / split / "questions.json").read_text())
+    return [EasyVQASample(str(q), str(a), int(i), split) for q, a, i in rows]
+
+
+def subset(split: str, n: int | None, seed: int = 0) -> list[EasyVQASample]:
+    """A fixed, seeded random subset of a split (``random.Random(seed).sample`` over file order).
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        n: Number of questions; ``None`` or ``>= len(split)`` returns the whole split in file order.
+        seed: Sampling seed.
+
+    Returns:
+        The chosen samples, in sampled order.
+    """
+    data = load_split(split)
+    if n is None or n >= len(data):
+        return data
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    return random.Random(seed).sample(data, n)
+
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, strip punctuation and surrounding whitespace, keep the first word (easy-VQA answers are one word)."""
+    words = _PUNCT.sub(" ", text.lower()).split()
+    return words[0] if words else ""
+
+
+def score(prediction: str, answer: str) -> float:
+    """Exact-match accuracy (1.0 or 0.0) of a generated answer after ``normalize_answer``."""
+    return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+def image_features(
+    split: str,
+    vision_tower: object,
+    image_processor: object,
+    vision_feature_layer: int = -1,
+    drop_cls: bool = True,
+    batch_size: int = 50,
+    cache: bool = True,
+) -> object:
+    """DINOv2 features of every image of a split, exactly as ``LlavaForConditionalGeneration.get_image_features``
+    selects them before the projector (``hidden_states[vision_feature_layer]``, CLS dropped for strategy "default").
+
+    Cached under ``<mmcompress cache>/features/`` keyed by the tower's weights source, image size and layer.
+
+    Args:
+        split: ``"train"`` (4,000 images) or ``"test"`` (1,000 images).
+        vision_tower: The HF ``Dinov2Model``.
+        image_processor: Callable ``(list of PIL) -> {"pixel_values": [B, 3, S, S]}`` with a ``size`` attribute.
+        vision_feature_layer: Index into ``hidden_states``.
+        drop_cls: Drop the CLS token (strategy ``"default"``).
+        batch_size: Images per forward.
+        cache: Read/write the on-disk cache.
+
+    Returns:
+        ``torch.Tensor [n_images, N, C]`` float32, row ``i`` = image id ``i``.
+    """
+    import torch
+    from PIL import Image
+
+    from mmcompress.zoo._cache import atomic_write_bytes, cache_root, file_sha256
+    from mmcompress.zoo.dinov2 import dinov2_onnx_path
+
+    _check_split(split)
+    n_images = len(list((data_root() / split / "images").glob("*.png")))
+    size = int(getattr(image_processor, "size", 0))
+    key = f"easyvqa_{split}_{file_sha256(dinov2_onnx_path())[:16]}_{size}px_L{vision_feature_layer}_{int(drop_cls)}.pt"
+    path = cache_root() / "features" / key
+    if cache and path.is_file():
+        return torch.load(path)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+
+        def tqdm(x, **_):  # type: ignore[no-redef]
+            return x
+
+    out = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, n_images, batch_size), desc=f"DINOv2 features ({split})"):
+            ids = range(start, min(start + batch_size, n_images))
+            imgs = [Image.open(image_path(split, i)).convert("RGB") for i in ids]
+            pv = image_processor(imgs)["pixel_values"]  # [b, 3, S, S]
+            hs = vision_tower(pv, output_hidden_states=True).hidden_states[vision_feature_layer]  # [b, 1+N, C]
+            out.append(hs[:, 1:] if drop_cls else hs)  # == mmcompress.zoo.refvlm.vision_features for the defaults
+    feats = torch.cat(out).float().contiguous()  # [n_images, N, C]
+    if cache:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(feats, buf)
+        atomic_write_bytes(path, buf.getvalue())
+    return feats
+
+
+def evaluate(
+    model: object,
+    processor: object,
+    samples: list[EasyVQASample],
+    batch_size: int = 16,
+    max_new_tokens: int = 5,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Greedy-decode answers with ``model.generate(**processor(images=..., text=questions))`` and score them.
+
+    Args:
+        model: A VLM with ``generate`` (e.g. ref-vlm).
+        processor: Its processor (``images=``, ``text=`` -> left-padded batch; ``batch_decode``).
+        samples: Questions to answer.
+        batch_size: Questions per ``generate`` call.
+        max_new_tokens: Generation budget (easy-VQA answers are one word).
+        progress: Show a tqdm bar when tqdm is importable.
+
+    Returns:
+        ``{"accuracy": float, "n": int, "predictions": [{"question", "answer", "prediction", "correct"}...]}``.
+    """
+    import torch
+    from PIL import Image
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not samples:
+        raise ValueError("samples must not be empty")
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(samples), desc="easy-VQA")
+        except ImportError:  # pragma: no cover
+            bar = None
+    preds: list[dict[str, object]] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        images = [Image.open(s.image_path).convert("RGB") for s in chunk]
+        inputs = processor(images=images, text=[s.question for s in chunk])
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for s, t in zip(chunk, texts, strict=True):
+            preds.append(
+                {
+                    "question": s.question,
+                    "answer": s.answer,
+                    "image_id": s.image_id,
+                    "prediction": t,
+                    "correct": score(t, s.answer),
+                }
+            )
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    acc = sum(p["correct"] for p in preds) / len(preds)
+    return {"accuracy": acc, "n": len(preds), "predictions": preds}
