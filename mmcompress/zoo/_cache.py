@@ -14,6 +14,7 @@ __all__ = [
     "MissingAssetError",
     "atomic_write_bytes",
     "atomic_write_json",
+    "save_pretrained_atomic",
     "cache_root",
     "file_sha256",
     "package_file",
@@ -142,3 +143,25 @@ def converted_dir(name: str, source: Path) -> Path:
         ``<cache_root>/<name>/<sha256[:16]>`` (not created).
     """
     return cache_root() / name / file_sha256(source)[:16]
+
+
+def save_pretrained_atomic(out: Path, *objects: Any) -> None:
+    """``save_pretrained`` every object into a temporary sibling of ``out``, then rename it to ``out`` atomically.
+
+    A concurrent conversion that finished first wins (its directory is kept, ours is discarded); a failure leaves
+    no partial directory behind.
+    """
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for obj in objects:
+            obj.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._cache import converted_dir, package_file
+from ._cache import converted_dir, package_file, save_pretrained_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -22,10 +22,6 @@ def smollm2_gguf_path() -> Path:
 
 
 def _convert(src: Path, out: Path) -> None:
-    import os
-    import shutil
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -37,18 +33,7 @@ def _convert(src: Path, out: Path) -> None:
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     del gguf_model
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        if out.exists():  # a concurrent conversion won; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_pretrained_atomic(out, model, tok)
 
 
 def smollm2_dir() -> Path:

@@ -8,13 +8,10 @@ cross-attention K/V into ``attention/linear_1`` (rows k|v); Whisper's K projecti
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._cache import converted_dir, package_file
+from ._cache import converted_dir, package_file, save_pretrained_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -150,18 +147,7 @@ def _convert(src: Path, out: Path) -> None:
     model.generation_config = _generation_config(ct2_cfg)
     tok = WhisperTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), predict_timestamps=False)
     processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        model.save_pretrained(str(tmp))
-        processor.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_pretrained_atomic(out, model, processor)
 
 
 def whisper_dir() -> Path:
