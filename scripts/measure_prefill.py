@@ -42,7 +42,9 @@ def load() -> tuple[Any, Any, bool]:
 
 
 def quantiles(xs: list[float]) -> tuple[float, float, float]:
-    """p20, p50, p80 (inclusive method)."""
+    """p20, p50, p80 (inclusive method); a single sample is its own p20/p50/p80."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
     q = statistics.quantiles(xs, n=10, method="inclusive")
     return q[1], statistics.median(xs), q[7]
 

