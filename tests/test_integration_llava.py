@@ -152,8 +152,11 @@ def test_bad_options(models):
     m = models["llava"]
     with pytest.raises(ValueError, match="stage"):
         mmc.apply(m, "uniform", keep=0.5, stage="llm")
-    with pytest.raises(ValueError, match="stage='projector'"):
-        mmc.apply(m, "_test_text", keep=0.5)
+    with pytest.raises(ValueError, match="stage='projector'"):  # an explicit vision stage is refused ...
+        mmc.apply(m, "_test_text", keep=0.5, stage="vision")
+    mmc.apply(m, "_test_text", keep=0.5)  # ... and without one, a text-guided method runs after the projector
+    assert m.__dict__["_mmcompress_adapter"].opts["stage"] == "projector"
+    mmc.remove(m)
     with pytest.raises(TypeError, match="unknown option"):
         mmc.apply(m, "uniform", keep=0.5, bogus=1)
     assert "forward" not in m.__dict__

@@ -56,6 +56,16 @@ def _fastv_options(adapter_cls: type[Adapter], keep: Any, options: dict[str, Any
     return "uniform", 1.0, options
 
 
+def _default_stage(adapter_cls: type[Adapter], comp_cls: type, adapter_opts: dict[str, Any]) -> dict[str, Any]:
+    """The stage a method needs when the caller did not choose one: text-guided methods compare tokens with the
+    question's embeddings, which live in the LLM input space, so they run after the projector."""
+    if "stage" in adapter_opts or "stage" not in adapter_cls.options:
+        return adapter_opts
+    if "text" in tuple(getattr(comp_cls, "needs", ())):
+        return {**adapter_opts, "stage": "projector"}
+    return adapter_opts
+
+
 def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **options: Any) -> torch.nn.Module:
     """Compress the multimodal tokens of `model` (this instance only, in place) with compressor `name`.
 
@@ -65,7 +75,9 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
         model: a supported model instance (see `supported_model_types()`).
         name: compressor name from `mmcompress.available()`.
         keep: budget per sample, as in `mmcompress.create`.
-        **options: adapter options (e.g. `stage=`) and compressor options, told apart by name.
+        **options: adapter options (e.g. `stage=`) and compressor options, told apart by name. Without
+            `stage=`, each method runs where it needs to: text-guided methods (`needs` contains "text") after the
+            projector with the question's embeddings, the others between the vision tower and the projector.
 
     `name="fastv"` applies FastV alone (in-LLM pruning, Chen et al. ECCV'24): `keep` is the fraction of image
     tokens kept after layer `fastv_k` (default 2); other compressors combine with FastV through `fastv_k=`/`fastv_r=`.
@@ -82,6 +94,7 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
         name, keep, options = _fastv_options(adapter_cls, keep, options)
     comp_cls = get(name)
     adapter_opts, comp_opts = _split_options(adapter_cls, comp_cls, options)
+    adapter_opts = _default_stage(adapter_cls, comp_cls, adapter_opts)
     compressor = comp_cls(keep=keep, **comp_opts)
     remove(model)
     adapter = adapter_cls(model, compressor, **adapter_opts)
