@@ -236,3 +236,43 @@ def evaluate(
         bar.close()
     acc = sum(p["correct"] for p in preds) / len(preds)
     return {"accuracy": acc, "n": len(preds), "predictions": preds}
+
+
+from mmcompress.evals.tasks import Sample, Task, register_task  # noqa: E402  (after the loaders it wraps)
+
+
+@register_task("easyvqa")
+class EasyVQATask(Task):
+    """easy-VQA (installed with the ``easy-vqa`` package): one-word answers, exact match after `normalize_answer`.
+
+    Sample ids are ``"<split>/<question index in questions.json>"`` (easy-VQA has no question ids of its own).
+    The prompt is the bare question: ref-vlm's processor applies its template (``Question: {q} Answer:``).
+    """
+
+    modality = "image"
+    default_split = "test"
+    max_new_tokens = 5
+
+    def samples(self, data=None, split=None, limit=None, seed=0, skip_bad=False) -> list[Sample]:
+        split = split or self.default_split
+        if data is not None:
+            raise ValueError("data: easyvqa reads the installed easy-vqa package; do not pass --data")
+        rows = load_split(split)
+        picked = subset_indices(len(rows), limit, seed)
+        return [
+            Sample(id=f"{split}/{i}", prompt=rows[i].question, answer=rows[i].answer, image=rows[i].image_path,
+                   meta={"image_id": rows[i].image_id})
+            for i in picked
+        ]
+
+    def score(self, prediction: str, sample: Sample) -> dict[str, float]:
+        return {"score": score(prediction, sample.answer)}
+
+
+def subset_indices(n_items: int, limit: int | None, seed: int) -> list[int]:
+    """Indices of `subset` (the same questions, in the same order, as ``subset(split, limit, seed)``)."""
+    if limit is None or limit >= n_items:
+        return list(range(n_items))
+    if limit <= 0:
+        raise ValueError(f"limit: expected a positive int, got {limit}")
+    return random.Random(seed).sample(range(n_items), limit)

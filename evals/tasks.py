@@ -164,13 +164,24 @@ def available_tasks() -> list[str]:
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """An instance of task `name`.
+    """An instance of task `name` (a registered name, or ``"package.module:TaskClass"`` for a task of your own).
 
     Raises:
         ValueError: Unknown name (the message lists the known ones).
     """
     if name not in _TASKS and name in BUILTIN_TASKS:
         importlib.import_module(f"mmcompress.evals.{BUILTIN_TASKS[name]}")
+    if name not in _TASKS and ":" in name:  # "package.module:TaskClass": a task of your own, no registration needed
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"task: cannot import {name!r}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise ValueError(f"task: {name!r} is not a Task subclass")
+        inst = cls(**options)
+        inst.name = inst.name or name
+        return inst
     if name not in _TASKS:
         raise ValueError(f"task: unknown task {name!r}; available: {', '.join(available_tasks())}")
     return _TASKS[name](**options)

@@ -1,6 +1,8 @@
 """`mmcompress` command line. `list` and `--version` never import torch (well under a second).
 
-`bench` and `demo` arrive with the eval-suite and demo issues.
+    mmcompress list
+    mmcompress bench --model ref-vlm --task easyvqa --methods tome,visionzip --keep 0.5,0.25 --limit 500 --out runs/x
+    torchrun --nproc-per-node 2 -m mmcompress bench ...      # samples sharded by rank, merged by rank 0
 """
 
 from __future__ import annotations
@@ -29,11 +31,89 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_option(text: str) -> tuple[str, str, object]:
+    """``method:key=value`` -> (method, key, value parsed as JSON when it parses, else the string)."""
+    import json
+
+    head, sep, value = text.partition("=")
+    method, colon, key = head.partition(":")
+    if not sep or not colon or not method or not key:
+        raise argparse.ArgumentTypeError(f"--option: expected METHOD:KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return method, key, parsed
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmcompress.evals.runner import BenchConfig, parse_keeps, run
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options: dict[str, dict[str, object]] = {}
+    for method, key, value in args.option:
+        options.setdefault(method, {})[key] = value
+    try:
+        keeps = parse_keeps(args.keep)
+    except ValueError as e:
+        print(f"mmcompress bench: {e}", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(
+        model=args.model, tasks=[t for t in args.task.split(",") if t], keeps=keeps,
+        methods=[m for m in args.methods.split(",") if m], limit=args.limit or None, seed=args.seed,
+        batch_size=args.batch_size, out=Path(args.out), data=Path(args.data) if args.data else None,
+        split=args.split, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+        resume=args.resume, skip_bad=args.skip_bad, options=options, progress=not args.no_progress,
+    )
+    try:
+        result = run(cfg)
+    except ValueError as e:
+        print(f"mmcompress bench: {e}", file=sys.stderr)
+        return 2
+    if "summary" in result:
+        print((Path(cfg.out) / "summary.md").read_text())
+        print(f"wrote {cfg.out}/summary.csv, summary.md, pareto.png, samples.jsonl")
+    return 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="accuracy vs tokens vs time of compressors on VQA/ASR/kNN tasks",
+                       description="Run tasks x methods x budgets; per-sample JSONL (resumable), summary CSV/markdown "
+                                   "and a Pareto plot. `none` (uncompressed) and `random` are always included.")
+    b.add_argument("--model", default="ref-vlm", help="ref-vlm | whisper-tiny.en | dinov2-s14 | local HF dir | hub id")
+    b.add_argument("--task", default="easyvqa", help="comma list: easyvqa, detail, vqav2, textvqa, gqa, pope, mme, "
+                                                     "scienceqa_img, mmbench, asr, knn")
+    b.add_argument("--methods", default="none,random,tome,visionzip", help="comma list of compressors, fastv, none")
+    b.add_argument("--keep", default="0.5,0.25,0.125", help="fractions, token counts (64,128) or auto")
+    b.add_argument("--limit", type=int, default=500, help="samples per task, a seeded subset (0: all)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--data", default=None, help="dataset folder (lmms-lab parquet export or original layout)")
+    b.add_argument("--split", default=None, help="split (default: the one lmms-eval scores)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
+    b.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished samples")
+    b.add_argument("--skip-bad", action="store_true", help="skip malformed dataset rows (counted) instead of failing")
+    b.add_argument("--option", type=_parse_option, action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="extra option for one method, e.g. tome:match_dtype=... or fastv:fastv_k=3 (repeatable)")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(fn=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmcompress", description="Compress multimodal tokens of VLMs.")
     p.add_argument("--version", action="version", version=f"mmcompress {__version__}")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("list", help="compressors with family, modality and what they need").set_defaults(fn=_cmd_list)
+    _add_bench_parser(sub)
     return p
 
 

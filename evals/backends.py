@@ -1,0 +1,272 @@
+"""Backends of `mmcompress bench`: a model that answers `Sample`s under a compression setting, with timings.
+
+Every backend has the same two calls, so the runner does not care what the model is:
+
+    backend.configure(method, keep, options)     # "none" = uncompressed; else mmcompress.apply(model, method, ...)
+    rows = backend.predict(samples, max_new_tokens)
+    # one dict per sample: prediction, tokens (media tokens entering the LLM), encode_ms, compress_ms, prefill_ms,
+    # decode_ms (this sample's share of its batch: batch time / batch size), peak_mem_mb
+
+`load_backend(model, modality)` picks the backend of a task's modality: image tasks -> `VLMBackend` (this module),
+audio -> `mmcompress.evals.asr`, encoder -> `mmcompress.evals.knn`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmcompress.evals.tasks import Sample
+
+__all__ = ["VLMBackend", "load_backend", "peak_memory", "BUILTIN_MODELS"]
+
+# Built-in names of `--model` and the modality they serve.
+BUILTIN_MODELS = {"ref-vlm": "image", "whisper-tiny.en": "audio", "dinov2-s14": "encoder"}
+_MODALITY_MODULES = {"audio": "mmcompress.evals.asr", "encoder": "mmcompress.evals.knn"}
+_VISION_ATTRS = ("vision_tower", "visual", "vision_model", "vision_encoder")
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype: expected one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def load_backend(model: str, modality: str, device: str = "cpu", dtype: str = "float32") -> Any:
+    """The backend serving `modality` with `model`.
+
+    Args:
+        model: A built-in name (``ref-vlm``, ``whisper-tiny.en``, ``dinov2-s14``), a local HF model directory, or a
+            hub id (loaded with ``AutoModelForImageTextToText``/``AutoProcessor``; offline only from a local path).
+        modality: The task's modality (``"image"``, ``"audio"``, ``"encoder"``).
+        device: Torch device string.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+    """
+    if modality in _MODALITY_MODULES:
+        return importlib.import_module(_MODALITY_MODULES[modality]).load_backend(model, device=device, dtype=dtype)
+    if modality != "image":
+        raise ValueError(f"modality: expected image, audio or encoder, got {modality!r}")
+    if model in BUILTIN_MODELS and BUILTIN_MODELS[model] != "image":
+        raise ValueError(f"model: {model!r} is a {BUILTIN_MODELS[model]} model; image tasks need a VLM "
+                         f"(ref-vlm or a local HF VLM directory)")
+    _dtype(dtype)
+    return VLMBackend.load(model, device=device, dtype=dtype)
+
+
+def peak_memory(device: Any, reset: bool = False) -> float:
+    """Peak memory in MiB since the last reset: CUDA max allocated, else the process's peak RSS (VmHWM).
+
+    On Linux, writing "5" to ``/proc/self/clear_refs`` resets VmHWM, so the CPU figure is per batch, not per process.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(dev)
+            return 0.0
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    if reset:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        return 0.0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Clock:
+    """Wall-clock of the vision tower (forward hooks) and of every generated token (a stopping criterion)."""
+
+    def __init__(self, vision: Any, device: Any) -> None:
+        self.vision, self.device = vision, device
+        self.encode_s = 0.0
+        self._t0 = 0.0
+        self.token_times: list[float] = []
+        self._handles: list[Any] = []
+
+    def sync(self) -> None:
+        import torch
+
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> _Clock:
+        if self.vision is not None:
+            self._handles.append(self.vision.register_forward_pre_hook(self._pre))
+            self._handles.append(self.vision.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre(self, *_: Any) -> None:
+        self.sync()
+        self._t0 = time.perf_counter()
+
+    def _post(self, *_: Any) -> None:
+        self.sync()
+        self.encode_s += time.perf_counter() - self._t0
+
+    def stopping_criterion(self) -> Any:
+        from transformers import StoppingCriteria
+
+        clock = self
+
+        class _Stamp(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                import torch
+
+                clock.sync()
+                clock.token_times.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        return _Stamp()
+
+
+def _find_vision(model: Any) -> Any:
+    for owner in (model, getattr(model, "model", None)):
+        for attr in _VISION_ATTRS:
+            mod = getattr(owner, attr, None) if owner is not None else None
+            if mod is not None:
+                return mod
+    return None
+
+
+class VLMBackend:
+    """A Hugging Face VLM (ref-vlm or any model `mmcompress.apply` supports) answering image questions greedily.
+
+    Args:
+        model: The model (eval mode).
+        processor: Its processor. ref-vlm's takes the bare question and applies its own template; HF processors
+            get a one-turn chat (image + prompt) through their chat template when they have one.
+        name: Model name for the records.
+        device: Torch device.
+    """
+
+    def __init__(self, model: Any, processor: Any, name: str, device: str = "cpu") -> None:
+        self.model, self.processor, self.name, self.device = model, processor, name, device
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(model.config, "image_token_index", None)
+        self.vision = _find_vision(model)
+        self.method, self.keep = "none", 1.0
+
+    @classmethod
+    def load(cls, model: str, device: str = "cpu", dtype: str = "float32") -> VLMBackend:
+        """Load a built-in or local/hub HF VLM (see `load_backend`)."""
+        if model == "ref-vlm":
+            from mmcompress import zoo
+
+            m, proc = zoo.load("ref-vlm")
+        else:
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            path = Path(model)
+            hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+            if not path.is_dir() and not hub_id:
+                raise ValueError(f"model: {model!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), a "
+                                 f"local model directory, nor a hub id (owner/name)")
+            try:
+                proc = AutoProcessor.from_pretrained(model)
+                m = AutoModelForImageTextToText.from_pretrained(model, dtype=_dtype(dtype))
+            except OSError as e:  # offline hub id, incomplete directory
+                raise ValueError(f"model: cannot load {model!r} ({e})") from e
+        m = m.to(device=device, dtype=_dtype(dtype)).eval()
+        return cls(m, proc, model, device)
+
+    def configure(self, method: str, keep: float | int, options: dict[str, Any] | None = None) -> None:
+        """Compress with `method` at `keep` from now on (``"none"``: the unwrapped model)."""
+        import mmcompress as mmc
+
+        mmc.remove(self.model)
+        self.method, self.keep = method, keep
+        if method != "none":
+            mmc.apply(self.model, method, keep=keep, **(options or {}))
+
+    def _inputs(self, images: list[Any], prompts: list[str]) -> dict[str, Any]:
+        proc = self.processor
+        template = getattr(proc, "chat_template", None)
+        if template and hasattr(proc, "apply_chat_template"):
+            texts = [
+                proc.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                    add_generation_prompt=True,
+                )
+                for p in prompts
+            ]
+        elif callable(getattr(proc, "prompt", None)):
+            texts = prompts  # ref-vlm's processor applies its own template around the bare question
+        else:
+            marker = getattr(proc, "image_token", None)
+            texts = [p if not marker or marker in p else f"{marker}\n{p}" for p in prompts]
+        tok = getattr(proc, "tokenizer", None)
+        if tok is not None and hasattr(tok, "padding_side"):
+            tok.padding_side = "left"  # batched greedy decoding needs left padding
+        try:
+            inputs = proc(images=images, text=texts, return_tensors="pt", padding=True)
+        except TypeError:
+            inputs = proc(images=images, text=texts)
+        return {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in dict(inputs).items()}
+
+    def _decode(self, ids: Any) -> list[str]:
+        dec = getattr(self.processor, "batch_decode", None) or self.processor.tokenizer.batch_decode
+        return [t.strip() for t in dec(ids, skip_special_tokens=True)]
+
+    def predict(self, samples: Sequence[Sample], max_new_tokens: int) -> list[dict[str, Any]]:
+        """Greedy answers of one batch, with per-sample shares of the batch's measured times."""
+        import torch
+
+        import mmcompress as mmc
+
+        if not samples:
+            raise ValueError("samples: expected at least one sample")
+        inputs = self._inputs([s.load_image() for s in samples], [s.prompt for s in samples])
+        B = len(samples)
+        peak_memory(self.device, reset=True)
+        with torch.inference_mode(), _Clock(self.vision, self.device) as clock:
+            clock.sync()
+            t0 = time.perf_counter()
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      stopping_criteria=[clock.stopping_criterion()])
+            clock.sync()
+            t_end = time.perf_counter()
+        mem = peak_memory(self.device)
+        texts = self._decode(out[:, inputs["input_ids"].shape[1]:])
+        wrapped = self.method != "none"
+        st = mmc.stats(self.model) if wrapped else {}
+        compress_s = float(st.get("compress_ms", 0.0)) / 1e3
+        first = clock.token_times[0] if clock.token_times else t_end
+        prefill_s = max(first - t0 - clock.encode_s - compress_s, 0.0)
+        decode_s = t_end - first
+        if wrapped and "tokens_out" in st:
+            removed = st.get("fastv_removed", [0] * len(st["tokens_out"]))
+            tokens = [int(o) - int(r) for o, r in zip(st["tokens_out"], removed, strict=True)]
+        else:
+            ids = inputs["input_ids"]
+            tokens = ids.eq(self.image_token_id).sum(1).tolist() if self.image_token_id is not None else [0] * B
+        if len(tokens) != B:  # adapters report per media item; a sample with several items sums them
+            tokens = [sum(tokens) // B] * B
+        share = 1e3 / B
+        return [
+            {"prediction": t, "tokens": int(n), "encode_ms": clock.encode_s * share, "compress_ms": compress_s * share,
+             "prefill_ms": prefill_s * share, "decode_ms": decode_s * share, "peak_mem_mb": mem}
+            for t, n in zip(texts, tokens, strict=True)
+        ]

@@ -1,0 +1,158 @@
+"""`mmcompress bench`: keeps parsing, outputs, resume after SIGKILL, torchrun sharding, bad input.
+
+Runs on a tiny random LLaVA saved as a local HF directory (the generic `--model DIR` path) and a toy task loaded by
+import path (`tests.bench_fixtures:ToyTask`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mmcompress.evals.runner import BenchConfig, parse_keeps, read_records, run
+
+from tests.bench_fixtures import save_tiny_llava
+
+REPO = Path(__file__).resolve().parent.parent
+TASK = "tests.bench_fixtures:ToyTask"
+TIME_COLS = {"encode_ms", "compress_ms", "prefill_ms", "decode_ms", "peak_mem_mb"}
+SUMMARY_TIME_COLS = TIME_COLS | {"prefill_ratio"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mmcompress", "bench", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _args(model: Path, out: Path, methods: str = "tome,uniform,pool", keep: str = "0.5,0.25,8",
+          batch: int = 2) -> list[str]:
+    return ["--model", str(model), "--task", TASK, "--methods", methods, "--keep", keep, "--limit", "0",
+            "--batch-size", str(batch), "--out", str(out), "--no-progress", "--threads", "1"]
+
+
+def _strip(rows: list[dict], cols: set[str]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in cols} for r in rows]
+
+
+def _summary(out: Path) -> list[dict]:
+    with (out / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_parse_keeps():
+    assert parse_keeps("1,0.5,0.25,64,auto") == [1.0, 0.5, 0.25, 64, "auto"]
+    assert parse_keeps("1.0, 128") == [1.0, 128]
+    for bad in ("0", "1.5", "x", "", "64.5", "-2"):
+        with pytest.raises(ValueError, match="keep"):
+            parse_keeps(bad)
+
+
+def test_outputs_hold_baselines_and_every_sample(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["tome"], keeps=[0.5, 4], batch_size=4,
+                          out=out, progress=False))
+    rows = res["summary"]
+    assert [(r["method"], r["keep"]) for r in rows] == [("none", "1"), ("random", "0.5"), ("random", "4"),
+                                                       ("tome", "0.5"), ("tome", "4")]
+    assert all(r["n"] == 23 and r["complete"] for r in rows)
+    none = rows[0]
+    assert none["tokens"] == 16 and none["pct_of_none"] == 1.0
+    assert [r["tokens"] for r in rows[1:]] == [8, 4, 8, 4]
+    assert json.loads(rows[3]["metrics"]) == {"answered": 23}  # the task's own extra metric is kept
+    recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 * 23 and len({(r["method"], r["keep"], r["id"]) for r in recs}) == 5 * 23
+    assert {"id", "prediction", "answer", "score", "tokens", "encode_ms", "compress_ms", "prefill_ms", "decode_ms",
+            "peak_mem_mb", "meta"} <= set(recs[0])
+    assert (out / "pareto.png").stat().st_size > 10_000
+    md = (out / "summary.md").read_text()
+    assert "| none | 1 | 16.0 |" in md and "n = 23" in md
+    # the same out folder without --resume is refused, a resume with other settings too
+    with pytest.raises(ValueError, match="--resume"):
+        run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["tome"], keeps=[0.5], batch_size=4, out=out,
+                        progress=False))
+    with pytest.raises(ValueError, match="batch_size"):
+        run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["tome"], keeps=[0.5], batch_size=3, out=out,
+                        resume=True, progress=False))
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tiny_dir, tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    p = _cli(_args(tiny_dir, ref))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    total_ref = len((ref / "samples.jsonl").read_text().splitlines())
+    assert total_ref == 23 * (1 + 3 * 4)
+
+    p = _cli(_args(tiny_dir, killed))
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        n = sum(len(read_records(f)) for f in killed.glob("parts/*/*.jsonl"))
+        if n >= total_ref // 3:
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert p.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "summary.csv").exists()
+    partial = sum(len(read_records(f)) for f in killed.glob("parts/*/*.jsonl"))
+    assert 0 < partial < total_ref
+    # a torn last line, as a kill during a write leaves it, is cut off and its sample redone
+    part = sorted(killed.glob("parts/*/*.jsonl"), key=os.path.getmtime)[-1]
+    with part.open("a") as f:
+        f.write('{"task": "toy", "id": "q')
+
+    p = _cli([*_args(tiny_dir, killed), "--resume"])
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    a = [json.loads(x) for x in (ref / "samples.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (killed / "samples.jsonl").read_text().splitlines()]
+    assert _strip(a, TIME_COLS) == _strip(b, TIME_COLS)
+    assert _strip(_summary(ref), SUMMARY_TIME_COLS) == _strip(_summary(killed), SUMMARY_TIME_COLS)
+    # every part line is unique: nothing was redone twice into the files
+    ids = [(r["method"], r["keep"], r["id"]) for f in killed.glob("parts/*/*.jsonl") for r in read_records(f)]
+    assert len(ids) == len(set(ids)) == total_ref
+
+
+def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = lambda out: _args(tiny_dir, out, methods="tome", keep="0.5")  # noqa: E731
+    p = _cli(args(one))
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "mmcompress", "bench", *args(two)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = {f.name.rsplit(".", 2)[-2] for f in two.glob("parts/*/*.jsonl")}
+    assert ranks == {"rank0", "rank1"}  # both processes did work
+    a = [json.loads(x) for x in (one / "samples.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (two / "samples.jsonl").read_text().splitlines()]
+    assert _strip(a, TIME_COLS) == _strip(b, TIME_COLS)
+    assert _strip(_summary(one), SUMMARY_TIME_COLS) == _strip(_summary(two), SUMMARY_TIME_COLS)
+
+
+def test_cli_bad_input_names_the_argument(tiny_dir, tmp_path):
+    p = _cli(_args(tiny_dir, tmp_path / "x", keep="0.5,lots"))
+    assert p.wait(timeout=120) == 2 and "keep" in p.stderr.read()
+    p = _cli(["--task", "no_such_task", "--out", str(tmp_path / "y")])
+    assert p.wait(timeout=120) == 2 and "unknown task 'no_such_task'" in p.stderr.read()
+    p = _cli(["--model", str(tmp_path / "missing"), "--task", TASK, "--out", str(tmp_path / "z")])
+    assert p.wait(timeout=120) == 2 and "model" in p.stderr.read()
+
+
+def test_unrunnable_setting_is_reported_not_hidden(tiny_dir, tmp_path):
+    out = tmp_path / "fv"
+    res = run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["fastv"], keeps=[8], batch_size=8, out=out,
+                          progress=False))
+    assert "toy fastv@8" in res["skipped"] and "fraction" in res["skipped"]["toy fastv@8"]
+    assert "Skipped settings" in (out / "summary.md").read_text()
