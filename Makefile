@@ -33,10 +33,15 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: bench-speed
+# The main job: ref-vlm on 500 seeded easy-VQA test questions, every catalogue method + fastv at 50/25/12.5% of the
+# image tokens, with the uncompressed row and random; resumable (a rerun continues; `make clean` starts over).
+BENCH_METHODS := none,random,uniform,pool,tome,divprune,visionzip,prumerge+,text_recovery,adaptive,fastv
+bench: $(STAMP)
+	$(BIN)/mmcompress bench --model ref-vlm --task easyvqa --methods $(BENCH_METHODS) --keep 0.5,0.25,0.125 \
+	  --limit 500 --seed 0 --batch-size 32 --out runs/bench --resume
 
 bench-speed: $(STAMP)
-	$(BIN)/python benchmarks/compressor_speed.py --out runs/bench/speed.csv
+	$(BIN)/python benchmarks/compressor_speed.py --out runs/speed/speed.csv
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info runs/bench
+	rm -rf $(VENV) build dist *.egg-info runs/bench runs/speed

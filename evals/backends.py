@@ -21,7 +21,7 @@ from typing import Any
 
 from mmcompress.evals.tasks import Sample
 
-__all__ = ["VLMBackend", "load_backend", "peak_memory", "BUILTIN_MODELS"]
+__all__ = ["VLMBackend", "load_backend", "model_fingerprint", "peak_memory", "BUILTIN_MODELS"]
 
 # Built-in names of `--model` and the modality they serve.
 BUILTIN_MODELS = {"ref-vlm": "image", "whisper-tiny.en": "audio", "dinov2-s14": "encoder"}
@@ -58,6 +58,30 @@ def load_backend(model: str, modality: str, device: str = "cpu", dtype: str = "f
                          f"(ref-vlm or a local HF VLM directory)")
     _dtype(dtype)
     return VLMBackend.load(model, device=device, dtype=dtype)
+
+
+def model_fingerprint(model: str) -> str:
+    """A short id of the weights behind `model`, so that a resumed run never mixes two different models' samples:
+    the trained projector's hash for ref-vlm, the hash of config + weight file names and sizes for a directory."""
+    import hashlib
+
+    if model == "ref-vlm":
+        from mmcompress.zoo.refvlm import projector_asset_path
+
+        h = hashlib.sha256()
+        for f in sorted(projector_asset_path().parent.glob("refvlm_*.safetensors")):  # projector (+ any adapter)
+            h.update(f.name.encode() + f.read_bytes())
+        return "ref-vlm:" + h.hexdigest()[:16]
+    path = Path(model)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+                if f.name == "config.json":
+                    h.update(f.read_bytes())
+        return "dir:" + h.hexdigest()[:16]
+    return model
 
 
 def peak_memory(device: Any, reset: bool = False) -> float:
