@@ -80,7 +80,8 @@ class BenchConfig:
         """The fields that decide which samples and batches a run has (a resumed run must not change them)."""
         from mmcompress.evals.backends import model_fingerprint
 
-        return {"model": self.model, "weights": model_fingerprint(self.model), "limit": self.limit, "seed": self.seed, "batch_size": self.batch_size,
+        return {"model": self.model, "weights": model_fingerprint(self.model), "limit": self.limit,
+                "seed": self.seed, "batch_size": self.batch_size,
                 "data": str(self.data) if self.data else None, "split": self.split, "dtype": self.dtype,
                 "max_new_tokens": self.max_new_tokens}
 
