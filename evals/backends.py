@@ -21,7 +21,7 @@ from typing import Any
 
 from mmcompress.evals.tasks import Sample
 
-__all__ = ["VLMBackend", "load_backend", "model_fingerprint", "peak_memory", "BUILTIN_MODELS"]
+__all__ = ["VLMBackend", "load_backend", "model_fingerprint", "peak_memory", "timed_generate", "BUILTIN_MODELS"]
 
 # Built-in names of `--model` and the modality they serve.
 BUILTIN_MODELS = {"ref-vlm": "image", "whisper-tiny.en": "audio", "dinov2-s14": "encoder"}
@@ -115,7 +115,8 @@ def peak_memory(device: Any, reset: bool = False) -> float:
 
 
 class _Clock:
-    """Wall-clock of the vision tower (forward hooks) and of every generated token (a stopping criterion)."""
+    """Wall-clock of the media encoder (forward hooks on `vision`, any module) and of every generated token (a
+    stopping criterion), so one ``generate()`` splits into encode / compress / prefill / decode."""
 
     def __init__(self, vision: Any, device: Any) -> None:
         self.vision, self.device = vision, device
@@ -163,6 +164,33 @@ class _Clock:
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         return _Stamp()
+
+
+def timed_generate(model: Any, inputs: dict[str, Any], encoder: Any, device: Any, **gen: Any) -> tuple[Any, dict]:
+    """Greedy ``model.generate(**inputs)`` timed: returns (output ids, {"encode_s", "first_token_s", "total_s",
+    "peak_mem_mb"}); first_token_s runs from the call to the first generated token (encode + compress + prefill)."""
+    import torch
+
+    peak_memory(device, reset=True)
+    with torch.inference_mode(), _Clock(encoder, device) as clock:
+        clock.sync()
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, do_sample=False, stopping_criteria=[clock.stopping_criterion()], **gen)
+        clock.sync()
+        t_end = time.perf_counter()
+    first = clock.token_times[0] if clock.token_times else t_end
+    return out, {"encode_s": clock.encode_s, "first_token_s": first - t0, "total_s": t_end - t0,
+                 "peak_mem_mb": peak_memory(device)}
+
+
+def per_sample(t: dict[str, float], batch: int, stats: dict[str, Any]) -> dict[str, float]:
+    """One sample's share (batch time / batch size, in ms) of a `timed_generate` batch; compress time from
+    `mmcompress.stats`, prefill = time to the first token minus encode and compress."""
+    compress_s = float(stats.get("compress_ms", 0.0)) / 1e3
+    share = 1e3 / batch
+    return {"encode_ms": t["encode_s"] * share, "compress_ms": compress_s * share,
+            "prefill_ms": max(t["first_token_s"] - t["encode_s"] - compress_s, 0.0) * share,
+            "decode_ms": (t["total_s"] - t["first_token_s"]) * share, "peak_mem_mb": t["peak_mem_mb"]}
 
 
 def _find_vision(model: Any) -> Any:
@@ -256,30 +284,16 @@ class VLMBackend:
 
     def predict(self, samples: Sequence[Sample], max_new_tokens: int) -> list[dict[str, Any]]:
         """Greedy answers of one batch, with per-sample shares of the batch's measured times."""
-        import torch
-
         import mmcompress as mmc
 
         if not samples:
             raise ValueError("samples: expected at least one sample")
         inputs = self._inputs([s.load_image() for s in samples], [s.prompt for s in samples])
         B = len(samples)
-        peak_memory(self.device, reset=True)
-        with torch.inference_mode(), _Clock(self.vision, self.device) as clock:
-            clock.sync()
-            t0 = time.perf_counter()
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      stopping_criteria=[clock.stopping_criterion()])
-            clock.sync()
-            t_end = time.perf_counter()
-        mem = peak_memory(self.device)
+        out, t = timed_generate(self.model, inputs, self.vision, self.device, max_new_tokens=max_new_tokens)
         texts = self._decode(out[:, inputs["input_ids"].shape[1]:])
         wrapped = self.method != "none"
         st = mmc.stats(self.model) if wrapped else {}
-        compress_s = float(st.get("compress_ms", 0.0)) / 1e3
-        first = clock.token_times[0] if clock.token_times else t_end
-        prefill_s = max(first - t0 - clock.encode_s - compress_s, 0.0)
-        decode_s = t_end - first
         if wrapped and "tokens_out" in st:
             removed = st.get("fastv_removed", [0] * len(st["tokens_out"]))
             tokens = [int(o) - int(r) for o, r in zip(st["tokens_out"], removed, strict=True)]
@@ -288,9 +302,5 @@ class VLMBackend:
             tokens = ids.eq(self.image_token_id).sum(1).tolist() if self.image_token_id is not None else [0] * B
         if len(tokens) != B:  # adapters report per media item; a sample with several items sums them
             tokens = [sum(tokens) // B] * B
-        share = 1e3 / B
-        return [
-            {"prediction": t, "tokens": int(n), "encode_ms": clock.encode_s * share, "compress_ms": compress_s * share,
-             "prefill_ms": prefill_s * share, "decode_ms": decode_s * share, "peak_mem_mb": mem}
-            for t, n in zip(texts, tokens, strict=True)
-        ]
+        return [{"prediction": text, "tokens": int(n), **per_sample(t, B, st)}
+                for text, n in zip(texts, tokens, strict=True)]

@@ -10,7 +10,7 @@
   100 * (acc + acc+), perception and cognition totals = sums over their categories.
 - `extract_option`: the option letter in a free-text answer (ScienceQA-IMG, MMBench); `mmbench_circular`: a question
   counts only if every circular variant of it (same ``index % 1_000_000``) is right.
-- `wer`: word error rate (word-level Levenshtein / reference words) after `normalize_transcript`.
+- `wer`: word error rate (word-level Levenshtein / reference words) after `normalize_transcript` (the zoo's).
 """
 
 from __future__ import annotations
@@ -238,34 +238,13 @@ def mmbench_circular(rows: Iterable[tuple[int, bool]]) -> dict[str, float]:
 
 
 # ---- ASR -----------------------------------------------------------------------------------------------------------
-def normalize_transcript(text: str) -> list[str]:
-    """Lowercase words with punctuation removed (apostrophes inside words kept)."""
-    text = text.lower().replace("-", " ")
-    text = re.sub(r"[^\w\s']", " ", text)
-    return [w.strip("'") for w in text.split() if w.strip("'")]
+# One WER implementation in the package: the zoo's (Whisper-style English normaliser: lowercase, no punctuation,
+# bracketed annotations dropped, Mr/Dr/St and single digits spelled out as LibriVox transcripts spell them).
+from mmcompress.zoo.metrics import edit_distance, wer  # noqa: E402
+from mmcompress.zoo.metrics import normalize_text as normalize_transcript  # noqa: E402
 
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(substitutions + deletions + insertions, reference words) by word-level Levenshtein distance."""
+    """(substitutions + deletions + insertions, reference words) after `normalize_transcript`."""
     ref, hyp = normalize_transcript(reference), normalize_transcript(hypothesis)
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1], len(ref)
-
-
-def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus word error rate: total word errors / total reference words."""
-    if len(references) != len(hypotheses):
-        raise ValueError(f"hypotheses: expected {len(references)} transcripts, got {len(hypotheses)}")
-    errors = words = 0
-    for r, h in zip(references, hypotheses, strict=True):
-        e, n = word_errors(r, h)
-        errors += e
-        words += n
-    if words == 0:
-        raise ValueError("references: no words")
-    return errors / words
+    return edit_distance(ref, hyp), len(ref)
