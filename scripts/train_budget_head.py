@@ -4,8 +4,8 @@
                                                    # and runs/budget_head/report.{json,md}
 
 Data: real DINOv2-S/14 tokens (224 px, 256 patch tokens; the CLS is the prefix and is not compressed) of
-* Fashion-MNIST: the seeded subset cached by scripts/quality_table.py (1,000 train / 500 test images; extracted here
-  with the same code when the cache is absent), final-layer and layer-6 tokens (two token distributions);
+* Fashion-MNIST: the seeded subset of `mmcompress.evals.knn.fmnist_subset` (1,000 train / 500 test images;
+  extracted here when the cache is absent), final-layer and layer-6 tokens (two token distributions);
 * real photos shipped in matplotlib (grace_hopper.jpg for training, Minduka_Present_Blue_Pack.png held out),
   several random crops/resizes each.
 Targets: for every sample, ONE full Ward hierarchy (`build_hierarchy`) gives the error curve of all cuts, hence the
@@ -115,7 +115,13 @@ def main() -> None:
     torch.set_num_threads(1)  # the hierarchy loop is latency bound; one thread avoids oversubscription
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
-    from quality_table import extract, load_model, subset
+    from mmcompress.evals.knn import fmnist_subset
+    from PIL import Image
+
+    from mmcompress import zoo
+
+    def load_model():
+        return zoo.load("dinov2-s14")
 
     cache = ROOT / "runs" / "quality" / "cache" / "dinov2_fmnist_1000_500_0.pt"
     model = proc = None
@@ -123,8 +129,9 @@ def main() -> None:
         fm = torch.load(cache)
     else:
         model, proc = load_model()
-        data = subset(1000, 500, 0)
-        fm = {s: extract(model, proc, data[s][0]) for s in ("train", "t10k")}
+        data = fmnist_subset(1000, 500, 0)  # the subset the removed quality_table.py drew (same seeded order)
+        fm = {s: photo_tokens(model, proc, [Image.fromarray(im).convert("RGB") for im in data[k][0]])
+              for s, k in (("train", "train"), ("t10k", "test"))}
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(fm, cache)
     photo_cache = OUT / "photo_tokens.pt"

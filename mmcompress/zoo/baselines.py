@@ -1,6 +1,6 @@
 """Uncompressed reference measurements on the real data: Whisper WER on LibriVox and DINOv2 kNN on Fashion-MNIST.
 
-Used by ``scripts/measure_baselines.py`` and ``tests/real/``; easy-VQA scoring lives in ``mmcompress.evals.easyvqa``.
+Used by ``tests/real/``; easy-VQA scoring lives in ``mmcompress.evals.easyvqa``.
 """
 
 from __future__ import annotations
