@@ -13,7 +13,8 @@ import torch
 pytestmark = pytest.mark.real
 
 # The committed projector (step 420) scores 0.860 on this exact 200-question subset (0.8625 on the 2,000-question
-# seeded subset that `mmcompress bench --task easyvqa --methods none --keep 1 --limit 2000` scores). Greedy decoding on the same torch build is deterministic.
+# seeded subset that `mmcompress bench --task easyvqa --methods none --keep 1 --limit 2000` scores).
+# Greedy decoding on the same torch build is deterministic.
 ACCURACY_200_THRESHOLD = 0.85  # the bar; measured 0.860 (172/200), so 2 questions of slack
 REPO = Path(__file__).resolve().parents[2]
 
