@@ -175,8 +175,20 @@ def _vqa_answers(value: Any) -> list[str]:
     return [str(a["answer"] if isinstance(a, dict) else a) for a in value]
 
 
+class _VQATask(ShortAnswerTask):
+    """VQA-style rows (``question_id``, ``question``, 10 annotator answers), scored with VQA accuracy."""
+
+    @staticmethod
+    def _sample(row: dict, answers: Any, image: Any, meta: dict) -> Sample:
+        return Sample(id=str(int(row["question_id"])), prompt=_str(row["question"], "question") + SHORT_ANSWER,
+                      answer=_vqa_answers(answers), image=image, meta=meta)
+
+    def score(self, prediction, sample):
+        return {"score": M.vqa_accuracy(prediction, sample.answer)}
+
+
 @register_task("vqav2")
-class VQAv2(ShortAnswerTask):
+class VQAv2(_VQATask):
     """VQAv2 (lmms-lab/VQAv2 parquet, or ``v2_OpenEnded_mscoco_<split>2014_questions.json`` +
     ``v2_mscoco_<split>2014_annotations.json`` + ``<split>2014/COCO_<split>2014_<id:012d>.jpg``)."""
 
@@ -184,10 +196,9 @@ class VQAv2(ShortAnswerTask):
 
     def _from_parquet(self, files, rows):
         for f, i, r in _parquet_rows(files):
-            rows.add(str(f), i, lambda r=r, f=f, i=i: Sample(
-                id=str(int(r["question_id"])), prompt=_str(r["question"], "question") + SHORT_ANSWER,
-                answer=_vqa_answers(r["answers"]), image=_lazy_parquet_image(f, i),
-                meta={"answer_type": r.get("answer_type"), "question_type": r.get("question_type")}))
+            rows.add(str(f), i, lambda r=r, f=f, i=i: self._sample(
+                r, r["answers"], _lazy_parquet_image(f, i),
+                {"answer_type": r.get("answer_type"), "question_type": r.get("question_type")}))
 
     def _from_original(self, data, split, rows):
         short = {"validation": "val", "val": "val", "train": "train", "test": "test"}.get(split, split)
@@ -201,28 +212,22 @@ class VQAv2(ShortAnswerTask):
             def build(q=q):
                 a = anns[q["question_id"]]
                 img = data / f"{short}2014" / f"COCO_{short}2014_{int(q['image_id']):012d}.jpg"
-                return Sample(id=str(int(q["question_id"])), prompt=_str(q["question"], "question") + SHORT_ANSWER,
-                              answer=_vqa_answers(a["answers"]), image=img,
-                              meta={"answer_type": a.get("answer_type"), "question_type": a.get("question_type")})
+                return self._sample(q, a["answers"], img,
+                                    {"answer_type": a.get("answer_type"), "question_type": a.get("question_type")})
 
             rows.add(qf.name, i, build)
 
-    def score(self, prediction, sample):
-        return {"score": M.vqa_accuracy(prediction, sample.answer)}
-
 
 @register_task("textvqa")
-class TextVQA(ShortAnswerTask):
+class TextVQA(_VQATask):
     """TextVQA (lmms-lab/textvqa parquet, or ``TextVQA_0.5.1_<split>.json`` + ``train_images/<image_id>.jpg``)."""
 
     default_split = "validation"
 
     def _from_parquet(self, files, rows):
         for f, i, r in _parquet_rows(files):
-            rows.add(str(f), i, lambda r=r, f=f, i=i: Sample(
-                id=str(int(r["question_id"])), prompt=_str(r["question"], "question") + SHORT_ANSWER,
-                answer=_vqa_answers(r["answers"]), image=_lazy_parquet_image(f, i),
-                meta={"image_id": r.get("image_id")}))
+            rows.add(str(f), i, lambda r=r, f=f, i=i: self._sample(r, r["answers"], _lazy_parquet_image(f, i),
+                                                                   {"image_id": r.get("image_id")}))
 
     def _from_original(self, data, split, rows):
         short = {"validation": "val"}.get(split, split)
@@ -230,13 +235,9 @@ class TextVQA(ShortAnswerTask):
         if not jf.is_file():
             raise ValueError(f"data: neither parquet files nor {jf.name} under {data}")
         for i, q in enumerate(json.loads(jf.read_text())["data"]):
-            rows.add(jf.name, i, lambda q=q: Sample(
-                id=str(int(q["question_id"])), prompt=_str(q["question"], "question") + SHORT_ANSWER,
-                answer=_vqa_answers(q["answers"]), image=data / "train_images" / f"{_str(q['image_id'], 'id')}.jpg",
-                meta={"image_id": q["image_id"]}))
-
-    def score(self, prediction, sample):
-        return {"score": M.vqa_accuracy(prediction, sample.answer)}
+            rows.add(jf.name, i, lambda q=q: self._sample(
+                q, q["answers"], data / "train_images" / f"{_str(q['image_id'], 'id')}.jpg",
+                {"image_id": q["image_id"]}))
 
 
 @register_task("gqa")
