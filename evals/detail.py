@@ -13,8 +13,9 @@ single-word questions whose answer lives in one or two objects:
 | count | how many {shape}s are there? | 1-4 (balanced: the scene is built around the count) |
 | relation | where is the {color} {shape} relative to the {color} {shape}? | left / right / above / below (balanced) |
 
-Splits use disjoint seeds (train 0.., val 1,000,000.., test 2,000,000..); the default test split has 500 scenes x 5
-questions = 2,500 questions. Answers are correct by construction and re-derivable from `Scene.objects`.
+Splits use disjoint seeds (train 0.., val 1,000,000.., test 2,000,000..); the default test split has 500 scenes
+and 2,322 questions (a type is skipped where a scene cannot ask it unambiguously). Answers are correct by
+construction and re-derivable from `Scene.objects`.
 """
 
 from __future__ import annotations
