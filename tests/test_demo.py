@@ -1,0 +1,135 @@
+"""Demo pieces: token-map overlay, bench summary reading/plotting, input safety, CLI parser."""
+
+import argparse
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mmcompress as mmc
+from demos.cli_demo import add_demo_parser
+from demos.overlay import overlay_token_map, slot_colours, token_classes
+from demos.results import plot_summary, read_summary
+from demos.safety import check_audio, load_image_safely
+
+
+def test_token_classes():
+    assign = np.array([0, 0, 1, -1, 2, 2, 2, -1])
+    assert token_classes(assign).tolist() == [2, 2, 1, 0, 2, 2, 2, 0]
+
+
+def test_overlay_every_token_painted_by_its_slot():
+    g, p = 4, 3
+    img = np.full((g * p, g * p, 3), 128, np.uint8)
+    assign = np.array([0, 0, 1, 2, 3, 3, -1, 4, 5, 6, 7, 8, 9, 10, 11, -1])
+    out = overlay_token_map(img, assign, (g, g), alpha=0.5)
+    cols = slot_colours(int(assign.max()) + 1)
+    cls = token_classes(assign)
+    for t in range(g * g):
+        i, j = divmod(t, g)
+        tile = out[i * p:(i + 1) * p, j * p:(j + 1) * p].astype(int)
+        if cls[t] == 0:
+            assert (tile == 32).all()
+        elif cls[t] == 2:
+            expect = (0.5 * 128 + 0.5 * cols[assign[t]]).astype(int)
+            assert np.abs(tile - expect).max() <= 1
+        else:
+            assert (tile[0] == 255).all() and (tile[1, 1] == 128).all()
+
+
+def test_overlay_matches_real_compressor_assign():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 64, 16)  # [B, N, C]
+    out = mmc.create("tome", keep=16)(feats, grid=(8, 8))
+    a = out.assign[0].numpy()
+    img = np.zeros((32, 32, 3), np.uint8) + 100
+    ov = overlay_token_map(img, a, (8, 8))
+    merged = token_classes(a) == 2
+    assert merged.any()
+    # two tokens of the same merged slot get the same colour; tokens of different slots differ
+    tiles = ov.reshape(8, 4, 8, 4, 3).transpose(0, 2, 1, 3, 4).reshape(64, 4, 4, 3)[:, 1, 1]
+    for s in np.unique(a[merged]):
+        idx = np.flatnonzero(a == s)
+        assert (tiles[idx] == tiles[idx[0]]).all()
+
+
+def test_overlay_bad_input():
+    with pytest.raises(ValueError, match="assign"):
+        overlay_token_map(np.zeros((8, 8, 3), np.uint8), np.zeros(5, int), (2, 2))
+    with pytest.raises(ValueError, match="image"):
+        overlay_token_map(np.zeros((8, 8), np.uint8), np.zeros(4, int), (2, 2))
+    with pytest.raises(ValueError, match="grid"):
+        overlay_token_map(np.zeros((9, 8, 3), np.uint8), np.zeros(4, int), (2, 2))
+
+
+def _write_summary(folder, rows):
+    cols = "task,method,keep,n,accuracy,stderr,tokens,prefill_ms,compress_ms"
+    (folder / "summary.csv").write_text(cols + "\n" + "\n".join(rows) + "\n")
+
+
+def test_results_read_and_plot(tmp_path):
+    _write_summary(tmp_path, ["easyvqa,none,1,100,0.9,0.03,64,10.0,0.0", "easyvqa,tome,0.5,100,0.85,0.035,32,6.0,0.4",
+                              "easyvqa,tome,0.25,100,0.7,0.04,16,4.0,0.3"])
+    rows = read_summary(tmp_path)
+    assert len(rows) == 3 and rows[1]["accuracy"] == 0.85 and rows[2]["tokens"] == 16.0
+    fig = plot_summary(rows)
+    ax0, ax1 = fig.axes[:2]
+    labels = ax1.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["none", "tome"]
+    assert ax0.get_xlabel() == "visual tokens" and ax1.get_xlabel() == "prefill ms"
+
+
+def test_results_errors(tmp_path):
+    with pytest.raises(ValueError, match="summary.csv"):
+        read_summary(tmp_path)
+    (tmp_path / "summary.csv").write_text("task,method\nx,y\n")
+    with pytest.raises(ValueError, match="lacks columns"):
+        read_summary(tmp_path)
+
+
+def test_image_safety(tmp_path):
+    from PIL import Image
+
+    ok = tmp_path / "a.png"
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(ok)
+    assert load_image_safely(ok).shape == (10, 20, 3)
+    with pytest.raises(ValueError, match="over the cap"):
+        load_image_safely(ok, max_pixels=100)
+    bad = tmp_path / "a.txt"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="not an image"):
+        load_image_safely(bad)
+
+
+def test_audio_cap():
+    check_audio(np.zeros(16000), 16000, max_seconds=2)
+    with pytest.raises(ValueError, match="over the cap"):
+        check_audio(np.zeros(16000 * 3), 16000, max_seconds=2)
+    with pytest.raises(ValueError, match="empty"):
+        check_audio(np.zeros(0), 16000)
+
+
+def test_demo_parser_defaults_to_localhost():
+    p = argparse.ArgumentParser()
+    add_demo_parser(p.add_subparsers(dest="command"))
+    a = p.parse_args(["demo"])
+    assert a.host == "127.0.0.1" and a.model == "ref-vlm" and a.bench_dir == "runs/bench"
+
+
+def test_demos_import_is_light():
+    code = "import sys, demos, demos.cli_demo; assert 'torch' not in sys.modules and 'gradio' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_build_app_without_model():
+    pytest.importorskip("gradio")
+    from demos.app import audio_available, build_app, results_view
+
+    app = build_app()
+    assert app is not None
+    ok, why = audio_available()
+    assert ok or "not available yet" in why
+    fig, table, msg = results_view("/nonexistent/folder")
+    assert fig is None and "summary.csv" in msg
