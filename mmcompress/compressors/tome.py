@@ -16,6 +16,8 @@ import torch
 
 from mmcompress.compressors.base import Compressor, Inputs, Plan
 from mmcompress.compressors.merge_ops import accum_dtype, gather_tokens, segment_sum
+from mmcompress.kernels.bipartite_match import best_match_triton
+from mmcompress.kernels.dispatch import use_triton
 from mmcompress.registry import register
 
 
@@ -34,12 +36,15 @@ def bipartite_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | Non
     B, n, _ = metric.shape
     dev = metric.device
     a, b = metric[:, ::2], metric[:, 1::2]  # [B, ceil(n/2), d], [B, floor(n/2), d]
-    dt = match_dtype or accum_dtype(metric.dtype)
-    b_n = b.to(torch.float32)
-    b_n = (b_n / b_n.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(dt)
-    sim = a.to(dt) @ b_n.transpose(1, 2)  # [B, na, nb] = a . b / |b|
-    node_max, node_idx = sim.float().max(dim=-1)  # [B, na]: best B for every A
-    node_max = node_max / a.float().norm(dim=-1).clamp_min(1e-6)  # cosine
+    if match_dtype is None and b.shape[1] > 0 and use_triton(metric):
+        node_max, node_idx = best_match_triton(a, b)  # fused, tiled: no [B, na, nb] matrix (kernels/)
+    else:
+        dt = match_dtype or accum_dtype(metric.dtype)
+        b_n = b.to(torch.float32)
+        b_n = (b_n / b_n.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(dt)
+        sim = a.to(dt) @ b_n.transpose(1, 2)  # [B, na, nb] = a . b / |b|
+        node_max, node_idx = sim.float().max(dim=-1)  # [B, na]: best B for every A
+        node_max = node_max / a.float().norm(dim=-1).clamp_min(1e-6)  # cosine
     order = node_max.argsort(dim=-1, descending=True, stable=True)  # [B, na]
     src_a = order[:, :r]
     unm_a = order[:, r:]

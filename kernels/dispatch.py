@@ -1,0 +1,45 @@
+"""Kernel dispatch: one flag, ``MMCOMPRESS_KERNELS=auto|triton|torch`` (DESIGN §5).
+
+``auto`` (default): Triton on CUDA tensors when triton imports, the PyTorch reference elsewhere.
+``triton``: always the Triton kernel (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before triton is imported).
+``torch``: always the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_MODES = ("auto", "triton", "torch")
+
+
+def kernel_mode() -> str:
+    """The current value of MMCOMPRESS_KERNELS (read on every call so tests and users can flip it)."""
+    mode = os.environ.get("MMCOMPRESS_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"MMCOMPRESS_KERNELS: expected one of {_MODES}, got {mode!r}")
+    return mode
+
+
+def triton_available() -> bool:
+    """True when triton imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor `t` should take the Triton path under the current flag."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("MMCOMPRESS_KERNELS=triton needs triton (pip install mmcompress[kernels])")
+        if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("MMCOMPRESS_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1")
+        return True
+    return t.device.type == "cuda" and triton_available()
