@@ -105,6 +105,24 @@ def bundled_photos() -> dict[str, Any]:
             photos[name] = getattr(data, name)
     except ImportError:
         pass
+    try:
+        from sklearn.datasets import load_sample_image
+
+        for name in ("china.jpg", "flower.jpg"):
+            photos[name] = lambda name=name: load_sample_image(name)
+    except ImportError:
+        pass
+    try:
+        import matplotlib.cbook as cbook
+        from PIL import Image
+
+        def grace_hopper() -> np.ndarray:
+            with cbook.get_sample_data("grace_hopper.jpg") as f:
+                return np.asarray(Image.open(f).convert("RGB"))
+
+        photos["grace_hopper"] = grace_hopper
+    except ImportError:
+        pass
     return photos
 
 
