@@ -1,0 +1,84 @@
+"""Prepared GPU benchmark of the fused bipartite matching kernel vs its PyTorch reference (needs a CUDA device).
+
+Rows: op, provider (torch|torch_compile|triton), shape, dtype, p20/p50/p80 ms, GB/s (metric bytes read once),
+% of a measured device-to-device copy bandwidth, device name, versions. Not run yet: no GPU was lent so far.
+
+    python benchmarks/gpu_kernels.py --out runs/speed/gpu_kernels.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import torch
+
+SHAPES = [(16, 576, 1024), (16, 2880, 1024), (64, 576, 1024)]
+
+
+def _times_ms(fn, reps: int = 50) -> list[float]:
+    for _ in range(5):
+        fn()
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        out.append(s.elapsed_time(e))
+    return sorted(out)
+
+
+def _pct(ts: list[float], q: float) -> float:
+    return ts[min(len(ts) - 1, int(q * len(ts)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/speed/gpu_kernels.csv")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing measured", file=sys.stderr)
+        return 2
+    os.environ["MMCOMPRESS_KERNELS"] = "triton"
+    import triton
+
+    from mmcompress.kernels.bipartite_match import best_match_reference, best_match_triton
+
+    dev = torch.device("cuda")
+    big = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(big)
+    copy_ms = _pct(_times_ms(lambda: dst.copy_(big)), 0.5)
+    copy_gbs = 2 * big.numel() / copy_ms / 1e6  # read + write
+    compiled = torch.compile(best_match_reference)
+    rows = []
+    for B, N, d in SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            m = torch.randn(B, N, d, device=dev).to(dtype)
+            a, b = m[:, ::2], m[:, 1::2]
+            nbytes = m.numel() * m.element_size()
+            for prov, fn in (("torch", lambda: best_match_reference(a, b)),
+                             ("torch_compile", lambda: compiled(a, b)),
+                             ("triton", lambda: best_match_triton(a, b))):
+                ts = _times_ms(fn)
+                p50 = _pct(ts, 0.5)
+                gbs = nbytes / p50 / 1e6
+                rows.append(dict(op="best_match", provider=prov, shape=f"{B}x{N}x{d}", dtype=str(dtype)[6:],
+                                 p20_ms=f"{_pct(ts, 0.2):.4f}", p50_ms=f"{p50:.4f}", p80_ms=f"{_pct(ts, 0.8):.4f}",
+                                 gb_s=f"{gbs:.1f}", pct_copy_roofline=f"{100 * gbs / copy_gbs:.1f}",
+                                 device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                 triton=triton.__version__))
+                print(rows[-1])
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
