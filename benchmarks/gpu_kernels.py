@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ["MMCOMPRESS_KERNELS"] = "triton"
     import triton
-
     from mmcompress.kernels.bipartite_match import best_match_reference, best_match_triton
 
     dev = torch.device("cuda")
@@ -60,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             m = torch.randn(B, N, d, device=dev).to(dtype)
             a, b = m[:, ::2], m[:, 1::2]
             nbytes = m.numel() * m.element_size()
-            for prov, fn in (("torch", lambda: best_match_reference(a, b)),
-                             ("torch_compile", lambda: compiled(a, b)),
-                             ("triton", lambda: best_match_triton(a, b))):
+            for prov, fn in (("torch", lambda a=a, b=b: best_match_reference(a, b)),
+                             ("torch_compile", lambda a=a, b=b: compiled(a, b)),
+                             ("triton", lambda a=a, b=b: best_match_triton(a, b))):
                 ts = _times_ms(fn)
                 p50 = _pct(ts, 0.5)
                 gbs = nbytes / p50 / 1e6
