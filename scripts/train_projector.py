@@ -23,6 +23,14 @@ Usage::
     python scripts/train_projector.py                 # fresh run
     python scripts/train_projector.py --resume        # continue from the latest checkpoint
     python scripts/train_projector.py --export-only   # re-export the latest checkpoint to the assets
+
+Mixed easy-VQA + detail fine-tuning from the committed projector; it exports OUTSIDE the committed assets, so the
+committed projector is only replaced by hand once the candidate beats it on easy-VQA::
+
+    python scripts/train_projector.py --detail-scenes 4000 \
+        --init-from mmcompress/zoo/assets/refvlm_projector.safetensors \
+        --lr 3e-4 --warmup 10 --steps 600 --threads 1 --out-dir ~/.cache/mmcompress/train_mixed \
+        --assets ~/.cache/mmcompress/train_mixed/export      # add --resume to continue
 """
 
 from __future__ import annotations
@@ -77,12 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--assets", type=Path, default=REPO / "mmcompress" / "zoo" / "assets")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--export-only", action="store_true", help="export <out-dir>/ckpt.pt to --assets and exit")
+    p.add_argument("--detail-scenes", type=int, default=0, help="detail train scenes mixed in (0 = easy-VQA only)")
+    p.add_argument("--init-from", type=Path, default=None, help="projector safetensors (raw-feature) to start from")
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = cache_root() / "train_projector"
     for name in ("steps", "images_per_step", "ckpt_every", "threads"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.detail_scenes < 0:
+        p.error("--detail-scenes must be >= 0")
+    if args.init_from is not None and not args.init_from.is_file():
+        p.error(f"--init-from: no file {args.init_from}")
     return args
 
 
@@ -228,7 +242,9 @@ def export(ckpt: dict, args: argparse.Namespace, std: StdProjector, log_path: Pa
         "image_token_id": refvlm.IMAGE_TOKEN_ID,
         "prompt_template": refvlm.PROMPT_TEMPLATE,
         "target": " {answer}<|im_end|>",
-        "data": "easy-VQA train split (38,575 questions / 4,000 images)",
+        "data": "easy-VQA train split (38,575 questions / 4,000 images)"
+        + (f" + detail train scenes 0..{ckpt['hparams']['detail_scenes'] - 1}" if ckpt["hparams"].get("detail_scenes")
+           else ""),
         "step": ckpt["step"],
         "samples_seen": sum(r["n_qa"] for r in ckpt["log"]),
         "loss_last50": float(np.mean([r["loss"] for r in recent])) if recent else None,
@@ -254,6 +270,48 @@ def teacher_forced_eval(model, std, packer, feats, image_ids) -> float:
             n += 1
             i += len(a)
     return correct / max(1, n)
+
+
+class _QA:
+    """A training question (the fields `Packer` reads)."""
+
+    def __init__(self, image_id: int, question: str, answer: str) -> None:
+        self.image_id, self.question, self.answer = image_id, question, answer
+
+
+def detail_train_data(n_scenes: int, offset: int, vision, image_processor, cache_dir: Path, batch_size: int = 50):
+    """DINOv2 features ``[n_scenes, 64, 384]`` of detail train scenes 0..n-1 (cached) and their questions.
+
+    Question image ids start at `offset` (the scenes follow the easy-VQA images in the feature table).
+    """
+    from mmcompress.evals import detail
+
+    rows = detail.split_questions("train", n_scenes)
+    qa = [_QA(offset + int(i.split("/")[1]), q, a) for i, _, _, q, a in rows]
+    path = cache_dir / f"detail_train_feats_{n_scenes}_{int(getattr(image_processor, 'size', 0))}px.pt"
+    if path.is_file():
+        return torch.load(path), qa
+    out = []
+    with torch.inference_mode():
+        for start in range(0, n_scenes, batch_size):
+            imgs = [detail.render(detail.make_scene(detail.SPLIT_SEEDS["train"] + i))
+                    for i in range(start, min(start + batch_size, n_scenes))]
+            pv = image_processor(imgs)["pixel_values"]  # [b, 3, S, S]
+            hs = vision(pv, output_hidden_states=True).hidden_states[refvlm.VISION_FEATURE_LAYER]  # [b, 1+N, C]
+            out.append(hs[:, 1:])  # CLS dropped (strategy "default")
+            print(f"detail features {start + len(imgs)}/{n_scenes}", flush=True)
+    feats = torch.cat(out).float().contiguous()
+    save_torch(feats, path)
+    return feats, qa
+
+
+def unfold_into(std: StdProjector, raw: dict[str, torch.Tensor]) -> None:
+    """Load a raw-feature projector state dict into `std` (inverse of `StdProjector.folded_state_dict`)."""
+    sd = {k: v.clone().float() for k, v in raw.items()}
+    w = sd["linear_1.weight"]  # [576, 384] on raw features
+    sd["linear_1.bias"] = sd["linear_1.bias"] + w @ std.mu
+    sd["linear_1.weight"] = w * std.sigma[None, :]
+    std.proj.load_state_dict(sd)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -286,11 +344,30 @@ def main(argv: list[str] | None = None) -> None:
     if diff > 1e-4:
         raise RuntimeError("cached DINOv2 features do not match get_image_features; delete the feature cache")
 
+    train_qa = easyvqa.load_split("train")
+    if args.detail_scenes:
+        d_feats, d_qa = detail_train_data(args.detail_scenes, len(train_feats), vision, processor.image_processor,
+                                          args.out_dir)
+        train_feats = torch.cat([train_feats, d_feats])  # [4000 + n, 64, 384]
+        train_qa = list(train_qa) + d_qa
     mu = train_feats.mean(dim=(0, 1))  # [384]
     sigma = train_feats.std(dim=(0, 1)).clamp_min(1e-3)  # [384]
     std = StdProjector(model.model.multi_modal_projector, mu, sigma)
     for p in std.proj.parameters():
         p.requires_grad_(True)
+    if args.init_from is not None and not args.resume:
+        from safetensors.torch import load_file
+
+        raw = load_file(str(args.init_from))
+        unfold_into(std, raw)
+        with torch.no_grad():  # the unfolded projector must compute what the raw one computes
+            x = train_feats[:2]  # [2, 64, 384]
+            h = F.gelu(x @ raw["linear_1.weight"].T + raw["linear_1.bias"])
+            ref = h @ raw["linear_2.weight"].T + raw["linear_2.bias"]  # [2, 64, 576]
+            diff = (std(x) - ref).abs().max().item()
+        print(f"initialised from {args.init_from} (max abs diff vs the raw projector {diff:.2e})", flush=True)
+        if diff > 1e-3:
+            raise RuntimeError("--init-from: unfolding the projector changed its outputs")
     opt = torch.optim.AdamW(std.proj.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
     hparams = {
@@ -317,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"exported step {ck['step']} to {args.assets}")
             return
 
-    packer = Packer(processor, easyvqa.load_split("train"))
+    packer = Packer(processor, train_qa)
     test_packer = Packer(processor, easyvqa.load_split("test"))
     eval_ids = list(range(0, 1000, 63))[:16]  # 16 fixed test images, ~150 questions
     n_img = (len(train_feats) // args.images_per_step) * args.images_per_step

@@ -86,3 +86,34 @@ def test_task_samples_and_per_type_accuracy():
     recs = [{"meta": x.meta, **task.score(x.answer + ".", x)} for x in s]
     agg = task.aggregate(recs)
     assert agg["accuracy"] == 1.0 and all(agg[f"{t}_accuracy"] == 1.0 for t in {x.meta["type"] for x in s})
+
+
+def test_train_projector_unfold_inverts_fold():
+    """--init-from loads a raw-feature projector into the standardised trainer without changing its outputs."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "train_projector", Path(__file__).resolve().parent.parent / "scripts" / "train_projector.py")
+    tp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp)
+
+    class P(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear_1, self.linear_2 = torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)
+
+        def forward(self, x):  # [B, N, 6] -> [B, N, 4]
+            return self.linear_2(torch.nn.functional.gelu(self.linear_1(x)))
+
+    torch.manual_seed(0)
+    raw = P()
+    x = torch.randn(2, 3, 6) * 3 + 1  # [B, N, C]
+    std = tp.StdProjector(P(), x.mean(dim=(0, 1)), x.std(dim=(0, 1)))
+    tp.unfold_into(std, raw.state_dict())
+    assert torch.allclose(std(x), raw(x), atol=1e-5)
+    back = P()
+    back.load_state_dict(std.folded_state_dict())
+    assert torch.allclose(back(x), raw(x), atol=1e-5)
