@@ -3,6 +3,7 @@
     mmcompress list
     mmcompress bench --model ref-vlm --task easyvqa --methods tome,visionzip --keep 0.5,0.25 --limit 500 --out runs/x
     torchrun --nproc-per-node 2 -m mmcompress bench ...      # samples sharded by rank, merged by rank 0
+    mmcompress demo [--model ref-vlm] [--port 7860]          # Gradio app on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     sub.add_parser("list", help="compressors with family, modality and what they need").set_defaults(fn=_cmd_list)
     _add_bench_parser(sub)
+    from mmcompress.demos.cli_demo import add_demo_parser  # light: gradio/torch load only when the demo runs
+
+    add_demo_parser(sub)
     return p
 
 
