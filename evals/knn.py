@@ -6,8 +6,9 @@ The patch tokens after encoder layer ``layer`` (default 6 of 12; ``--option <met
 tokens instead) are compressed (CLS passed through as prefix; grid = the patch grid), the remaining layers run on the
 compressed sequence with proportional attention (log size added to the attention logits, as ToMe does), and the
 image feature is the size-weighted mean of the output patch tokens after the final layer norm. A test image's label
-is the majority vote of its k = 10 most cosine-similar train images (ties: larger summed similarity); train images go
-through the same compression. Inputs the methods need: ``scores`` = the CLS attention row of layer ``layer`` (heads
+is the majority vote of its k = 10 most cosine-similar train images (`mmcompress.zoo.metrics.knn_predict`; ties:
+larger summed similarity); train images go through the same compression. Inputs the methods need: ``scores`` = the
+CLS attention row of layer ``layer`` (heads
 averaged, from q/k, no eager attention); ``text`` = the CLS token of that layer (DINOv2 has no text tower: the CLS is
 the global query in the tokens' space).
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from mmcompress.evals.tasks import Sample, Task, register_task
 
-__all__ = ["KNNTask", "EncoderBackend", "load_backend", "fmnist_subset", "extract", "knn_predict", "CLASSES"]
+__all__ = ["KNNTask", "EncoderBackend", "load_backend", "fmnist_subset", "extract", "CLASSES"]
 
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 MID = 6  # default: compress after this many of DINOv2-S's 12 layers
@@ -107,21 +108,6 @@ def _run_rest(model: Any, x: Any, size: Any, mask: Any, layer: int) -> Any:
         return model.layernorm(h)
 
 
-def knn_predict(train: Any, ytr: Any, test: Any, k: int = 10) -> Any:
-    """Cosine k-NN labels of `test` [n, d] against `train` [m, d] with labels `ytr` [m]: majority vote, ties broken
-    by the larger summed similarity. Returns [n] int64."""
-    import torch
-
-    n = torch.nn.functional.normalize
-    sim = n(test.float(), dim=-1) @ n(train.float(), dim=-1).T  # [n, m]
-    top = sim.topk(min(k, train.shape[0]), dim=1)
-    lab = ytr[top.indices]  # [n, k]
-    C = int(ytr.max()) + 1
-    votes = torch.zeros(len(test), C).scatter_add_(1, lab, torch.ones_like(top.values))
-    votes += 1e-3 * torch.zeros(len(test), C).scatter_add_(1, lab, top.values)
-    return votes.argmax(1)
-
-
 class EncoderBackend:
     """DINOv2 features under a compression setting, classified by k-NN against an equally compressed train bank."""
 
@@ -179,6 +165,8 @@ class EncoderBackend:
             tr_img, tr_lab, _ = fmnist_subset(bank["n_train"], 1, bank["seed"])["train"]
             self._tokens[bkey] = {**extract(self.model, self.proc, tr_img, self.layer),
                                   "labels": torch.from_numpy(tr_lab)}
+        from mmcompress.zoo.metrics import knn_predict
+
         fkey = (self.method, str(self.keep), tuple(sorted(self.options.items())), bkey)
         if fkey not in self._bank_feats:
             self._bank_feats[fkey] = self._features(self._tokens[bkey])[0]
@@ -187,7 +175,8 @@ class EncoderBackend:
         t_enc = time.perf_counter() - t0
         feats, t_comp, n_tok = self._features(toks)
         t_rest = time.perf_counter() - t0 - t_enc - t_comp
-        pred = knn_predict(self._bank_feats[fkey], self._tokens[bkey]["labels"], feats, self.k)
+        bank = self._bank_feats[fkey]
+        pred = knn_predict(bank, self._tokens[bkey]["labels"], feats, min(self.k, len(bank)))
         share = 1e3 / len(samples)
         return [{"prediction": CLASSES[int(p)], "tokens": int(n), "encode_ms": (t_enc + t_rest) * share,
                  "compress_ms": t_comp * share, "prefill_ms": 0.0, "decode_ms": 0.0, "peak_mem_mb": 0.0}

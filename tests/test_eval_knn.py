@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmcompress.evals.knn import knn_predict
+
+from mmcompress.zoo.metrics import knn_predict
 
 
 def test_knn_vote_and_tie_break():

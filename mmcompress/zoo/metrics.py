@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["edit_distance", "knn_accuracy", "normalize_text", "wer"]
+__all__ = ["edit_distance", "knn_accuracy", "knn_predict", "normalize_text", "wer"]
 
 # Spoken forms of common written abbreviations (LibriVox transcripts spell them out).
 _ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor", "st": "saint", "mme": "madame"}
@@ -88,6 +88,40 @@ def wer(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     return errors / words
 
 
+def knn_predict(train_emb: torch.Tensor, train_labels: torch.Tensor, test_emb: torch.Tensor, k: int = 10,
+                tie: str = "similarity") -> torch.Tensor:
+    """Cosine k-NN labels by majority vote.
+
+    Args:
+        train_emb: ``[N, D]`` reference embeddings.
+        train_labels: ``[N]`` int labels.
+        test_emb: ``[M, D]`` query embeddings.
+        k: Number of neighbours (at most N).
+        tie: How a tied vote is broken: ``"similarity"`` (the class with the larger summed similarity) or
+            ``"label"`` (the smallest label).
+
+    Returns:
+        ``[M]`` int64 predicted labels.
+    """
+    import torch
+
+    if train_emb.ndim != 2 or test_emb.ndim != 2 or train_emb.shape[1] != test_emb.shape[1]:
+        raise ValueError(f"train_emb/test_emb must be [N, D] and [M, D], got {train_emb.shape} and {test_emb.shape}")
+    if not 0 < k <= len(train_emb):
+        raise ValueError(f"k must be in [1, {len(train_emb)}], got {k}")
+    if tie not in ("similarity", "label"):
+        raise ValueError(f"tie: expected 'similarity' or 'label', got {tie!r}")
+    a = torch.nn.functional.normalize(train_emb.float(), dim=-1)
+    b = torch.nn.functional.normalize(test_emb.float(), dim=-1)
+    top = (b @ a.T).topk(k, dim=1)  # [M, k]
+    votes = train_labels.long()[top.indices]  # [M, k]
+    n_cls = int(train_labels.max()) + 1
+    counts = torch.zeros(len(b), n_cls).scatter_add_(1, votes, torch.ones_like(top.values))
+    if tie == "similarity":  # a sum of at most k cosines, scaled below one vote
+        counts += 1e-3 * torch.zeros(len(b), n_cls).scatter_add_(1, votes, top.values)
+    return counts.argmax(dim=1)
+
+
 def knn_accuracy(
     train_emb: torch.Tensor, train_labels: torch.Tensor, test_emb: torch.Tensor, test_labels: torch.Tensor, k: int = 10
 ) -> float:
@@ -103,17 +137,5 @@ def knn_accuracy(
     Returns:
         Accuracy in [0, 1].
     """
-    import torch
-
-    if train_emb.ndim != 2 or test_emb.ndim != 2 or train_emb.shape[1] != test_emb.shape[1]:
-        raise ValueError(f"train_emb/test_emb must be [N, D] and [M, D], got {train_emb.shape} and {test_emb.shape}")
-    if not 0 < k <= len(train_emb):
-        raise ValueError(f"k must be in [1, {len(train_emb)}], got {k}")
-    a = torch.nn.functional.normalize(train_emb.float(), dim=-1)
-    b = torch.nn.functional.normalize(test_emb.float(), dim=-1)
-    nn = (b @ a.T).topk(k, dim=1).indices  # [M, k]
-    votes = train_labels.long()[nn]  # [M, k]
-    n_cls = int(max(train_labels.max(), test_labels.max())) + 1
-    counts = torch.zeros(len(b), n_cls).scatter_add_(1, votes, torch.ones_like(votes, dtype=torch.float))
-    pred = counts.argmax(dim=1)
+    pred = knn_predict(train_emb, train_labels, test_emb, k, tie="label")
     return float((pred == test_labels.long()).float().mean())
