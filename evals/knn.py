@@ -8,9 +8,8 @@ compressed sequence with proportional attention (log size added to the attention
 image feature is the size-weighted mean of the output patch tokens after the final layer norm. A test image's label
 is the majority vote of its k = 10 most cosine-similar train images (`mmcompress.zoo.metrics.knn_predict`; ties:
 larger summed similarity); train images go through the same compression. Inputs the methods need: ``scores`` = the
-CLS attention row of layer ``layer`` (heads
-averaged, from q/k, no eager attention); ``text`` = the CLS token of that layer (DINOv2 has no text tower: the CLS is
-the global query in the tokens' space).
+CLS attention row of layer ``layer`` (heads averaged, from q/k, no eager attention); ``text`` = the CLS token of that
+layer (DINOv2 has no text tower: the CLS is the global query in the tokens' space).
 
 Subsets: ``numpy.random.default_rng(seed).permutation`` of each split, first ``n`` indices, sorted: test images
 ``limit`` (the bench's ``--limit``), train bank ``n_train`` (1,000). Images are upsampled to ``size`` px (112: 8 x 8
