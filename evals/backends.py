@@ -122,7 +122,7 @@ class _Clock:
         self.vision, self.device = vision, device
         self.encode_s = 0.0
         self._t0 = 0.0
-        self.token_times: list[float] = []
+        self.first_token: float | None = None  # wall-clock when the first token was generated
         self._handles: list[Any] = []
 
     def sync(self) -> None:
@@ -159,8 +159,9 @@ class _Clock:
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 import torch
 
-                clock.sync()
-                clock.token_times.append(time.perf_counter())
+                if clock.first_token is None:
+                    clock.sync()
+                    clock.first_token = time.perf_counter()
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         return _Stamp()
@@ -178,7 +179,7 @@ def timed_generate(model: Any, inputs: dict[str, Any], encoder: Any, device: Any
         out = model.generate(**inputs, do_sample=False, stopping_criteria=[clock.stopping_criterion()], **gen)
         clock.sync()
         t_end = time.perf_counter()
-    first = clock.token_times[0] if clock.token_times else t_end
+    first = clock.first_token if clock.first_token is not None else t_end
     return out, {"encode_s": clock.encode_s, "first_token_s": first - t0, "total_s": t_end - t0,
                  "peak_mem_mb": peak_memory(device)}
 
@@ -209,17 +210,16 @@ class VLMBackend:
         model: The model (eval mode).
         processor: Its processor. ref-vlm's takes the bare question and applies its own template; HF processors
             get a one-turn chat (image + prompt) through their chat template when they have one.
-        name: Model name for the records.
         device: Torch device.
     """
 
-    def __init__(self, model: Any, processor: Any, name: str, device: str = "cpu") -> None:
-        self.model, self.processor, self.name, self.device = model, processor, name, device
+    def __init__(self, model: Any, processor: Any, device: str = "cpu") -> None:
+        self.model, self.processor, self.device = model, processor, device
         self.image_token_id = getattr(model.config, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = getattr(model.config, "image_token_index", None)
         self.vision = _find_vision(model)
-        self.method, self.keep = "none", 1.0
+        self.method = "none"
 
     @classmethod
     def load(cls, model: str, device: str = "cpu", dtype: str = "float32") -> VLMBackend:
@@ -242,14 +242,14 @@ class VLMBackend:
             except OSError as e:  # offline hub id, incomplete directory
                 raise ValueError(f"model: cannot load {model!r} ({e})") from e
         m = m.to(device=device, dtype=_dtype(dtype)).eval()
-        return cls(m, proc, model, device)
+        return cls(m, proc, device)
 
     def configure(self, method: str, keep: float | int, options: dict[str, Any] | None = None) -> None:
         """Compress with `method` at `keep` from now on (``"none"``: the unwrapped model)."""
         import mmcompress as mmc
 
         mmc.remove(self.model)
-        self.method, self.keep = method, keep
+        self.method = method
         if method != "none":
             mmc.apply(self.model, method, keep=keep, **(options or {}))
 
@@ -272,10 +272,7 @@ class VLMBackend:
         tok = getattr(proc, "tokenizer", None)
         if tok is not None and hasattr(tok, "padding_side"):
             tok.padding_side = "left"  # batched greedy decoding needs left padding
-        try:
-            inputs = proc(images=images, text=texts, return_tensors="pt", padding=True)
-        except TypeError:
-            inputs = proc(images=images, text=texts)
+        inputs = proc(images=images, text=texts, return_tensors="pt", padding=True)
         return {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in dict(inputs).items()}
 
     def _decode(self, ids: Any) -> list[str]:
@@ -300,7 +297,7 @@ class VLMBackend:
         else:
             ids = inputs["input_ids"]
             tokens = ids.eq(self.image_token_id).sum(1).tolist() if self.image_token_id is not None else [0] * B
-        if len(tokens) != B:  # adapters report per media item; a sample with several items sums them
+        if len(tokens) != B:  # adapters count per media item; with several items per sample, record the batch mean
             tokens = [sum(tokens) // B] * B
         return [{"prediction": text, "tokens": int(n), **per_sample(t, B, st)}
                 for text, n in zip(texts, tokens, strict=True)]

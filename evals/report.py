@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarize", "write_reports", "COLUMNS"]
+__all__ = ["keep_label", "summarize", "write_reports", "COLUMNS"]
 
 COLUMNS = [
     "task", "method", "keep", "n", "complete", "accuracy", "stderr", "metric", "value", "pct_of_none",
@@ -25,7 +25,8 @@ COLUMNS = [
 _TIMES = ("encode_ms", "compress_ms", "prefill_ms", "decode_ms")
 
 
-def _keep_label(method: str, keep: Any) -> str:
+def keep_label(method: str, keep: Any) -> str:
+    """How a budget is written in file names and tables: "1" for the uncompressed row, ``0.25``, ``64``, ``auto``."""
     if method == "none":
         return "1"
     return f"{keep:g}" if isinstance(keep, float) else str(keep)
@@ -39,16 +40,16 @@ def summarize(records: Sequence[dict[str, Any]], tasks: Sequence[Any], settings:
         by: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             if r["task"] == task.name:
-                by.setdefault(_keep_label(r["method"], r["keep"]) + "|" + r["method"], []).append(r)
+                by.setdefault((r["method"], keep_label(r["method"], r["keep"])), []).append(r)
         task_rows = []
         for method, keep in settings:
-            recs = by.get(_keep_label(method, keep) + "|" + method)
+            recs = by.get((method, keep_label(method, keep)))
             if not recs:
                 continue
             metrics = dict(task.aggregate(recs))
             value = float(metrics.get(task.primary, float("nan")))
             acc = float(metrics.get("accuracy", value))
-            row = {"task": task.name, "method": method, "keep": _keep_label(method, keep), "n": len(recs),
+            row = {"task": task.name, "method": method, "keep": keep_label(method, keep), "n": len(recs),
                    "complete": expected is None or len(recs) == expected.get(task.name, len(recs)),
                    "accuracy": acc, "stderr": float(metrics.get("stderr", float("nan"))), "metric": task.primary,
                    "value": value, "tokens": statistics.fmean(float(r.get("tokens", 0)) for r in recs),

@@ -120,8 +120,9 @@ def parse_keeps(text: str) -> list[Any]:
 
 def setting_name(method: str, keep: Any) -> str:
     """File-safe name of one setting, e.g. ``tome@0.25``, ``prumerge+@64``, ``none@1``."""
-    k = "1" if method == "none" else (f"{keep:g}" if isinstance(keep, float) else str(keep))
-    return f"{method}@{k}"
+    from mmcompress.evals.report import keep_label
+
+    return f"{method}@{keep_label(method, keep)}"
 
 
 def _settings(cfg: BenchConfig) -> list[tuple[str, Any]]:
@@ -201,12 +202,16 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, file=sys.stderr)
 
 
+def _setting_records(folder: Path, name: str) -> list[dict[str, Any]]:
+    """Every finished record of setting `name` in `folder`, over the part files of all ranks (a resumed run may use
+    another number of processes)."""
+    return [r for part in sorted(folder.glob(f"{name}.rank*.jsonl")) for r in read_records(part)]
+
+
 def _run_setting(cfg: BenchConfig, task: Task, samples: list[Sample], backend: Any, method: str, keep: Any,
                  part: Path, rank: int, world: int) -> None:
-    done = {r["id"] for r in read_records(part, repair=True)}
-    for other in part.parent.glob(f"{part.name.split('.rank')[0]}.rank*.jsonl"):
-        if other != part:  # a resumed run may use another number of processes
-            done |= {r["id"] for r in read_records(other)}
+    read_records(part, repair=True)  # cut a torn last line off this rank's file before appending to it
+    done = {r["id"] for r in _setting_records(part.parent, setting_name(method, keep))}
     B = cfg.batch_size
     batches = [(b, samples[s : s + B]) for b, s in enumerate(range(0, len(samples), B)) if b % world == rank]
     todo = [(b, chunk) for b, chunk in batches if not all(s.id in done for s in chunk)]
@@ -258,9 +263,8 @@ def _merge(cfg: BenchConfig, order: dict[str, list[str]], settings: list[tuple[s
         for method, keep in settings:
             name = setting_name(method, keep)
             recs: dict[str, dict[str, Any]] = {}
-            for part in sorted((cfg.out / "parts" / task_name).glob(f"{name}.rank*.jsonl")):
-                for r in read_records(part):
-                    recs.setdefault(r["id"], r)
+            for r in _setting_records(cfg.out / "parts" / task_name, name):
+                recs.setdefault(r["id"], r)
             merged.extend(sorted((r for r in recs.values() if r["id"] in pos), key=lambda r: pos[r["id"]]))
     return merged
 
