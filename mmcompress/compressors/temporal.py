@@ -81,12 +81,17 @@ class TemporalMerge(Compressor):
             raise ValueError("grid: temporal needs grid=(T, H, W) of the video tokens")
         return (g[0], 1, 1) if len(g) == 1 else (1, *g) if len(g) == 2 else tuple(g)
 
+    @staticmethod
+    def _same_place_sim(x: torch.Tensor, T: int, P: int) -> torch.Tensor:
+        """[T-1, P] cosine of each token of one sample x [N', C] with the same place in the previous frame."""
+        f = torch.nn.functional.normalize(x.float(), dim=-1).view(T, P, -1)  # [T, H*W, C]
+        return (f[1:] * f[:-1]).sum(-1)
+
     def _edges(self, x: torch.Tensor, T: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate temporal merges of one sample x [N', C]: (similarity [E], token pair [E, 2]) inside segments."""
-        f = torch.nn.functional.normalize(x.float(), dim=-1).view(T, P, -1)  # [T, H*W, C]
         if T < 2:
             return torch.empty(0), torch.empty(0, 2, dtype=torch.long)
-        sim = (f[1:] * f[:-1]).sum(-1)  # [T-1, P] same place, consecutive frames
+        sim = self._same_place_sim(x, T, P)  # [T-1, P]
         new_segment = sim.mean(1) < self.cut  # [T-1] frame t+1 starts a segment
         ok = (sim >= self.tau) & ~new_segment[:, None]
         t, p = ok.nonzero(as_tuple=True)
@@ -98,8 +103,7 @@ class TemporalMerge(Compressor):
         T, H, W = grid
         if T < 2:
             return [0]
-        f = torch.nn.functional.normalize(x.float(), dim=-1).view(T, H * W, -1)
-        frame_sim = (f[1:] * f[:-1]).sum(-1).mean(1)  # [T-1]
+        frame_sim = self._same_place_sim(x, T, H * W).mean(1)  # [T-1]
         return [0] + [t + 1 for t in (frame_sim < self.cut).nonzero().flatten().tolist()]
 
     def _groups(self, x: torch.Tensor, grid: tuple[int, int, int], max_merges: int | None) -> list[int]:
