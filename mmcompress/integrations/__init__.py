@@ -20,7 +20,7 @@ from mmcompress.integrations.base import ATTR, Adapter, adapter_for, register_ad
 __all__ = ["apply", "remove", "disabled", "stats", "Adapter", "register_adapter", "supported_model_types"]
 
 # Modules under mmcompress.integrations that register adapters on import.
-_BUILTIN_ADAPTER_MODULES = ("llava", "qwen2_vl", "vit_merge", "whisper")
+_BUILTIN_ADAPTER_MODULES = ("llava", "qwen_vl", "families", "vit_merge", "whisper")
 
 
 def _load_builtin_adapters() -> None:

@@ -1,0 +1,1 @@
+"""Per-family descriptions for the generic placeholder adapter."""

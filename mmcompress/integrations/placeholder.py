@@ -1,0 +1,635 @@
+"""The generic placeholder adapter: every VLM whose encoders' features replace runs of placeholder tokens.
+
+Most Hugging Face VLMs (Qwen2/2.5/3-VL, Gemma 3, InternVL, SmolVLM/Idefics3, Mistral 3, LLaVA-NeXT-Video,
+Qwen2-Audio, ...) share one pattern: `get_<modality>_features` turns pixels (or audio) into features, and forward
+`masked_scatter`s them into the positions of the placeholder token (`image_token_id`, ...) of `input_ids`; forward
+also accepts those features precomputed as `mm_encoder_outputs`, which is how `generate()` passes them. This module
+owns all the plumbing of compressing them; a family only describes what differs (`Family`): where its features
+come from, the grid of each item, which placeholder tokens are structural, and its position-id scheme.
+
+How a forward is rewritten (prefill: a call with media and an empty cache):
+
+1. Encoding: the model's own `get_<modality>_features` runs unchanged (patched per instance so that, when it runs,
+   the item layout and, for attention-based methods, token scores ride along on its output: `generate()` calls the
+   encoders itself BEFORE the prefill and hands their outputs to forward as `mm_encoder_outputs`).
+2. Each item (image, video, audio clip) is one compressor sample, with its grid; items of equal shape are batched.
+   Structural tokens (`ItemMeta.fixed`) are passed through untouched.
+3. Every output token sits at the placeholder column of its representative input token (`out.rep`); the other
+   placeholder columns are removed from every per-token tensor (`input_ids`, `attention_mask`, `labels`,
+   `mm_token_type_ids`, `token_type_ids`) and samples are re-padded on the side they were padded on (left when none
+   was; option `padding_side`). Structural text tokens between placeholders (row breaks, tile tags) stay where they
+   are, so kept tokens stay in their rows.
+4. Positions: "1d" families get positions rebuilt from the new mask (cumsum - 1, as `generate()` does); "mrope"
+   families (Qwen2/2.5/3-VL) keep the (t, h, w) ids of the UNCOMPRESSED sequence, subset (text after the media keeps
+   its original ids; `rope_deltas` is set so decoding continues where the uncompressed model would).
+5. Decode steps of `generate()` are translated onto the shorter cache: the full-length attention mask into the
+   compressed layout, position ids shifted by the columns removed.
+
+An item whose budget keeps all its tokens uses the model's own features, so keep=1.0 gives bit-identical logits.
+
+Letters: B batch, L sequence length (L' compressed), N tokens of one item, M kept, C hidden size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from mmcompress.integrations.base import Adapter, register_adapter
+from mmcompress.integrations.fastv import FastV
+from mmcompress.integrations.plumbing import padding_side_of, positions_from_mask, question_embeddings, question_mask
+
+__all__ = ["Modality", "ItemMeta", "Family", "PlaceholderAdapter", "register_family", "int_list"]
+
+META_ATTR = "_mmcompress_meta"  # attribute of an encoder output holding the per-item `ItemMeta` list
+PER_TOKEN = ("input_ids", "labels", "mm_token_type_ids", "token_type_ids")  # [B, L] tensors that follow the layout
+PAD_VALUES = {"labels": -100, "mm_token_type_ids": 0, "token_type_ids": 0}
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One kind of media of a family.
+
+    Attributes:
+        name: "image", "video" or "audio" (also the key of `mm_encoder_outputs`).
+        input: the forward keyword that carries its raw input (e.g. "pixel_values"); its presence means media.
+        token: config attribute(s) holding the placeholder token id, first one found wins.
+        encoder: name of the model's encoder method (default `get_<name>_features`).
+        type_id: its value in `mm_token_type_ids` (M-RoPE families), else None.
+    """
+
+    name: str
+    input: str
+    token: tuple[str, ...]
+    encoder: str = ""
+    type_id: int | None = None
+
+    @property
+    def encoder_name(self) -> str:
+        return self.encoder or f"get_{self.name}_features"
+
+
+@dataclass
+class ItemMeta:
+    """What the family knows about one item when its encoder runs.
+
+    Attributes:
+        grid: (H, W) or (T, H, W) of the item's compressible tokens, or None (1-D sequence).
+        scores: [N] importance of each of its tokens (attention-based methods), or None.
+        fixed: [N] bool, structural tokens kept untouched at their columns (newline rows), or None.
+    """
+
+    grid: tuple[int, ...] | None = None
+    scores: torch.Tensor | None = None
+    fixed: torch.Tensor | None = None
+
+
+def int_list(v: Any) -> list[int]:
+    """A config id field (int, list or None) as a list of ints."""
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [int(i) for i in v if i is not None]
+    return [int(v)]
+
+
+class Family:
+    """Description of one model family for `PlaceholderAdapter`; subclass and override what differs.
+
+    Class attributes:
+        model_types: `config.model_type` values it serves.
+        modalities: its `Modality` list (only these are compressed; others pass through).
+        positions: "1d" (positions from the mask) or "mrope" (override `rope_index`).
+        structural: config attributes of token ids that are never part of the question (tile tags, image start/end).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    modalities: ClassVar[tuple[Modality, ...]] = ()
+    positions: ClassVar[str] = "1d"
+    structural: ClassVar[tuple[str, ...]] = ()
+
+    def core(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module that owns the encoders and forward's media merge (`model.model` for *ForConditionalGeneration)."""
+        inner = getattr(model, "model", None)
+        return inner if inner is not None and hasattr(inner, self.modalities[0].encoder_name) else model
+
+    def llm_layers(self, core: torch.nn.Module) -> torch.nn.ModuleList:
+        """The decoder layers of the LLM (FastV)."""
+        for name in ("language_model", "text_model"):
+            lm = getattr(core, name, None)
+            if lm is not None:
+                return getattr(lm, "model", lm).layers
+        raise ValueError(f"model: cannot find the LLM layers of {type(core).__name__}")
+
+    def features(self, mod: Modality, out: Any, counts: list[int] | None) -> list[torch.Tensor]:
+        """Per-item features [N_i, C] from an encoder output, in placeholder order.
+
+        `counts` are the placeholder runs of the items when the output does not say (a flat [S, C] tensor).
+        """
+        p = out.pooler_output
+        if isinstance(p, (list, tuple)):
+            return [t.reshape(-1, t.shape[-1]) for t in p]
+        if p.dim() == 3:
+            return list(p)
+        if counts is None:
+            return [p]
+        return list(torch.split(p, counts))
+
+    def pack(self, mod: Modality, out: Any, feats: list[torch.Tensor], kept: list[torch.Tensor | None]) -> Any:
+        """An encoder output holding the compressed per-item features, in the form forward reads.
+
+        Args:
+            kept: per item, [M_i] indices of its input tokens that survive (None: all, unchanged).
+        """
+        p = out.pooler_output
+        if isinstance(p, (list, tuple)):
+            return BaseModelOutputWithPooling(pooler_output=tuple(feats))
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(feats).unsqueeze(0))  # [1, S', C]
+
+    def describe(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any], out: Any,
+                 cap: Any) -> list[ItemMeta]:
+        """Per-item grid / scores / structural tokens, from the encoder's arguments and output (default: none)."""
+        return [ItemMeta() for _ in self.features(mod, out, None)]
+
+    def score_capture(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any]) -> Any:
+        """A context manager recording what `describe` needs to score tokens, or None (no scores available)."""
+        return None
+
+    def rope_index(self, adapter: PlaceholderAdapter, kw: dict[str, Any], mm: torch.Tensor) -> torch.Tensor:
+        """[3 or 4, B, L] positions of the uncompressed sequence ("mrope" families)."""
+        raise NotImplementedError
+
+
+def register_family(family_cls: type[Family]) -> type[Family]:
+    """Class decorator: serve `family_cls.model_types` with a `PlaceholderAdapter` driven by this description."""
+    name = family_cls.__name__.removesuffix("Family") + "Adapter"
+    adapter_cls = type(name, (PlaceholderAdapter,), {"family": family_cls(), "model_types": family_cls.model_types,
+                                                     "__doc__": family_cls.__doc__})
+    register_adapter(adapter_cls)
+    family_cls.adapter = adapter_cls
+    return family_cls
+
+
+@dataclass
+class _Layout:
+    """Where the columns of a compressed sequence come from.
+
+    Attributes:
+        idx: [B, L'] original column of every compressed column, -1 on padding added by the adapter.
+        length: L, the original sequence length.
+        removed: [B] columns removed per sample.
+        padded: whether the adapter added padding (the compressed batch then needs an attention mask).
+    """
+
+    idx: torch.Tensor
+    length: int
+    removed: torch.Tensor
+    padded: bool
+
+    @property
+    def identity(self) -> bool:
+        return not self.padded and self.idx.shape[1] == self.length and not bool(self.removed.any())
+
+    def take(self, t: torch.Tensor, fill: int | float) -> torch.Tensor:
+        """Columns of t [..., B, L] in the compressed layout: [..., B, L'] (`fill` on added padding)."""
+        g = self.idx.clamp(min=0).expand(*t.shape[:-2], *self.idx.shape)
+        return t.gather(-1, g).masked_fill(self.idx < 0, fill)
+
+    def mask(self, am: torch.Tensor | None, total: int) -> torch.Tensor:
+        """Full attention mask [B, total] in original columns (prompt + new tokens) -> [B, total - L + L']."""
+        if am is None:
+            am = torch.ones(self.idx.shape[0], total, dtype=torch.long, device=self.idx.device)
+        return torch.cat([self.take(am[:, : self.length], 0), am[:, self.length:]], dim=1)
+
+
+def _cache_of(kw: dict[str, Any]) -> Any:
+    return kw.get("cache", kw.get("past_key_values"))
+
+
+def _find_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None and isinstance(out, tuple):
+        cache = next((o for o in out if hasattr(o, "get_seq_length")), None)
+    return cache
+
+
+def _cache_len(cache: Any) -> int:
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
+class PlaceholderAdapter(Adapter):
+    """Compress the media tokens of a placeholder-pattern VLM between its encoders and the LLM.
+
+    Options:
+        modalities: which of the family's modalities to compress (default all).
+        padding_side: side used when compression makes an unpadded batch ragged ("left", the side generate()
+            needs, or "right"); an input that is already padded keeps its side.
+        text_exclude_ids: extra token ids left out of the question span (chat-template tokens).
+        fastv_k: None (off) or the FastV layer K: LLM layers >= K see the media tokens pruned by last-token
+            attention (`mmcompress.integrations.fastv`), on top of (or, with keep=1.0, instead of) the compressor.
+        fastv_r: FastV's R, the fraction of media tokens pruned at layer K (default 0.5).
+    """
+
+    family: ClassVar[Family]
+    options = {"modalities": None, "padding_side": "left", "text_exclude_ids": (), "fastv_k": None, "fastv_r": 0.5}
+
+    def __init__(self, model: torch.nn.Module, compressor, **options: Any):
+        super().__init__(model, compressor, **options)
+        fam = self.family
+        names = tuple(m.name for m in fam.modalities)
+        mods = self.opts["modalities"]
+        mods = names if mods is None else (mods,) if isinstance(mods, str) else tuple(mods)
+        if not mods or not set(mods) <= set(names):
+            raise ValueError(f"modalities: expected a non-empty subset of {names}, got {self.opts['modalities']!r}")
+        self.mods = tuple(m for m in fam.modalities if m.name in mods)
+        if self.opts["padding_side"] not in ("left", "right"):
+            raise ValueError(f"padding_side: expected 'left' or 'right', got {self.opts['padding_side']!r}")
+        self.core = fam.core(model)
+        for m in self.mods:
+            if not hasattr(self.core, m.encoder_name):
+                raise TypeError(f"model: {type(model).__name__} has no {m.encoder_name} for {m.name}")
+        self.tokens = {m.name: self._token_id(m) for m in self.mods}
+        self._needs = tuple(getattr(compressor, "needs", ()))
+        if self.opts["fastv_k"] is None and "fastv_r" in options:
+            raise ValueError("fastv_r: FastV is off; pass fastv_k= (the layer K) as well")
+        self.fastv: FastV | None = None
+        if self.opts["fastv_k"] is not None:
+            self.fastv = FastV(fam.llm_layers(self.core), k=self.opts["fastv_k"], r=self.opts["fastv_r"])
+        self._orig: Any = None
+        self._had_forward = False
+        self._prev_forward: Any = None
+        self._layouts: dict[int, tuple[weakref.ref, _Layout]] = {}
+        self._patched: list[str] = []
+
+    def _token_id(self, m: Modality) -> int:
+        cfg = self.model.config
+        for attr in m.token:
+            for c in (cfg, getattr(cfg, "text_config", None)):
+                v = getattr(c, attr, None) if c is not None else None
+                if isinstance(v, int):
+                    return v
+        raise ValueError(f"model: config has none of {m.token} (the {m.name} placeholder token id)")
+
+    # ---- patching --------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Instance-level wrappers of `forward` and of the encoders (the class and other instances are untouched)."""
+        m = self.model
+        self._had_forward = "forward" in m.__dict__
+        self._prev_forward = m.__dict__.get("forward")
+        self._orig = m.forward
+        self._sig = inspect.signature(self._orig)
+
+        @functools.wraps(self._orig)  # keeps the signature: generate() inspects forward's parameters
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self._forward(*args, **kwargs)
+
+        forward._mmcompress = True  # type: ignore[attr-defined]
+        m.forward = forward
+        for mod in self.mods:
+            if mod.encoder_name not in self.core.__dict__:
+                self._patch_encoder(mod)
+        if self.fastv is not None:
+            self.fastv.attach()
+
+    def _patch_encoder(self, mod: Modality) -> None:
+        fn = getattr(self.core, mod.encoder_name)
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)  # generate() reads this signature to pick the encoder's arguments
+        def encode(*args: Any, **kwargs: Any) -> Any:
+            return self._encode(mod, fn, sig, *args, **kwargs)
+
+        encode._mmcompress = True  # type: ignore[attr-defined]
+        self.core.__dict__[mod.encoder_name] = encode
+        self._patched.append(mod.encoder_name)
+
+    def detach(self) -> None:
+        """Remove the wrappers: the instance's methods are the ones it had before `attach`."""
+        m = self.model
+        if getattr(m.__dict__.get("forward"), "_mmcompress", False):
+            if self._had_forward:
+                m.__dict__["forward"] = self._prev_forward
+            else:
+                del m.__dict__["forward"]
+        for name in self._patched:
+            if getattr(self.core.__dict__.get(name), "_mmcompress", False):
+                del self.core.__dict__[name]
+        self._patched = []
+        self._layouts.clear()
+        if self.fastv is not None:
+            self.fastv.detach()
+
+    def _encode(self, mod: Modality, fn: Any, sig: inspect.Signature, *args: Any, **kwargs: Any) -> Any:
+        """The model's own encoder call, plus the per-item `ItemMeta` list on its output (`META_ATTR`)."""
+        if not self.enabled:
+            return fn(*args, **kwargs)
+        a = dict(sig.bind(*args, **kwargs).arguments)
+        a.update(a.pop("kwargs", {}))
+        cap = self.family.score_capture(self, mod, a) if "scores" in self._needs else None
+        with cap or contextlib.nullcontext():
+            out = fn(*args, **kwargs)
+        if not isinstance(out, tuple):
+            object.__setattr__(out, META_ATTR, self.family.describe(self, mod, a, out, cap))
+        return out
+
+    # ---- dispatch --------------------------------------------------------------------------------------
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        kw = dict(self._sig.bind(*args, **kwargs).arguments)
+        for name, p in self._sig.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                kw.update(kw.pop(name, {}))
+        return kw
+
+    def _layout_for(self, cache: Any) -> _Layout | None:
+        entry = self._layouts.get(id(cache))
+        if entry is None or entry[0]() is not cache:
+            return None
+        return entry[1]
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        kw = self._bind(args, kwargs)
+        cache = _cache_of(kw)
+        past = _cache_len(cache)
+        if past > 0:
+            layout = self._layout_for(cache)
+            if layout is not None:  # decoding after a compressed prefill: translate into the compressed layout
+                return self._orig(**self._decode_kwargs(kw, layout, past))
+            return self._orig(**kw)
+        if cache is not None:
+            self._layouts.pop(id(cache), None)
+        enc = kw.get("mm_encoder_outputs") or {}
+        present = [m for m in self.mods if kw.get(m.input) is not None or enc.get(m.name) is not None]
+        if self.enabled and present:
+            return self._prefill(kw, present)
+        return self._orig(**kw)
+
+    # ---- prefill ---------------------------------------------------------------------------------------
+    def _encoder_output(self, mod: Modality, kw: dict[str, Any]) -> Any:
+        """This call's encoder output for `mod`: the caller's `mm_encoder_outputs`, else the model's encoder run on
+        forward's inputs (None arguments fall back to the config attribute of the same name, as forward does)."""
+        enc = kw.get("mm_encoder_outputs") or {}
+        if enc.get(mod.name) is not None:
+            if kw.get(mod.input) is not None:
+                raise ValueError(f"{mod.input}: given together with mm_encoder_outputs[{mod.name!r}]")
+            return enc[mod.name]
+        fn = getattr(self.core, mod.encoder_name)
+        params = inspect.signature(fn).parameters
+        cfg = self.model.config
+        ekw = {}
+        for k, p in params.items():
+            if p.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+                continue
+            v = kw.get(k)
+            if v is None and hasattr(cfg, k):
+                v = getattr(cfg, k)
+            if v is not None:
+                ekw[k] = v
+        if "return_dict" not in params and not any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                                   for p in params.values()):
+            return fn(**ekw)
+        return fn(**ekw, return_dict=True)
+
+    def _texts(self, ids: torch.Tensor, am: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Per sample [L_b, C] input embeddings of the question (text-guided compressors)."""
+        cfg = self.model.config
+        media = list(self.tokens.values())
+        excl = [i for a in self.family.structural for i in int_list(getattr(cfg, a, None))]
+        for c in (cfg, getattr(cfg, "text_config", None), getattr(self.model, "generation_config", None)):
+            for n in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                excl += int_list(getattr(c, n, None)) if c is not None else []
+        qm = question_mask(ids, am, media, excl + int_list(self.opts["text_exclude_ids"]))
+        return question_embeddings(self.model.get_input_embeddings(), ids, qm)
+
+    def _compress(self, items: list[dict[str, Any]]) -> None:
+        """Compress items in groups of equal (N, grid, text length); sets it["x_out"], it["kept"] (None: all)."""
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for it in items:
+            t = it["text"]
+            groups.setdefault((tuple(it["x"].shape), it["grid"], None if t is None else t.shape[0]), []).append(it)
+        for (_, grid, _), group in groups.items():
+            x = torch.stack([it["x"] for it in group])  # [G, N, C]
+            sc = None if group[0]["scores"] is None else torch.stack([it["scores"] for it in group]).to(x.device)
+            tx = None if group[0]["text"] is None else torch.stack([it["text"] for it in group]).to(x.dtype)
+            res = self.compressor(x, grid=grid, scores=sc, text=tx)
+            counts = res.counts.tolist()
+            for j, it in enumerate(group):
+                m = counts[j]
+                if m >= x.shape[1]:  # nothing removed: the model's own features, bit for bit
+                    it["x_out"], it["kept"] = None, None
+                else:
+                    it["x_out"], it["kept"] = res.x[j, :m], res.rep[j, :m]
+
+    def _prefill(self, kw: dict[str, Any], present: list[Modality]) -> Any:
+        ids = kw.get("input_ids")
+        if ids is None:
+            raise ValueError(f"input_ids: compression needs input_ids (the {present[0].name} placeholder tokens), "
+                             f"not inputs_embeds")
+        B, L = ids.shape
+        dev = ids.device
+        am = kw.get("attention_mask")
+        if am is not None and (am.dim() != 2 or tuple(am.shape) != (B, L)):
+            raise ValueError(f"attention_mask: expected a 2D mask of shape {(B, L)}, got {tuple(am.shape)}")
+        fam = self.family
+        want_scores = "scores" in self._needs
+        with torch.no_grad():
+            texts = self._texts(ids, am) if "text" in self._needs else [None] * B
+        per_mod = []
+        items: list[dict[str, Any]] = []
+        for mod in present:
+            with torch.no_grad():
+                out = self._encoder_output(mod, kw)
+            cols = (ids == self.tokens[mod.name]).nonzero()  # [S, 2] (sample, column), row-major = feature order
+            feats = fam.features(mod, out, None)
+            counts = [f.shape[0] for f in feats]
+            if cols.shape[0] != sum(counts):
+                raise ValueError(f"input_ids: {cols.shape[0]} {mod.name} placeholder tokens but the {mod.name} "
+                                 f"features hold {sum(counts)} tokens ({counts})")
+            meta = getattr(out, META_ATTR, None)
+            if meta is None:
+                if want_scores:
+                    raise ValueError(f"scores: compressor {self.compressor.name!r} needs attention scores, taken "
+                                     f"while the encoder runs; the {mod.name} features were encoded before "
+                                     f"mmcompress.apply (pass {mod.input} instead of mm_encoder_outputs)")
+                meta = [ItemMeta() for _ in feats]
+            if len(meta) != len(feats):
+                raise ValueError(f"model: {len(feats)} {mod.name} items but {len(meta)} item descriptions")
+            start = 0
+            mod_items = []
+            for f, mt in zip(feats, meta, strict=True):
+                c = cols[start: start + f.shape[0]]
+                start += f.shape[0]
+                b = int(c[0, 0])
+                if not bool((c[:, 0] == b).all()):
+                    raise ValueError(f"input_ids: the placeholder tokens of one {mod.name} span several samples; "
+                                     f"each sample must hold the exact placeholder count of its own media")
+                if want_scores and mt.scores is None:
+                    raise ValueError(f"scores: the {type(fam).__name__} description gives no attention scores for "
+                                     f"{mod.name}; use a compressor that does not need `scores`")
+                sel = None if mt.fixed is None else (~mt.fixed.to(f.device)).nonzero().squeeze(1)  # [N_c]
+                grid = mt.grid
+                it = {"mod": mod, "sample": b, "cols": c[:, 1], "orig": f, "sel": sel, "grid": grid,
+                      "x": f if sel is None else f[sel], "text": texts[b],
+                      "scores": None if mt.scores is None else (mt.scores if sel is None else mt.scores[sel])}
+                items.append(it)
+                mod_items.append(it)
+            per_mod.append((mod, out, mod_items))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self._compress(items)
+        ms = (time.perf_counter() - t0) * 1e3
+
+        keep = torch.ones(B, L, dtype=torch.bool, device=dev)
+        t_in, t_out = [0] * B, [0] * B
+        enc_out: dict[str, Any] = dict(kw.get("mm_encoder_outputs") or {})
+        for mod, out, mod_items in per_mod:
+            feats_out, kept_out = [], []
+            for it in mod_items:
+                n = it["orig"].shape[0]
+                kept = it["kept"]
+                if kept is None:
+                    feats_out.append(it["orig"])
+                    kept_out.append(None)
+                    t_in[it["sample"]] += n
+                    t_out[it["sample"]] += n
+                    continue
+                x_out = it["x_out"].to(it["orig"].dtype)
+                if it["sel"] is not None:  # structural tokens back in, everything in column order
+                    kept = it["sel"][kept]
+                    fixed = (~torch.isin(torch.arange(n, device=kept.device), it["sel"])).nonzero().squeeze(1)
+                    kept = torch.cat([fixed, kept])
+                    x_out = torch.cat([it["orig"][fixed], x_out])
+                    order = kept.argsort()
+                    kept, x_out = kept[order], x_out[order]
+                keep[it["sample"], it["cols"]] = False
+                keep[it["sample"], it["cols"][kept.to(dev)]] = True
+                feats_out.append(x_out)
+                kept_out.append(kept)
+                t_in[it["sample"]] += n
+                t_out[it["sample"]] += x_out.shape[0]
+            enc_out[mod.name] = out if all(k is None for k in kept_out) else fam.pack(mod, out, feats_out, kept_out)
+        self.record(t_in, t_out, ms, seq_len_in=L)
+
+        # Original positions ("mrope": computed as the model would, before any column is removed).
+        mm = kw.get("mm_token_type_ids")
+        pos = None
+        if fam.positions == "mrope":
+            if mm is None:
+                mm = torch.zeros_like(ids, dtype=torch.int)
+                for m in self.mods:
+                    if m.type_id is not None:
+                        mm = mm.masked_fill(ids == self.tokens[m.name], m.type_id)
+            pos = kw.get("position_ids")
+            if pos is None:
+                pos = fam.rope_index(self, kw, mm)  # [3 or 4, B, L]
+            elif pos.dim() == 2:
+                pos = pos.unsqueeze(0).expand(3, B, L)
+
+        # New layout: kept columns of each sample (old padding columns included), re-padded on the input's side.
+        n_keep = keep.sum(1)  # [B]
+        Lp = int(n_keep.max())
+        right = (padding_side_of(am) or self.opts["padding_side"]) == "right"
+        idx = torch.full((B, Lp), -1, dtype=torch.long, device=dev)
+        for b in range(B):
+            kc = keep[b].nonzero().squeeze(1)
+            if right:
+                idx[b, : kc.numel()] = kc
+            else:
+                idx[b, Lp - kc.numel():] = kc
+        lay = _Layout(idx=idx, length=L, removed=(L - n_keep).cpu(), padded=bool((n_keep != Lp).any()))
+
+        new = dict(kw)
+        for m in present:
+            new.pop(m.input, None)
+        new["mm_encoder_outputs"] = enc_out
+        if mm is not None:
+            new["mm_token_type_ids"] = mm
+        if not lay.identity:
+            pad_id = self._pad_id()
+            for k in PER_TOKEN:
+                t = new.get(k)
+                if isinstance(t, torch.Tensor) and tuple(t.shape[:2]) == (B, L):
+                    new[k] = lay.take(t, PAD_VALUES.get(k, pad_id))
+            new["attention_mask"] = lay.mask(am, L) if am is not None or lay.padded else None
+            if am is not None:
+                new["attention_mask"] = new["attention_mask"].to(am.dtype)
+            if pos is not None:
+                p = lay.take(pos, 0)
+                if p.shape[0] == 4:  # row 0 is the plain sequence index (mask building): renumber it
+                    am_new = new.get("attention_mask")
+                    p[0] = torch.arange(Lp, device=dev).expand(B, Lp) if am_new is None else \
+                        positions_from_mask(am_new)
+                new["position_ids"] = p
+            else:
+                am_new = new.get("attention_mask")
+                new["position_ids"] = torch.arange(Lp, device=dev).expand(B, Lp) if am_new is None else \
+                    positions_from_mask(am_new)
+        elif pos is not None:
+            new["position_ids"] = pos
+        fv = self.fastv
+        if fv is not None and fv.r > 0:
+            if new.get("labels") is not None:
+                raise ValueError("labels: FastV prunes the LLM sequence; a loss over it is not supported")
+            media = torch.zeros_like(new["input_ids"], dtype=torch.bool)
+            for t in self.tokens.values():
+                media |= new["input_ids"] == t
+            with fv.armed(media, new.get("attention_mask")):
+                out = self._orig(**new)
+            self.last_stats["fastv_removed"] = list(fv.last_removed)
+        else:
+            out = self._orig(**new)
+        if pos is not None:  # decoding continues at the original positions
+            valid = torch.ones(B, L, dtype=torch.bool, device=dev) if am is None else am.bool()
+            mx = pos[-3:].masked_fill(~valid.unsqueeze(0), -1).amax(dim=(0, 2))  # [B]
+            self.core.rope_deltas = (mx + 1 - valid.sum(1) + lay.removed.to(dev)).unsqueeze(1)
+        self.last_stats["seq_len_out"] = Lp
+        out_cache = _find_cache(out)
+        if out_cache is not None and not lay.identity:
+            self._layouts = {k: v for k, v in self._layouts.items() if v[0]() is not None}
+            self._layouts[id(out_cache)] = (weakref.ref(out_cache), lay)
+        return out
+
+    def _pad_id(self) -> int:
+        cfg = self.model.config
+        for c in (getattr(cfg, "text_config", None), cfg):
+            pid = getattr(c, "pad_token_id", None) if c is not None else None
+            if isinstance(pid, int):
+                return pid
+        return 0
+
+    # ---- decode ----------------------------------------------------------------------------------------
+    def _decode_kwargs(self, kw: dict[str, Any], lay: _Layout, past: int) -> dict[str, Any]:
+        """Translate a decoding call (full-length mask and positions) into the compressed layout."""
+        new = dict(kw)
+        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        q = ref.shape[1]
+        total = past - lay.idx.shape[1] + lay.length + q  # length of the uncompressed sequence so far
+        am = kw.get("attention_mask")
+        if am is not None and am.dim() == 2:
+            if am.shape[1] != total:
+                raise ValueError(f"attention_mask: a decode step after a compressed prefill needs the 2-D mask grown "
+                                 f"from the original prompt ({total} columns), got shape {tuple(am.shape)}")
+            new["attention_mask"] = lay.mask(am, total)
+        elif am is None and lay.padded:
+            new["attention_mask"] = lay.mask(None, total)
+        pos = kw.get("position_ids")
+        removed = lay.removed.to(ref.device)
+        if pos is not None and bool(lay.removed.any()):
+            if pos.dim() == 2 and self.family.positions == "1d":
+                new["position_ids"] = pos - removed.unsqueeze(1)
+            elif pos.dim() == 3 and pos.shape[0] == 4:
+                pos = pos.clone()
+                pos[0] -= removed.unsqueeze(1)
+                new["position_ids"] = pos
+        elif pos is None and self.family.positions == "1d" and new.get("attention_mask") is not None:
+            new["position_ids"] = positions_from_mask(new["attention_mask"])[:, -q:]
+        return new
