@@ -15,14 +15,15 @@ from __future__ import annotations
 import torch
 
 from mmcompress.compressors.base import Compressor, Inputs, Plan
-from mmcompress.compressors.merge_ops import accum_dtype, gather_tokens, segment_sum
+from mmcompress.compressors.merge_ops import accum_dtype
 from mmcompress.kernels.bipartite_match import best_match_triton
 from mmcompress.kernels.dispatch import use_triton
+from mmcompress.kernels.merge import merge_tokens
 from mmcompress.registry import register
 
 
-def bipartite_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | None = None):
-    """One ToMe matching round.
+def match_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | None = None):
+    """One ToMe matching round: every A token's best B partner, and the r A tokens that merge.
 
     Args:
         metric: [B, n, d] similarity features of the current tokens (unnormalised).
@@ -30,13 +31,13 @@ def bipartite_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | Non
         match_dtype: dtype of the similarity product (None: metric's own, in float32 for half types).
 
     Returns:
-        keep_pos [B, n - r] current positions of the surviving tokens in increasing order,
-        src [B, r] current positions of merged A tokens, dst [B, r] current positions of their B partners.
+        node_idx [B, ceil(n/2)] best B row (B numbering) of every A row, src_a [B, r] the merged A rows, most
+        similar first (ties: lower A index first).
     """
-    B, n, _ = metric.shape
-    dev = metric.device
     a, b = metric[:, ::2], metric[:, 1::2]  # [B, ceil(n/2), d], [B, floor(n/2), d]
-    if match_dtype is None and b.shape[1] > 0 and use_triton(metric):
+    if b.shape[1] == 0:  # n = 1: nothing to merge into
+        return torch.zeros(a.shape[:2], dtype=torch.long, device=metric.device), a.new_zeros(a.shape[0], 0).long()
+    if match_dtype is None and use_triton(metric):
         node_max, node_idx = best_match_triton(a, b)  # fused, tiled: no [B, na, nb] matrix (kernels/)
     else:
         dt = match_dtype or accum_dtype(metric.dtype)
@@ -45,15 +46,8 @@ def bipartite_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | Non
         sim = a.to(dt) @ b_n.transpose(1, 2)  # [B, na, nb] = a . b / |b|
         node_max, node_idx = sim.float().max(dim=-1)  # [B, na]: best B for every A
         node_max = node_max / a.float().norm(dim=-1).clamp_min(1e-6)  # cosine
-    order = node_max.argsort(dim=-1, descending=True, stable=True)  # [B, na]
-    src_a = order[:, :r]
-    unm_a = order[:, r:]
-    src = src_a * 2
-    dst = node_idx.gather(1, src_a) * 2 + 1
-    nb = b.shape[1]
-    keep_pos = torch.cat([unm_a * 2, (torch.arange(nb, device=dev) * 2 + 1).expand(B, nb)], dim=1)
-    keep_pos = keep_pos.sort(dim=1).values  # original order
-    return keep_pos, src, dst
+    src_a = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r]
+    return node_idx, src_a
 
 
 @register("tome")
@@ -79,55 +73,22 @@ class ToMe(Compressor):
     def plan(self, inp: Inputs, k: int) -> Plan:
         x = inp.x
         B, N, C = x.shape
-        dev = x.device
-        metric = inp.sim
-        size = inp.size
-        if (N + 1) // 2 >= N - k:  # one round suffices: gather survivors, add merged A tokens into partners
-            keep_pos, src, dst = bipartite_round(metric, N - k, self.match_dtype)
-            return self._single_round(x, size, keep_pos, src, dst)
-        assign = torch.arange(N, device=dev).expand(B, N)  # input token -> current position
-        rep = assign
-        s = inp.sizes()
+        if (N + 1) // 2 >= N - k:  # one round: merged tokens, sizes and assign from one fused pass over x
+            node_idx, src_a = match_round(inp.sim, N - k, self.match_dtype)
+            out, size, assign, keep_pos = merge_tokens(x, inp.size, node_idx, src_a)
+            return Plan(assign=assign, rep=keep_pos, x=out, size=size)
+        # several rounds: merge the metric (size-weighted, as the paper's proportional bookkeeping) and compose
+        # assign; the base class forms the outputs from x once at the end
+        m = inp.sim
+        m = m.to(accum_dtype(m.dtype))
+        s = inp.size
+        assign = rep = None
         n = N
-        m = metric
         while n > k:
             r = min(n - k, (n + 1) // 2)
-            keep_pos, src, dst = bipartite_round(m, r, self.match_dtype)
-            slot = torch.full((B, n), -1, dtype=torch.long, device=dev)
-            slot.scatter_(1, keep_pos, torch.arange(n - r, device=dev).expand(B, n - r))
-            slot.scatter_(1, src, slot.gather(1, dst))  # merged A tokens follow their partner
-            assign = slot.gather(1, assign)
-            rep = rep.gather(1, keep_pos)
-            w = s.to(accum_dtype(m.dtype))
-            m = segment_sum(m.to(w.dtype) * w.unsqueeze(-1), slot, n - r)
-            s = segment_sum(s, slot, n - r)
-            m = m / s.unsqueeze(-1).to(m.dtype)
+            node_idx, src_a = match_round(m, r, self.match_dtype)
+            m, s, step, keep_pos = merge_tokens(m, s, node_idx, src_a)  # [B, n - r, d], [B, n - r], [B, n]
+            assign = step if assign is None else step.gather(1, assign)
+            rep = keep_pos if rep is None else rep.gather(1, keep_pos)
             n -= r
         return Plan(assign=assign, rep=rep)
-
-    @staticmethod
-    def _single_round(x, size, keep_pos, src, dst) -> Plan:
-        """Fast path (one round): the output is a gather of survivors plus sparse adds, no full segment sum."""
-        B, N, C = x.shape
-        M = keep_pos.shape[1]
-        dev = x.device
-        slot = torch.full((B, N), -1, dtype=torch.long, device=dev)
-        slot.scatter_(1, keep_pos, torch.arange(M, device=dev).expand(B, M))
-        dst_slot = slot.gather(1, dst)  # [B, r]
-        slot.scatter_(1, src, dst_slot)
-        acc = accum_dtype(x.dtype)
-        rows = (dst_slot + torch.arange(B, device=dev).unsqueeze(1) * M).reshape(-1)  # [B*r] rows of out
-        src_x = gather_tokens(x, src).to(acc)  # [B, r, C]
-        out = gather_tokens(x, keep_pos).to(acc)  # [B, M, C]
-        if size is None:
-            w_keep = torch.ones(B, M, dtype=acc, device=dev)
-            w_src = torch.ones(src.shape, dtype=acc, device=dev)
-        else:
-            w_keep = size.gather(1, keep_pos).to(acc)
-            w_src = size.gather(1, src).to(acc)
-            out.mul_(w_keep.unsqueeze(-1))
-            src_x.mul_(w_src.unsqueeze(-1))
-        out.view(B * M, C).index_add_(0, rows, src_x.reshape(-1, C))
-        den = w_keep.reshape(-1).index_add(0, rows, w_src.reshape(-1)).view(B, M)
-        out.div_(den.unsqueeze(-1))
-        return Plan(assign=slot, rep=keep_pos, x=out.to(x.dtype), size=den.float())

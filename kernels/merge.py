@@ -1,0 +1,205 @@
+"""Fused size-weighted merge for ToMe (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023).
+
+One bipartite round has split n tokens into A (even positions) and B (odd positions), found every A row's best B
+partner (`node_idx`) and chosen the r A rows to merge (`src_a`). This module turns that matching into the merged
+tokens, their sizes and `assign` in one pass over x: every output row is its surviving token plus the A tokens merged
+into it, size-weighted, written once; unmerged rows are copied exactly. No `scatter_reduce`/segment-sum round trip
+over all n rows.
+
+Triton kernel (one program per output row, contributors read from a CSR list sorted by output slot, so the sum order
+is fixed and the result deterministic: no atomics) beside its plain-PyTorch reference, which is also the CPU path.
+
+Letters: B batch, n tokens in, M = n - r tokens out, r merged A tokens, na = ceil(n/2) A tokens, C channels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from mmcompress.kernels.dispatch import use_triton
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half types, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def merge_indices(node_idx: torch.Tensor, src_a: torch.Tensor, n: int):
+    """Index bookkeeping of one round (shared by both paths; [B, n] integers only, no pass over x).
+
+    Args:
+        node_idx: [B, na] int64 best B row (B numbering) of every A row, na = ceil(n/2).
+        src_a: [B, r] int64 distinct A rows that merge, in the order their contributions are summed.
+        n: tokens in.
+
+    Returns:
+        keep_pos [B, M] positions of the surviving tokens, increasing (output slot j holds keep_pos[:, j]);
+        assign [B, n] output slot of every input position; dst_slot [B, r] slot each merged A row goes to;
+        src_pos [B, r] positions of the merged A rows.
+    """
+    B, r = src_a.shape
+    M = n - r
+    dev = src_a.device
+    kept = torch.ones(B, n, dtype=torch.bool, device=dev)
+    kept[:, ::2].scatter_(1, src_a, False)  # [B, n]: merged A positions dropped
+    slot = kept.cumsum(1) - 1  # [B, n] int64: output slot of every kept position
+    pos = torch.arange(n, device=dev).expand(B, n)
+    keep_pos = torch.empty(B, M + 1, dtype=torch.long, device=dev)
+    keep_pos.scatter_(1, torch.where(kept, slot, M), pos)  # merged positions land in the spare column M
+    keep_pos = keep_pos[:, :M]
+    src_pos = src_a * 2  # [B, r]
+    dst_slot = slot.gather(1, node_idx.gather(1, src_a) * 2 + 1)  # [B, r]
+    assign = slot.scatter_(1, src_pos, dst_slot)  # [B, n]
+    return keep_pos, assign, dst_slot, src_pos
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, n, C], idx [B, M] -> [B, M, C] row copies through one index_select.
+
+    Works on row-contiguous views too (e.g. x = full[:, prefix:]): the rows are addressed in the parent storage,
+    ~4x faster on CPU than advanced indexing of the strided view (8.1 vs 1.9 ms at [16, 560, 768], 1 thread).
+    """
+    B, n, C = x.shape
+    if x.stride(2) == 1 and x.stride(1) == C and x.stride(0) % C == 0 and B * n > 0:
+        per = x.stride(0) // C  # rows of storage per sample (n, or n + prefix for a sliced view)
+        rows = x.as_strided(((B - 1) * per + n, C), (C, 1), x.storage_offset())  # [rows, C] view, no copy
+        flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * per).reshape(-1)
+        return rows.index_select(0, flat).view(B, idx.shape[1], C)
+    return x[torch.arange(B, device=idx.device).unsqueeze(1), idx]
+
+
+def merge_reference(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor):
+    """Plain PyTorch: gather the survivors, then recompute only the rows that received merged tokens.
+
+    Args:
+        x: [B, n, C] tokens (any float dtype; row-contiguous views are gathered without a copy of x).
+        size: [B, n] float sizes, or None for all ones.
+        node_idx: [B, na] int64 best B row of every A row.
+        src_a: [B, r] int64 A rows that merge.
+
+    Returns:
+        out [B, M, C] in x's dtype (sums in float32 for half types; unmerged rows are exact copies),
+        out_size [B, M] float32, assign [B, n] int64, keep_pos [B, M] int64.
+    """
+    B, n, C = x.shape
+    r = src_a.shape[1]
+    M = n - r
+    keep_pos, assign, dst_slot, src_pos = merge_indices(node_idx, src_a, n)
+    out = gather_rows(x, keep_pos)  # [B, M, C]
+    if size is None:
+        out_size = torch.ones(B, M, dtype=torch.float32, device=x.device)
+    else:
+        out_size = size.gather(1, keep_pos).float()  # [B, M]
+    if r == 0:
+        return out, out_size, assign, keep_pos
+    acc = _acc(x.dtype)
+    rows = (dst_slot + torch.arange(B, device=x.device).unsqueeze(1) * M).reshape(-1)  # [B*r] rows of out
+    uniq, inv = torch.unique(rows, return_inverse=True)  # [U] receiving rows, [B*r] edge -> receiving row
+    flat = out.view(B * M, C)
+    src_x = gather_rows(x, src_pos).reshape(B * r, C).to(acc)  # [B*r, C]
+    num = flat.index_select(0, uniq).to(acc)  # [U, C]
+    if size is None:
+        w_src = torch.ones(B * r, dtype=acc, device=x.device)
+        den = torch.ones(uniq.shape[0], dtype=acc, device=x.device)
+    else:
+        w_src = size.gather(1, src_pos).reshape(-1).to(acc)  # [B*r]
+        den = out_size.view(-1).index_select(0, uniq).to(acc)  # [U]
+        num.mul_(den.unsqueeze(1))
+        src_x.mul_(w_src.unsqueeze(1))
+    num.index_add_(0, inv, src_x)  # edges summed in src_a order
+    den = den.index_add(0, inv, w_src)
+    flat.index_copy_(0, uniq, (num / den.unsqueeze(1)).to(x.dtype))
+    out_size.view(-1).index_copy_(0, uniq, den.float())
+    return out, out_size, assign, keep_pos
+
+
+@functools.cache
+def _kernel():
+    """Define the kernel on first use (importing mmcompress never imports triton; TRITON_INTERPRET is read then)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _merge_kernel(x_ptr, w_ptr, rep_ptr, start_ptr, cnt_ptr, contrib_ptr, out_ptr, osize_ptr, assign_ptr,
+                      n, M, r, C, sxb, sxn, sxc, sob, som, soc,
+                      HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        j = tl.program_id(0)  # output slot
+        b = tl.program_id(1)  # sample
+        p = tl.load(rep_ptr + b * M + j)  # surviving position of slot j
+        start = tl.load(start_ptr + b * M + j)
+        cnt = tl.load(cnt_ptr + b * M + j)  # merged A tokens going into slot j
+        tl.store(assign_ptr + b * n + p, j.to(tl.int64))
+        if HAS_W:
+            wp = tl.load(w_ptr + b * n + p).to(tl.float32)
+        else:
+            wp = tl.full((), 1.0, tl.float32)
+        den = wp
+        for t in range(start, start + cnt):
+            q = tl.load(contrib_ptr + b * r + t)
+            tl.store(assign_ptr + b * n + q, j.to(tl.int64))
+            if HAS_W:
+                den += tl.load(w_ptr + b * n + q).to(tl.float32)
+            else:
+                den += 1.0
+        tl.store(osize_ptr + b * M + j, den)
+        for c0 in range(0, C, BLOCK_C):
+            ch = c0 + tl.arange(0, BLOCK_C)  # [BC]
+            cm = ch < C
+            xp = tl.load(x_ptr + b * sxb + p * sxn + ch * sxc, mask=cm, other=0.0)  # [BC]
+            acc = xp.to(tl.float32) * wp
+            for t in range(start, start + cnt):
+                q = tl.load(contrib_ptr + b * r + t)
+                if HAS_W:
+                    wq = tl.load(w_ptr + b * n + q).to(tl.float32)
+                else:
+                    wq = tl.full((), 1.0, tl.float32)
+                acc += tl.load(x_ptr + b * sxb + q * sxn + ch * sxc, mask=cm, other=0.0).to(tl.float32) * wq
+            val = tl.where(cnt > 0, (acc / den).to(xp.dtype, fp_downcast_rounding="rtne"), xp)  # unmerged: exact
+            tl.store(out_ptr + b * sob + j * som + ch * soc, val, mask=cm)
+
+    return triton, _merge_kernel
+
+
+def merge_triton(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor,
+                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, block_c: int = 1024):
+    """Triton path of `merge_reference` (same arguments and returns; float16/bfloat16/float32 x).
+
+    `out` = (tokens [B, M, C], sizes [B, M] float32, assign [B, n] int64) buffers to fill (tests poison them).
+    """
+    triton, kernel = _kernel()
+    B, n, C = x.shape
+    r = src_a.shape[1]
+    M = n - r
+    keep_pos, _, dst_slot, src_pos = merge_indices(node_idx, src_a, n)
+    order = dst_slot.argsort(dim=1, stable=True)  # [B, r]: contributors grouped by slot, src_a order inside
+    contrib = src_pos.gather(1, order).contiguous()
+    cnt = torch.zeros(B, M, dtype=torch.long, device=x.device).scatter_add_(1, dst_slot, torch.ones_like(dst_slot))
+    start = cnt.cumsum(1) - cnt  # [B, M] CSR offsets into contrib
+    if out is None:
+        o = torch.empty(B, M, C, dtype=x.dtype, device=x.device)
+        osize = torch.empty(B, M, dtype=torch.float32, device=x.device)
+        assign = torch.empty(B, n, dtype=torch.long, device=x.device)
+    else:
+        o, osize, assign = out
+    w = size.contiguous() if size is not None else osize  # placeholder pointer when HAS_W is False
+    if M > 0:
+        kernel[(M, B)](x, w, keep_pos.contiguous(), start, cnt, contrib, o, osize, assign, n, M, r, C,
+                       *x.stride(), *o.stride(), HAS_W=size is not None,
+                       BLOCK_C=min(block_c, max(16, triton.next_power_of_2(C))))
+    return o, osize, assign, keep_pos
+
+
+def merge_tokens(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor):
+    """Size-weighted merge of one matching round, dispatched by MMCOMPRESS_KERNELS (float64 x: reference only).
+
+    Args:
+        x: [B, n, C] tokens; size: [B, n] sizes or None (ones); node_idx: [B, ceil(n/2)] int64 best B row of every
+            A row; src_a: [B, r] int64 distinct A rows that merge.
+
+    Returns:
+        out [B, n - r, C] (x's dtype), out_size [B, n - r] float32, assign [B, n] int64, keep_pos [B, n - r] int64.
+    """
+    if x.dtype != torch.float64 and use_triton(x):
+        return merge_triton(x, size, node_idx, src_a)
+    return merge_reference(x, size, node_idx, src_a)
