@@ -115,6 +115,8 @@ class Family:
     modalities: ClassVar[tuple[Modality, ...]] = ()
     positions: ClassVar[str] = "1d"
     structural: ClassVar[tuple[str, ...]] = ()
+    merge: ClassVar[str] = "features"  # "features": forward takes `mm_encoder_outputs`; "embeds": `inputs_embeds`
+    consumed: ClassVar[tuple[str, ...]] = ()  # forward inputs of the media, dropped once encoded ("embeds")
 
     def core(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module that owns the encoders and forward's media merge (`model.model` for *ForConditionalGeneration)."""
@@ -153,6 +155,10 @@ class Family:
         if isinstance(p, (list, tuple)):
             return BaseModelOutputWithPooling(pooler_output=tuple(feats))
         return BaseModelOutputWithPooling(pooler_output=torch.cat(feats).unsqueeze(0))  # [1, S', C]
+
+    def encode(self, adapter: PlaceholderAdapter, mod: Modality, kw: dict[str, Any]) -> Any:
+        """This call's encoder output for `mod`, with `META_ATTR` set; default: the model's own encoder method."""
+        return adapter._encoder_output(mod, kw)
 
     def describe(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any], out: Any,
                  cap: Any) -> list[ItemMeta]:
@@ -295,8 +301,9 @@ class PlaceholderAdapter(Adapter):
 
         forward._mmcompress = True  # type: ignore[attr-defined]
         m.forward = forward
+        own_encode = type(self.family).encode is Family.encode
         for mod in self.mods:
-            if mod.encoder_name not in self.core.__dict__:
+            if own_encode and mod.encoder_name not in self.core.__dict__:
                 self._patch_encoder(mod)
         if self.fastv is not None:
             self.fastv.attach()
@@ -404,7 +411,8 @@ class PlaceholderAdapter(Adapter):
         cfg = self.model.config
         media = list(self.tokens.values())
         excl = [i for a in self.family.structural for i in int_list(getattr(cfg, a, None))]
-        for c in (cfg, getattr(cfg, "text_config", None), getattr(self.model, "generation_config", None)):
+        text_cfg = getattr(cfg, "text_config", None)  # the top-level copies of these ids are deprecated there
+        for c in (text_cfg or cfg, getattr(self.model, "generation_config", None)):
             for n in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 excl += int_list(getattr(c, n, None)) if c is not None else []
         qm = question_mask(ids, am, media, excl + int_list(self.opts["text_exclude_ids"]))
@@ -447,7 +455,7 @@ class PlaceholderAdapter(Adapter):
         items: list[dict[str, Any]] = []
         for mod in present:
             with torch.no_grad():
-                out = self._encoder_output(mod, kw)
+                out = fam.encode(self, mod, kw)
             cols = (ids == self.tokens[mod.name]).nonzero()  # [S, 2] (sample, column), row-major = feature order
             feats = fam.features(mod, out, None)
             counts = [f.shape[0] for f in feats]
@@ -550,7 +558,10 @@ class PlaceholderAdapter(Adapter):
         new = dict(kw)
         for m in present:
             new.pop(m.input, None)
-        new["mm_encoder_outputs"] = enc_out
+        for k in fam.consumed:
+            new.pop(k, None)
+        if fam.merge == "features":
+            new["mm_encoder_outputs"] = enc_out
         if mm is not None:
             new["mm_token_type_ids"] = mm
         if not lay.identity:
@@ -575,13 +586,20 @@ class PlaceholderAdapter(Adapter):
                     positions_from_mask(am_new)
         elif pos is not None:
             new["position_ids"] = pos
+        media = torch.zeros_like(new["input_ids"], dtype=torch.bool)  # [B, L'] media columns
+        for t in self.tokens.values():
+            media |= new["input_ids"] == t
+        if fam.merge == "embeds":  # forward cannot take features: merge them into the embeddings as it would
+            with torch.no_grad():
+                emb = self.model.get_input_embeddings()(new["input_ids"])  # [B, L', C]
+                for mod, _, _ in per_mod:
+                    f = torch.cat(fam.features(mod, enc_out[mod.name], None)).to(emb.device, emb.dtype)
+                    emb = emb.masked_scatter((new["input_ids"] == self.tokens[mod.name]).unsqueeze(-1), f)
+            new["inputs_embeds"], new["input_ids"] = emb, None
         fv = self.fastv
         if fv is not None and fv.r > 0:
             if new.get("labels") is not None:
                 raise ValueError("labels: FastV prunes the LLM sequence; a loss over it is not supported")
-            media = torch.zeros_like(new["input_ids"], dtype=torch.bool)
-            for t in self.tokens.values():
-                media |= new["input_ids"] == t
             with fv.armed(media, new.get("attention_mask")):
                 out = self._orig(**new)
             self.last_stats["fastv_removed"] = list(fv.last_removed)

@@ -1,0 +1,151 @@
+"""Tiny random models of the placeholder-pattern families (built from configs, no downloads) and their prompts.
+
+Each `Spec` builds one family's model and single-sample prompts: `ids` [L] with the placeholder runs (and the
+family's structural tokens around them), plus the media tensors of that sample, concatenated along dim 0 to batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import transformers as T
+
+PAD, BOS, EOS = 0, 1, 2
+IMG, VID, AUD, START, END, BREAK = 100, 101, 102, 103, 104, 105
+
+_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=BOS,
+             eos_token_id=EOS, head_dim=16)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+               patch_size=4)
+
+
+@dataclass
+class Spec:
+    """One family: `build()` -> eval model; `sample(seed, pre, post)` -> (ids [L], media {name: tensor})."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    sample: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    token: int  # the placeholder id
+    per_token: Callable[[torch.Tensor], dict[str, torch.Tensor]] = field(default=lambda ids: {})
+    scores: bool = True  # attention scores available
+
+
+def _question(g: torch.Generator, pre: int, post: int) -> tuple[list[int], list[int]]:
+    a = [BOS] + [int(i) for i in torch.randint(3, 90, (pre,), generator=g)]
+    return a, [int(i) for i in torch.randint(3, 90, (post,), generator=g)]
+
+
+def _gemma3() -> torch.nn.Module:
+    cfg = T.Gemma3Config(text_config=dict(_TEXT, model_type="gemma3_text", sliding_window=64,
+                                          query_pre_attn_scalar=16),
+                         vision_config=_VISION, mm_tokens_per_image=16, image_token_id=IMG, boi_token_index=START,
+                         eoi_token_index=END)
+    return T.Gemma3ForConditionalGeneration(cfg)
+
+
+def _square_sample(n_tok: int, shape: tuple[int, ...]):
+    def sample(seed: int = 0, pre: int = 2, post: int = 4):
+        g = torch.Generator().manual_seed(seed)
+        a, b = _question(g, pre, post)
+        ids = torch.tensor(a + [START] + [IMG] * n_tok + [END] + b)
+        return ids, {"pixel_values": torch.randn(*shape, generator=g)}
+    return sample
+
+
+def _internvl() -> torch.nn.Module:
+    cfg = T.InternVLConfig(text_config=dict(_TEXT, model_type="qwen2"),
+                           vision_config=dict(_VISION, image_size=[32, 32], patch_size=[4, 4]),
+                           image_token_id=IMG, downsample_ratio=0.5)
+    return T.InternVLForConditionalGeneration(cfg)
+
+
+def _smolvlm() -> torch.nn.Module:
+    cfg = T.SmolVLMConfig(text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION, image_token_id=IMG,
+                          scale_factor=2)
+    return T.SmolVLMForConditionalGeneration(cfg)
+
+
+def _idefics3() -> torch.nn.Module:
+    cfg = T.Idefics3Config(text_config=dict(_TEXT, model_type="llama"), vision_config=_VISION, image_token_id=IMG,
+                           scale_factor=2)
+    return T.Idefics3ForConditionalGeneration(cfg)
+
+
+def _mistral3() -> torch.nn.Module:
+    cfg = T.Mistral3Config(text_config=dict(_TEXT, model_type="mistral"), vision_config=dict(_VISION, head_dim=16),
+                           image_token_index=IMG, spatial_merge_size=2, vision_feature_layer=-1)
+    return T.Mistral3ForConditionalGeneration(cfg)
+
+
+def _mistral3_sample(seed: int = 0, pre: int = 2, post: int = 4):
+    """A 32 x 24 image: 8 x 6 patches, 4 rows of 3 merged tokens, [IMG_BREAK] after each row but the last."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = _question(g, pre, post)
+    rows = ([IMG] * 3 + [BREAK]) * 3 + [IMG] * 3 + [END]
+    return torch.tensor(a + rows + b), {"pixel_values": torch.randn(1, 3, 32, 24, generator=g),
+                                        "image_sizes": torch.tensor([[32, 24]])}
+
+
+def _llava_next_video() -> torch.nn.Module:
+    cfg = T.LlavaNextVideoConfig(text_config=dict(_TEXT, model_type="llama"),
+                                 vision_config=dict(_VISION, model_type="clip_vision_model", projection_dim=32),
+                                 image_token_index=IMG, video_token_index=VID, spatial_pool_stride=2,
+                                 image_grid_pinpoints=[[32, 32]], vision_feature_layer=-1)
+    return T.LlavaNextVideoForConditionalGeneration(cfg)
+
+
+def _video_sample(seed: int = 0, pre: int = 2, post: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    a, b = _question(g, pre, post)
+    return torch.tensor(a + [VID] * 32 + b), {"pixel_values_videos": torch.randn(1, 2, 3, 32, 32, generator=g)}
+
+
+def _qwen2_audio() -> torch.nn.Module:
+    cfg = T.Qwen2AudioConfig(text_config=dict(_TEXT, model_type="qwen2"),
+                             audio_config=dict(d_model=32, encoder_layers=2, encoder_attention_heads=2,
+                                               encoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50),
+                             audio_token_index=AUD)
+    return T.Qwen2AudioForConditionalGeneration(cfg)
+
+
+def _audio_sample(seed: int = 0, pre: int = 2, post: int = 4):
+    """100 mel frames -> 50 encoder frames -> 25 pooled audio tokens."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = _question(g, pre, post)
+    return torch.tensor(a + [START] + [AUD] * 25 + [END] + b), {
+        "input_features": torch.randn(1, 16, 100, generator=g),
+        "feature_attention_mask": torch.ones(1, 100, dtype=torch.long)}
+
+
+SPECS = {
+    "gemma3": Spec("gemma3", _gemma3, _square_sample(16, (1, 3, 32, 32)), IMG,
+                   per_token=lambda ids: {"token_type_ids": (ids == IMG).long()}),
+    "internvl": Spec("internvl", _internvl, _square_sample(32, (2, 3, 32, 32)), IMG),  # two tiles
+    "smolvlm": Spec("smolvlm", _smolvlm, _square_sample(16, (1, 1, 3, 32, 32)), IMG),
+    "idefics3": Spec("idefics3", _idefics3, _square_sample(16, (1, 1, 3, 32, 32)), IMG),
+    "mistral3": Spec("mistral3", _mistral3, _mistral3_sample, IMG),
+    "llava_next_video": Spec("llava_next_video", _llava_next_video, _video_sample, VID),
+    "qwen2_audio": Spec("qwen2_audio", _qwen2_audio, _audio_sample, AUD),
+}
+
+
+def build(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return SPECS[name].build().eval()
+
+
+def batch(spec: Spec, samples: list, side: str = "left") -> dict[str, torch.Tensor]:
+    """Pad samples from `spec.sample` into forward/generate kwargs."""
+    L = max(s[0].numel() for s in samples)
+    ids = torch.full((len(samples), L), PAD)
+    am = torch.zeros(len(samples), L, dtype=torch.long)
+    for b, (x, _) in enumerate(samples):
+        sl = slice(L - x.numel(), L) if side == "left" else slice(0, x.numel())
+        ids[b, sl] = x
+        am[b, sl] = 1
+    media = {k: torch.cat([s[1][k] for s in samples]) for k in samples[0][1]}
+    return dict(input_ids=ids, attention_mask=am, **media, **spec.per_token(ids))
