@@ -8,7 +8,8 @@ from the layer's queries and keys:
     scores[b, j] = mean over heads h and query rows r of softmax_j(q[b, h, r] . k[b, h, j] * scale)
 
 in O(R·N) extra memory per row chunk (R query rows, chunked so a chunk never exceeds `chunk` rows; the N x N map is
-never formed). `QKCapture` grabs q and k of one Hugging Face attention layer with forward hooks on its q/k Linear
+never formed); on CUDA (or with MMCOMPRESS_KERNELS=triton) a fused Triton kernel (kernels/attention_rows.py) keeps
+the rows in registers. `QKCapture` grabs q and k of one Hugging Face attention layer with forward hooks on its q/k Linear
 modules, so callers need not set output_attentions=True.
 
 Letters: B batch, H heads, N tokens (keys), R query rows, D head dim, C = H * D channels.
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from mmcompress.kernels.attention_rows import attention_rows
 
 __all__ = ["attention_row_scores", "QKCapture", "find_qk_linears"]
 
@@ -120,18 +123,7 @@ def attention_row_scores(
     s = (1.0 / math.sqrt(D)) if scale is None else float(scale)
     r = _rows(rows, B, Nq, q4.device)  # [B, R]
     R = r.shape[1]
-    g = H // Hk
-    kf = k4.float()  # [B, Hk, N, D]
-    out = torch.zeros(B, N, dtype=torch.float32, device=q4.device)
-    for i in range(0, R, chunk):
-        ri = r[:, i : i + chunk]  # [B, r]
-        qi = q4.gather(2, ri[:, None, :, None].expand(B, H, ri.shape[1], D)).float()  # [B, H, r, D]
-        qi = qi.view(B, Hk, g * ri.shape[1], D)  # query heads grouped under their key head
-        logits = torch.matmul(qi, kf.transpose(-1, -2)) * s  # [B, Hk, g*r, N]
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        out += logits.softmax(dim=-1).sum(dim=(1, 2))  # [B, N]
-    return out / (H * R)
+    return attention_rows(q4, k4, r, s, key_mask, chunk).sum(1) / (H * R)  # [B, H, N] -> [B, N]; kernels/
 
 
 def find_qk_linears(attn: nn.Module) -> tuple[nn.Linear, nn.Linear]:
