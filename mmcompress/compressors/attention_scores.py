@@ -9,8 +9,8 @@ from the layer's queries and keys:
 
 in O(R·N) extra memory per row chunk (R query rows, chunked so a chunk never exceeds `chunk` rows; the N x N map is
 never formed); on CUDA (or with MMCOMPRESS_KERNELS=triton) a fused Triton kernel (kernels/attention_rows.py) keeps
-the rows in registers. `QKCapture` grabs q and k of one Hugging Face attention layer with forward hooks on its q/k Linear
-modules, so callers need not set output_attentions=True.
+the rows in registers. `QKCapture` grabs q and k of one Hugging Face attention layer with forward hooks on its q/k
+Linear modules, so callers need not set output_attentions=True.
 
 Letters: B batch, H heads, N tokens (keys), R query rows, D head dim, C = H * D channels.
 
