@@ -135,7 +135,9 @@ SPECS = {
 
 def build(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return SPECS[name].build().eval()
+    model = SPECS[name].build().eval()
+    model.generation_config.eos_token_id = None  # generate() always runs max_new_tokens: batch == single runs
+    return model
 
 
 def batch(spec: Spec, samples: list, side: str = "left") -> dict[str, torch.Tensor]:
