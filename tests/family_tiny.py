@@ -121,7 +121,41 @@ def _audio_sample(seed: int = 0, pre: int = 2, post: int = 4):
         "feature_attention_mask": torch.ones(1, 100, dtype=torch.long)}
 
 
+_MROPE_TEXT = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+_QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                    temporal_patch_size=2, out_hidden_size=32)
+
+
+def _qwen3_vl() -> torch.nn.Module:
+    cfg = T.Qwen3VLConfig(text_config=dict(_MROPE_TEXT, model_type="qwen3_vl_text"),
+                          vision_config=dict(_QWEN_VISION, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+                          image_token_id=IMG, video_token_id=VID, vision_start_token_id=START,
+                          vision_end_token_id=END)
+    return T.Qwen3VLForConditionalGeneration(cfg)
+
+
+def _glm4v() -> torch.nn.Module:
+    text = dict(_TEXT, model_type="glm4v_text", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "mrope_section": [1, 1, 2],
+                                                                 "partial_rotary_factor": 0.5})
+    cfg = T.Glm4vConfig(text_config=text, vision_config=dict(_QWEN_VISION, image_size=32), image_token_id=IMG,
+                        video_token_id=VID, image_start_token_id=START, image_end_token_id=END)
+    return T.Glm4vForConditionalGeneration(cfg)
+
+
+def _mrope_sample(seed: int = 0, pre: int = 2, post: int = 4):
+    """One image of 4 x 6 patches (2 x 3 merged tokens): flattened patches [24, 3*2*4*4] and its grid."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = _question(g, pre, post)
+    return torch.tensor(a + [START] + [IMG] * 6 + [END] + b), {
+        "pixel_values": torch.randn(24, 96, generator=g), "image_grid_thw": torch.tensor([[1, 4, 6]])}
+
+
 SPECS = {
+    "qwen3_vl": Spec("qwen3_vl", _qwen3_vl, _mrope_sample, IMG,
+                     per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
+    "glm4v": Spec("glm4v", _glm4v, _mrope_sample, IMG,
+                  per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
     "gemma3": Spec("gemma3", _gemma3, _square_sample(16, (1, 3, 32, 32)), IMG,
                    per_token=lambda ids: {"token_type_ids": (ids == IMG).long()}),
     "internvl": Spec("internvl", _internvl, _square_sample(32, (2, 3, 32, 32)), IMG),  # two tiles

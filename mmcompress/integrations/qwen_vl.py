@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from mmcompress.compressors.attention_scores import attention_row_scores
 from mmcompress.integrations.placeholder import Family, ItemMeta, Modality, register_family
 
-__all__ = ["Qwen2VLFamily", "Qwen3VLFamily", "vision_scores"]
+__all__ = ["Qwen2VLFamily", "Qwen3VLFamily", "Glm4vFamily", "vision_scores"]
 
 _GRID_ARG = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
@@ -111,6 +111,16 @@ class Qwen3VLFamily(Qwen2VLFamily):
                                                                                                    strict=True))
                                       for layer in deep]
         return new
+
+
+@register_family
+class Glm4vFamily(Qwen2VLFamily):
+    """GLM-4.1V / GLM-4.5V: the Qwen2-VL plumbing with GLM's own M-RoPE index; images only (GLM's videos
+    interleave frame timestamps with image tokens, which this description does not map)."""
+
+    model_types = ("glm4v", "glm4v_moe")
+    modalities = Qwen2VLFamily.modalities[:1]
+    structural = ("image_start_token_id", "image_end_token_id")
 
 
 @torch.no_grad()
