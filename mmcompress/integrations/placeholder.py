@@ -36,7 +36,6 @@ import contextlib
 import functools
 import inspect
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,7 +44,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.integrations.base import Adapter, register_adapter
 from mmcompress.integrations.fastv import FastV
-from mmcompress.integrations.plumbing import padding_side_of, positions_from_mask, question_embeddings, question_mask
+from mmcompress.integrations.plumbing import (
+    DecodeState,
+    padding_side_of,
+    question_embeddings,
+    question_mask,
+    shrink_batch,
+)
 
 __all__ = ["Modality", "ItemMeta", "Family", "PlaceholderAdapter", "register_family", "int_list"]
 
@@ -184,38 +189,6 @@ def register_family(family_cls: type[Family]) -> type[Family]:
     return family_cls
 
 
-@dataclass
-class _Layout:
-    """Where the columns of a compressed sequence come from.
-
-    Attributes:
-        idx: [B, L'] original column of every compressed column, -1 on padding added by the adapter.
-        length: L, the original sequence length.
-        removed: [B] columns removed per sample.
-        padded: whether the adapter added padding (the compressed batch then needs an attention mask).
-    """
-
-    idx: torch.Tensor
-    length: int
-    removed: torch.Tensor
-    padded: bool
-
-    @property
-    def identity(self) -> bool:
-        return not self.padded and self.idx.shape[1] == self.length and not bool(self.removed.any())
-
-    def take(self, t: torch.Tensor, fill: int | float) -> torch.Tensor:
-        """Columns of t [..., B, L] in the compressed layout: [..., B, L'] (`fill` on added padding)."""
-        g = self.idx.clamp(min=0).expand(*t.shape[:-2], *self.idx.shape)
-        return t.gather(-1, g).masked_fill(self.idx < 0, fill)
-
-    def mask(self, am: torch.Tensor | None, total: int) -> torch.Tensor:
-        """Full attention mask [B, total] in original columns (prompt + new tokens) -> [B, total - L + L']."""
-        if am is None:
-            am = torch.ones(self.idx.shape[0], total, dtype=torch.long, device=self.idx.device)
-        return torch.cat([self.take(am[:, : self.length], 0), am[:, self.length:]], dim=1)
-
-
 def _cache_of(kw: dict[str, Any]) -> Any:
     return kw.get("cache", kw.get("past_key_values"))
 
@@ -274,7 +247,7 @@ class PlaceholderAdapter(Adapter):
         self._orig: Any = None
         self._had_forward = False
         self._prev_forward: Any = None
-        self._layouts: dict[int, tuple[weakref.ref, _Layout]] = {}
+        self._decode = DecodeState()
         self._patched: list[str] = []
 
     def _token_id(self, m: Modality) -> int:
@@ -332,7 +305,6 @@ class PlaceholderAdapter(Adapter):
             if getattr(self.core.__dict__.get(name), "_mmcompress", False):
                 del self.core.__dict__[name]
         self._patched = []
-        self._layouts.clear()
         if self.fastv is not None:
             self.fastv.detach()
 
@@ -357,23 +329,18 @@ class PlaceholderAdapter(Adapter):
                 kw.update(kw.pop(name, {}))
         return kw
 
-    def _layout_for(self, cache: Any) -> _Layout | None:
-        entry = self._layouts.get(id(cache))
-        if entry is None or entry[0]() is not cache:
-            return None
-        return entry[1]
-
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         kw = self._bind(args, kwargs)
         cache = _cache_of(kw)
         past = _cache_len(cache)
         if past > 0:
-            layout = self._layout_for(cache)
-            if layout is not None:  # decoding after a compressed prefill: translate into the compressed layout
-                return self._orig(**self._decode_kwargs(kw, layout, past))
+            if self._decode.knows(cache):  # decoding after a compressed prefill: translate onto the shorter cache
+                ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]
+                kw["attention_mask"], kw["position_ids"] = self._decode.decode_inputs(
+                    cache, ref.shape[1], kw.get("attention_mask"), kw.get("position_ids"),
+                    derive_positions=self.family.positions == "1d")
             return self._orig(**kw)
-        if cache is not None:
-            self._layouts.pop(id(cache), None)
+        self._decode.forget(cache)
         enc = kw.get("mm_encoder_outputs") or {}
         present = [m for m in self.mods if kw.get(m.input) is not None or enc.get(m.name) is not None]
         if self.enabled and present:
@@ -542,19 +509,6 @@ class PlaceholderAdapter(Adapter):
             elif pos.dim() == 2:
                 pos = pos.unsqueeze(0).expand(3, B, L)
 
-        # New layout: kept columns of each sample (old padding columns included), re-padded on the input's side.
-        n_keep = keep.sum(1)  # [B]
-        Lp = int(n_keep.max())
-        right = (padding_side_of(am) or self.opts["padding_side"]) == "right"
-        idx = torch.full((B, Lp), -1, dtype=torch.long, device=dev)
-        for b in range(B):
-            kc = keep[b].nonzero().squeeze(1)
-            if right:
-                idx[b, : kc.numel()] = kc
-            else:
-                idx[b, Lp - kc.numel():] = kc
-        lay = _Layout(idx=idx, length=L, removed=(L - n_keep).cpu(), padded=bool((n_keep != Lp).any()))
-
         new = dict(kw)
         for m in present:
             new.pop(m.input, None)
@@ -564,28 +518,26 @@ class PlaceholderAdapter(Adapter):
             new["mm_encoder_outputs"] = enc_out
         if mm is not None:
             new["mm_token_type_ids"] = mm
-        if not lay.identity:
-            pad_id = self._pad_id()
-            for k in PER_TOKEN:
-                t = new.get(k)
-                if isinstance(t, torch.Tensor) and tuple(t.shape[:2]) == (B, L):
-                    new[k] = lay.take(t, PAD_VALUES.get(k, pad_id))
-            new["attention_mask"] = lay.mask(am, L) if am is not None or lay.padded else None
-            if am is not None:
-                new["attention_mask"] = new["attention_mask"].to(am.dtype)
-            if pos is not None:
-                p = lay.take(pos, 0)
+        shrunk = None
+        if not bool(keep.all()):  # drop the removed columns, re-pad on the input's side (option when unpadded)
+            tensors = {k: new[k] for k in PER_TOKEN
+                       if isinstance(new.get(k), torch.Tensor) and tuple(new[k].shape[:2]) == (B, L)}
+            side = padding_side_of(am) or self.opts["padding_side"]
+            shrunk = shrink_batch(keep, am, tensors, {**PAD_VALUES, "input_ids": self._pad_id()}, side)
+            new.update(shrunk.tensors)
+            new["attention_mask"] = shrunk.attention_mask if am is None else shrunk.attention_mask.to(am.dtype)
+            new["position_ids"] = shrunk.position_ids
+            if pos is not None:  # M-RoPE: the original ids of the kept columns
+                g = shrunk.index.clamp(min=0).expand(pos.shape[0], *shrunk.index.shape)
+                p = pos.gather(-1, g).masked_fill(shrunk.index < 0, 0)
                 if p.shape[0] == 4:  # row 0 is the plain sequence index (mask building): renumber it
-                    am_new = new.get("attention_mask")
-                    p[0] = torch.arange(Lp, device=dev).expand(B, Lp) if am_new is None else \
-                        positions_from_mask(am_new)
+                    p[0] = shrunk.position_ids
                 new["position_ids"] = p
-            else:
-                am_new = new.get("attention_mask")
-                new["position_ids"] = torch.arange(Lp, device=dev).expand(B, Lp) if am_new is None else \
-                    positions_from_mask(am_new)
         elif pos is not None:
             new["position_ids"] = pos
+        valid = torch.ones(B, L, dtype=torch.bool, device=dev) if am is None else am.bool()
+        removed = valid.sum(1) - (valid.sum(1) if shrunk is None else shrunk.attention_mask.sum(1))  # [B]
+
         media = torch.zeros_like(new["input_ids"], dtype=torch.bool)  # [B, L'] media columns
         for t in self.tokens.values():
             media |= new["input_ids"] == t
@@ -606,14 +558,12 @@ class PlaceholderAdapter(Adapter):
         else:
             out = self._orig(**new)
         if pos is not None:  # decoding continues at the original positions
-            valid = torch.ones(B, L, dtype=torch.bool, device=dev) if am is None else am.bool()
             mx = pos[-3:].masked_fill(~valid.unsqueeze(0), -1).amax(dim=(0, 2))  # [B]
-            self.core.rope_deltas = (mx + 1 - valid.sum(1) + lay.removed.to(dev)).unsqueeze(1)
-        self.last_stats["seq_len_out"] = Lp
-        out_cache = _find_cache(out)
-        if out_cache is not None and not lay.identity:
-            self._layouts = {k: v for k, v in self._layouts.items() if v[0]() is not None}
-            self._layouts[id(out_cache)] = (weakref.ref(out_cache), lay)
+            self.core.rope_deltas = (mx + 1 - valid.sum(1) + removed).unsqueeze(1)
+        self.last_stats["seq_len_out"] = L if shrunk is None else shrunk.index.shape[1]
+        if shrunk is not None:
+            out_cache, cache = _find_cache(out), _cache_of(kw)
+            self._decode.remember(cache if out_cache is None else out_cache, L, new["attention_mask"], removed)
         return out
 
     def _pad_id(self) -> int:
@@ -623,31 +573,3 @@ class PlaceholderAdapter(Adapter):
             if isinstance(pid, int):
                 return pid
         return 0
-
-    # ---- decode ----------------------------------------------------------------------------------------
-    def _decode_kwargs(self, kw: dict[str, Any], lay: _Layout, past: int) -> dict[str, Any]:
-        """Translate a decoding call (full-length mask and positions) into the compressed layout."""
-        new = dict(kw)
-        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
-        q = ref.shape[1]
-        total = past - lay.idx.shape[1] + lay.length + q  # length of the uncompressed sequence so far
-        am = kw.get("attention_mask")
-        if am is not None and am.dim() == 2:
-            if am.shape[1] != total:
-                raise ValueError(f"attention_mask: a decode step after a compressed prefill needs the 2-D mask grown "
-                                 f"from the original prompt ({total} columns), got shape {tuple(am.shape)}")
-            new["attention_mask"] = lay.mask(am, total)
-        elif am is None and lay.padded:
-            new["attention_mask"] = lay.mask(None, total)
-        pos = kw.get("position_ids")
-        removed = lay.removed.to(ref.device)
-        if pos is not None and bool(lay.removed.any()):
-            if pos.dim() == 2 and self.family.positions == "1d":
-                new["position_ids"] = pos - removed.unsqueeze(1)
-            elif pos.dim() == 3 and pos.shape[0] == 4:
-                pos = pos.clone()
-                pos[0] -= removed.unsqueeze(1)
-                new["position_ids"] = pos
-        elif pos is None and self.family.positions == "1d" and new.get("attention_mask") is not None:
-            new["position_ids"] = positions_from_mask(new["attention_mask"])[:, -q:]
-        return new

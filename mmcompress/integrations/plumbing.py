@@ -237,8 +237,14 @@ class DecodeState:
             return False
 
     def decode_inputs(self, cache: Any, q_len: int, attention_mask: torch.Tensor | None,
-                      position_ids: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Rewrite a decode step's [B, L + t] attention mask and [B, q] position ids for the shortened cache."""
+                      position_ids: torch.Tensor | None,
+                      derive_positions: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Rewrite a decode step's [B, L + t] attention mask and position ids for the shortened cache.
+
+        Position ids: [B, q] are shifted by the tokens removed; of M-RoPE ids [4, B, q] only row 0 (the plain
+        sequence index) is, the (t, h, w) rows [3, B, q] continue the original numbering (the model's rope deltas);
+        missing ones are derived from the new mask when `derive_positions`.
+        """
         e = self._entries[cache]
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= e.orig_len:
             tail = attention_mask[:, e.orig_len:]
@@ -250,6 +256,9 @@ class DecodeState:
                              f"the original prompt (>= {e.orig_len} columns), got shape {tuple(attention_mask.shape)}")
         if position_ids is not None and position_ids.dim() == 2:
             position_ids = position_ids - e.shift.to(position_ids.device).unsqueeze(1)
-        elif position_ids is None and new_mask is not None:
+        elif position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            position_ids = position_ids.clone()
+            position_ids[0] -= e.shift.to(position_ids.device).unsqueeze(1)
+        elif position_ids is None and new_mask is not None and derive_positions:
             position_ids = positions_from_mask(new_mask)[:, -q_len:]
         return new_mask, position_ids
