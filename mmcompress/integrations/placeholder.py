@@ -46,6 +46,7 @@ from mmcompress.integrations.base import Adapter, register_adapter
 from mmcompress.integrations.fastv import FastV
 from mmcompress.integrations.plumbing import (
     DecodeState,
+    media_segments,
     padding_side_of,
     question_embeddings,
     question_mask,
@@ -90,11 +91,19 @@ class ItemMeta:
         grid: (H, W) or (T, H, W) of the item's compressible tokens, or None (1-D sequence).
         scores: [N] importance of each of its tokens (attention-based methods), or None.
         fixed: [N] bool, structural tokens kept untouched at their columns (newline rows), or None.
+        x: [N', C'] the tokens to compress when they are not the features themselves (e.g. before the projector:
+            `Family.project` maps the compressed ones to features); the item's placeholder run is then shortened
+            to its first M' columns (1-D positions only).
+        prefix: leading tokens of `x` passed through untouched (CLS, registers).
+        tail: [k, C] features appended after the compressed ones (e.g. LLaVA's image_newline).
     """
 
     grid: tuple[int, ...] | None = None
     scores: torch.Tensor | None = None
     fixed: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    prefix: int = 0
+    tail: torch.Tensor | None = None
 
 
 def int_list(v: Any) -> list[int]:
@@ -120,6 +129,8 @@ class Family:
     modalities: ClassVar[tuple[Modality, ...]] = ()
     positions: ClassVar[str] = "1d"
     structural: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[dict[str, Any]] = {}  # extra adapter options of this family and their defaults
+    requires_meta: ClassVar[bool] = False  # features encoded before `apply` (no `ItemMeta`) pass uncompressed
     merge: ClassVar[str] = "features"  # "features": forward takes `mm_encoder_outputs`; "embeds": `inputs_embeds`
     consumed: ClassVar[tuple[str, ...]] = ()  # forward inputs of the media, dropped once encoded ("embeds")
 
@@ -170,6 +181,22 @@ class Family:
         """Per-item grid / scores / structural tokens, from the encoder's arguments and output (default: none)."""
         return [ItemMeta() for _ in self.features(mod, out, None)]
 
+    def check(self, adapter: PlaceholderAdapter) -> None:
+        """Validate the adapter's options for this family (raise ValueError naming the option)."""
+
+    def project(self, adapter: PlaceholderAdapter, x: torch.Tensor) -> torch.Tensor:
+        """[G, M, C'] compressed `ItemMeta.x` tokens -> [G, M, C] features (default: they are features)."""
+        return x
+
+    def stats(self, adapter: PlaceholderAdapter) -> dict[str, Any]:
+        """Extra entries of `mmcompress.stats`."""
+        return {}
+
+    def capture(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any]) -> Any:
+        """A context manager active while the encoder runs, handed to `describe` (default: `score_capture` when
+        the compressor needs scores)."""
+        return self.score_capture(adapter, mod, args) if "scores" in adapter._needs else None
+
     def score_capture(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any]) -> Any:
         """A context manager recording what `describe` needs to score tokens, or None (no scores available)."""
         return None
@@ -182,8 +209,9 @@ class Family:
 def register_family(family_cls: type[Family]) -> type[Family]:
     """Class decorator: serve `family_cls.model_types` with a `PlaceholderAdapter` driven by this description."""
     name = family_cls.__name__.removesuffix("Family") + "Adapter"
-    adapter_cls = type(name, (PlaceholderAdapter,), {"family": family_cls(), "model_types": family_cls.model_types,
-                                                     "__doc__": family_cls.__doc__})
+    adapter_cls = type(name, (PlaceholderAdapter,), {
+        "family": family_cls(), "model_types": family_cls.model_types, "__doc__": family_cls.__doc__,
+        "options": {**PlaceholderAdapter.options, **family_cls.options}})
     register_adapter(adapter_cls)
     family_cls.adapter = adapter_cls
     return family_cls
@@ -225,7 +253,8 @@ class PlaceholderAdapter(Adapter):
     def __init__(self, model: torch.nn.Module, compressor, **options: Any):
         super().__init__(model, compressor, **options)
         fam = self.family
-        names = tuple(m.name for m in fam.modalities)
+        self.core = fam.core(model)
+        names = tuple(m.name for m in fam.modalities if hasattr(self.core, m.encoder_name))
         mods = self.opts["modalities"]
         mods = names if mods is None else (mods,) if isinstance(mods, str) else tuple(mods)
         if not mods or not set(mods) <= set(names):
@@ -233,12 +262,12 @@ class PlaceholderAdapter(Adapter):
         self.mods = tuple(m for m in fam.modalities if m.name in mods)
         if self.opts["padding_side"] not in ("left", "right"):
             raise ValueError(f"padding_side: expected 'left' or 'right', got {self.opts['padding_side']!r}")
-        self.core = fam.core(model)
         for m in self.mods:
             if not hasattr(self.core, m.encoder_name):
                 raise TypeError(f"model: {type(model).__name__} has no {m.encoder_name} for {m.name}")
         self.tokens = {m.name: self._token_id(m) for m in self.mods}
         self._needs = tuple(getattr(compressor, "needs", ()))
+        fam.check(self)
         if self.opts["fastv_k"] is None and "fastv_r" in options:
             raise ValueError("fastv_r: FastV is off; pass fastv_k= (the layer K) as well")
         self.fastv: FastV | None = None
@@ -314,7 +343,7 @@ class PlaceholderAdapter(Adapter):
             return fn(*args, **kwargs)
         a = dict(sig.bind(*args, **kwargs).arguments)
         a.update(a.pop("kwargs", {}))
-        cap = self.family.score_capture(self, mod, a) if "scores" in self._needs else None
+        cap = self.family.capture(self, mod, a)
         with cap or contextlib.nullcontext():
             out = fn(*args, **kwargs)
         if not isinstance(out, tuple):
@@ -386,23 +415,55 @@ class PlaceholderAdapter(Adapter):
         return question_embeddings(self.model.get_input_embeddings(), ids, qm)
 
     def _compress(self, items: list[dict[str, Any]]) -> None:
-        """Compress items in groups of equal (N, grid, text length); sets it["x_out"], it["kept"] (None: all)."""
+        """Compress items in groups of equal (N, grid, prefix, text length); sets it["x_out"] ([M', C] features)
+        and it["kept"] ([M] representatives; None when nothing was removed)."""
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for it in items:
             t = it["text"]
-            groups.setdefault((tuple(it["x"].shape), it["grid"], None if t is None else t.shape[0]), []).append(it)
-        for (_, grid, _), group in groups.items():
-            x = torch.stack([it["x"] for it in group])  # [G, N, C]
+            key = (tuple(it["x"].shape), it["grid"], it["prefix"], it["project"], None if t is None else t.shape[0])
+            groups.setdefault(key, []).append(it)
+        for (_, grid, prefix, project, _), group in groups.items():
+            x = torch.stack([it["x"] for it in group])  # [G, N, C']
             sc = None if group[0]["scores"] is None else torch.stack([it["scores"] for it in group]).to(x.device)
             tx = None if group[0]["text"] is None else torch.stack([it["text"] for it in group]).to(x.dtype)
-            res = self.compressor(x, grid=grid, scores=sc, text=tx)
+            res = self.compressor(x, grid=grid, prefix=prefix, scores=sc, text=tx)
             counts = res.counts.tolist()
+            feats = self.family.project(self, res.x) if project else res.x  # [G, M, C]
             for j, it in enumerate(group):
                 m = counts[j]
                 if m >= x.shape[1]:  # nothing removed: the model's own features, bit for bit
                     it["x_out"], it["kept"] = None, None
-                else:
-                    it["x_out"], it["kept"] = res.x[j, :m], res.rep[j, :m]
+                    continue
+                it["x_out"], it["kept"] = feats[j, :m], res.rep[j, :m]
+                if it["tail"] is not None:
+                    it["x_out"] = torch.cat([it["x_out"], it["tail"].to(feats)])
+
+    def _items(self, mod: Modality, out: Any, ids: torch.Tensor, texts: list) -> list[dict[str, Any]]:
+        """The items of one modality: features, placeholder columns, what the compressor gets."""
+        fam = self.family
+        feats = fam.features(mod, out, None)
+        segs = media_segments(ids, self.tokens[mod.name], [f.shape[0] for f in feats])  # (sample, [n_i] columns)
+        meta = getattr(out, META_ATTR, None)
+        if meta is None:
+            if "scores" in self._needs:
+                raise ValueError(f"scores: compressor {self.compressor.name!r} needs attention scores, taken "
+                                 f"while the encoder runs; the {mod.name} features were encoded before "
+                                 f"mmcompress.apply (pass {mod.input} instead of mm_encoder_outputs)")
+            meta = [ItemMeta() for _ in feats]
+        if len(meta) != len(feats):
+            raise ValueError(f"model: {len(feats)} {mod.name} items but {len(meta)} item descriptions")
+        items = []
+        for f, mt, (b, cols) in zip(feats, meta, segs, strict=True):
+            if "scores" in self._needs and mt.scores is None:
+                raise ValueError(f"scores: the {type(fam).__name__} description gives no attention scores for "
+                                 f"{mod.name}; use a compressor that does not need `scores`")
+            sel = None if mt.fixed is None else (~mt.fixed.to(f.device)).nonzero().squeeze(1)  # [N_c]
+            x = mt.x if mt.x is not None else f if sel is None else f[sel]
+            sc = mt.scores if sel is None or mt.x is not None else mt.scores[sel]
+            items.append({"mod": mod, "sample": b, "cols": cols, "orig": f, "sel": sel, "grid": mt.grid, "x": x,
+                          "prefix": mt.prefix, "project": mt.x is not None, "tail": mt.tail, "text": texts[b],
+                          "scores": sc, "skip": getattr(out, META_ATTR, None) is None and fam.requires_meta})
+        return items
 
     def _prefill(self, kw: dict[str, Any], present: list[Modality]) -> Any:
         ids = kw.get("input_ids")
@@ -415,52 +476,17 @@ class PlaceholderAdapter(Adapter):
         if am is not None and (am.dim() != 2 or tuple(am.shape) != (B, L)):
             raise ValueError(f"attention_mask: expected a 2D mask of shape {(B, L)}, got {tuple(am.shape)}")
         fam = self.family
-        want_scores = "scores" in self._needs
         with torch.no_grad():
             texts = self._texts(ids, am) if "text" in self._needs else [None] * B
         per_mod = []
-        items: list[dict[str, Any]] = []
         for mod in present:
             with torch.no_grad():
                 out = fam.encode(self, mod, kw)
-            cols = (ids == self.tokens[mod.name]).nonzero()  # [S, 2] (sample, column), row-major = feature order
-            feats = fam.features(mod, out, None)
-            counts = [f.shape[0] for f in feats]
-            if cols.shape[0] != sum(counts):
-                raise ValueError(f"input_ids: {cols.shape[0]} {mod.name} placeholder tokens but the {mod.name} "
-                                 f"features hold {sum(counts)} tokens ({counts})")
-            meta = getattr(out, META_ATTR, None)
-            if meta is None:
-                if want_scores:
-                    raise ValueError(f"scores: compressor {self.compressor.name!r} needs attention scores, taken "
-                                     f"while the encoder runs; the {mod.name} features were encoded before "
-                                     f"mmcompress.apply (pass {mod.input} instead of mm_encoder_outputs)")
-                meta = [ItemMeta() for _ in feats]
-            if len(meta) != len(feats):
-                raise ValueError(f"model: {len(feats)} {mod.name} items but {len(meta)} item descriptions")
-            start = 0
-            mod_items = []
-            for f, mt in zip(feats, meta, strict=True):
-                c = cols[start: start + f.shape[0]]
-                start += f.shape[0]
-                b = int(c[0, 0])
-                if not bool((c[:, 0] == b).all()):
-                    raise ValueError(f"input_ids: the placeholder tokens of one {mod.name} span several samples; "
-                                     f"each sample must hold the exact placeholder count of its own media")
-                if want_scores and mt.scores is None:
-                    raise ValueError(f"scores: the {type(fam).__name__} description gives no attention scores for "
-                                     f"{mod.name}; use a compressor that does not need `scores`")
-                sel = None if mt.fixed is None else (~mt.fixed.to(f.device)).nonzero().squeeze(1)  # [N_c]
-                grid = mt.grid
-                it = {"mod": mod, "sample": b, "cols": c[:, 1], "orig": f, "sel": sel, "grid": grid,
-                      "x": f if sel is None else f[sel], "text": texts[b],
-                      "scores": None if mt.scores is None else (mt.scores if sel is None else mt.scores[sel])}
-                items.append(it)
-                mod_items.append(it)
-            per_mod.append((mod, out, mod_items))
+            per_mod.append((mod, out, self._items(mod, out, ids, texts)))
+        todo = [it for _, _, its in per_mod for it in its if not it["skip"]]
         t0 = time.perf_counter()
         with torch.no_grad():
-            self._compress(items)
+            self._compress(todo)
         ms = (time.perf_counter() - t0) * 1e3
 
         keep = torch.ones(B, L, dtype=torch.bool, device=dev)
@@ -470,15 +496,17 @@ class PlaceholderAdapter(Adapter):
             feats_out, kept_out = [], []
             for it in mod_items:
                 n = it["orig"].shape[0]
-                kept = it["kept"]
+                kept = it.get("kept")
+                t_in[it["sample"]] += n
                 if kept is None:
                     feats_out.append(it["orig"])
                     kept_out.append(None)
-                    t_in[it["sample"]] += n
                     t_out[it["sample"]] += n
                     continue
                 x_out = it["x_out"].to(it["orig"].dtype)
-                if it["sel"] is not None:  # structural tokens back in, everything in column order
+                if it["project"]:  # compressed in another space: the run keeps its first M' columns
+                    kept = torch.arange(x_out.shape[0], device=dev)
+                elif it["sel"] is not None:  # structural tokens back in, everything in column order
                     kept = it["sel"][kept]
                     fixed = (~torch.isin(torch.arange(n, device=kept.device), it["sel"])).nonzero().squeeze(1)
                     kept = torch.cat([fixed, kept])
@@ -489,10 +517,9 @@ class PlaceholderAdapter(Adapter):
                 keep[it["sample"], it["cols"][kept.to(dev)]] = True
                 feats_out.append(x_out)
                 kept_out.append(kept)
-                t_in[it["sample"]] += n
                 t_out[it["sample"]] += x_out.shape[0]
             enc_out[mod.name] = out if all(k is None for k in kept_out) else fam.pack(mod, out, feats_out, kept_out)
-        self.record(t_in, t_out, ms, seq_len_in=L)
+        self.record(t_in, t_out, ms, seq_len_in=L, **fam.stats(self))
 
         # Original positions ("mrope": computed as the model would, before any column is removed).
         mm = kw.get("mm_token_type_ids")
