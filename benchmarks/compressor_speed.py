@@ -3,7 +3,13 @@
 Each repeat times `x.clone()` and the compressor back to back, so the reported ratio (median over repeats of
 op / clone) is robust to this machine's noise; p20/p50/p80 are over the repeats.
 
+Issue-13 rows (`--only tome-peer` runs just these): `tome` with a 64-d metric on [16, 577, 768] at keep N - 16 and
+N / 2, against `x.clone()` and against a straight PyTorch transcription of the ToMe paper's round
+(benchmarks/tome_paper_reference.py), the three timed back to back in every repeat; targets: tome <= 3x the clone,
+peer / tome >= 2.
+
     python benchmarks/compressor_speed.py --out runs/bench/speed.csv
+    python benchmarks/compressor_speed.py --only tome-peer --threads 1 --out runs/speed/tome_peer.csv
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from pathlib import Path
 import torch
 
 import mmcompress as mmc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tome_paper_reference import paper_tome  # noqa: E402
 
 # (label, shape, prefix, grid)
 SHAPES = [("vit-b 577", (16, 577, 768), 1, (24, 24)), ("llava-next 2880", (4, 2880, 1024), 0, (5, 24, 24))]
@@ -59,23 +68,68 @@ def bench_case(x, comp, kw, repeats: int, inner: int):
     return t_op, t_clone, ratios
 
 
+# (label, shape, metric channels): the issue-13 case, keeps N - 16 and N / 2
+PEER_SHAPE = ("vit-b 577, 64-d metric", (16, 577, 768), 64)
+
+
+def bench_peer(repeats: int, inner: int, threads: int) -> list[dict]:
+    """tome vs x.clone() vs the paper transcription, interleaved in every repeat; one row per op and keep."""
+    label, shape, d = PEER_SHAPE
+    x = torch.randn(*shape)
+    metric = torch.randn(shape[0], shape[1], d)
+    N = shape[1]
+    rows = []
+    for keep in (N - 16, N // 2):
+        comp = mmc.create("tome", keep=keep)
+        r = N - keep
+        ops = {"clone": lambda: x.clone(), "tome": lambda comp=comp: comp(x, metric=metric),
+               "tome_paper_peer": lambda r=r: paper_tome(x, metric, r)}
+        for f in ops.values():  # warm-up
+            f()
+        t = {k: [] for k in ops}
+        for _ in range(repeats):
+            for k, f in ops.items():
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    f()
+                t[k].append((time.perf_counter() - t0) / inner * 1e3)
+        to_clone = {k: statistics.median(a / c for a, c in zip(v, t["clone"], strict=True)) for k, v in t.items()}
+        peer_over = statistics.median(p / o for p, o in zip(t["tome_paper_peer"], t["tome"], strict=True))
+        for k, v in t.items():
+            p20, p50, p80 = quantiles(v)
+            rows.append({"op": k, "provider": "torch", "shape": "x".join(map(str, shape)), "dtype": "float32",
+                         "keep": keep, "checks": os.environ.get("MMCOMPRESS_CHECKS", "1"), "metric_d": d,
+                         "p20_ms": f"{p20:.3f}", "p50_ms": f"{p50:.3f}", "p80_ms": f"{p80:.3f}",
+                         "clone_p50_ms": f"{statistics.median(t['clone']):.3f}",
+                         "ratio_to_clone_p50": f"{to_clone[k]:.2f}",
+                         "peer_over_tome_p50": f"{peer_over:.2f}" if k == "tome" else "", "threads": threads,
+                         "device": platform.processor() or platform.machine(), "torch": torch.__version__,
+                         "mmcompress": mmc.__version__, "python": platform.python_version()})
+        print(f"{label} keep={keep}: tome {statistics.median(t['tome']):.2f} ms = {to_clone['tome']:.2f}x clone "
+              f"({statistics.median(t['clone']):.2f} ms), peer / tome {peer_over:.2f}x "
+              f"(peer {statistics.median(t['tome_paper_peer']):.2f} ms)", file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench/speed.csv")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--inner", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--only", choices=["all", "tome-peer"], default="all", help="tome-peer: only the issue-13 rows")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["op", "provider", "shape", "dtype", "keep", "checks", "p20_ms", "p50_ms", "p80_ms", "clone_p50_ms",
-              "ratio_to_clone_p50", "threads", "device", "torch", "mmcompress", "python"]
-    rows = []
-    total = len(SHAPES) * len(CASES) * 2
+    fields = ["op", "provider", "shape", "dtype", "keep", "checks", "metric_d", "p20_ms", "p50_ms", "p80_ms",
+              "clone_p50_ms", "ratio_to_clone_p50", "peer_over_tome_p50", "threads", "device", "torch", "mmcompress",
+              "python"]
+    rows = bench_peer(args.repeats, args.inner, args.threads)
+    total = 0 if args.only == "tome-peer" else len(SHAPES) * len(CASES) * 2
     i = 0
-    for label, shape, prefix, grid in SHAPES:
+    for label, shape, prefix, grid in SHAPES if total else []:
         x = torch.randn(*shape)
         Nb = shape[1] - prefix
         for name, opts, frac, op in CASES:
@@ -99,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
     os.environ.pop("MMCOMPRESS_CHECKS", None)
     with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {out} ({len(rows)} rows)")

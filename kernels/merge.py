@@ -70,7 +70,8 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def merge_reference(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor):
-    """Plain PyTorch: gather the survivors, then recompute only the rows that received merged tokens.
+    """Plain PyTorch: gather the survivors, then add the merged tokens into their rows and divide by the new sizes
+    (only those rows when few receive, in place over the output when many do).
 
     Args:
         x: [B, n, C] tokens (any float dtype; row-contiguous views are gathered without a copy of x).
@@ -95,18 +96,31 @@ def merge_reference(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.
         return out, out_size, assign, keep_pos
     acc = _acc(x.dtype)
     rows = (dst_slot + torch.arange(B, device=x.device).unsqueeze(1) * M).reshape(-1)  # [B*r] rows of out
-    uniq, inv = torch.unique(rows, return_inverse=True)  # [U] receiving rows, [B*r] edge -> receiving row
     flat = out.view(B * M, C)
     src_x = gather_rows(x, src_pos).reshape(B * r, C).to(acc)  # [B*r, C]
+    w_src = None if size is None else size.gather(1, src_pos).reshape(-1).to(acc)  # [B*r]
+    if w_src is not None:
+        src_x.mul_(w_src.unsqueeze(1))
+    if acc == x.dtype and 4 * r >= M:
+        # many receiving rows: sum in place in out (no [rows, C] temporaries, each a fresh allocation on CPU);
+        # unmerged rows are scaled by exactly 1, so they stay bit-exact copies
+        w_all = out_size.view(-1).to(acc)  # [B*M] surviving token's own size
+        ones = torch.ones(B * M, dtype=acc, device=x.device)
+        den = w_all.index_add(0, rows, torch.ones_like(src_x[:, 0]) if w_src is None else w_src)  # [B*M]
+        if w_src is not None:
+            flat.mul_(ones.index_copy(0, rows, w_all.index_select(0, rows)).unsqueeze(1))  # w_d x_d on merged rows
+        flat.index_add_(0, rows, src_x)  # edges summed in src_a order
+        flat.div_(ones.index_copy_(0, rows, den.index_select(0, rows)).unsqueeze(1))
+        out_size.view(-1).copy_(den)
+        return out, out_size, assign, keep_pos
+    uniq, inv = torch.unique(rows, return_inverse=True)  # [U] receiving rows, [B*r] edge -> receiving row
     num = flat.index_select(0, uniq).to(acc)  # [U, C]
-    if size is None:
+    if w_src is None:
         w_src = torch.ones(B * r, dtype=acc, device=x.device)
         den = torch.ones(uniq.shape[0], dtype=acc, device=x.device)
     else:
-        w_src = size.gather(1, src_pos).reshape(-1).to(acc)  # [B*r]
         den = out_size.view(-1).index_select(0, uniq).to(acc)  # [U]
         num.mul_(den.unsqueeze(1))
-        src_x.mul_(w_src.unsqueeze(1))
     num.index_add_(0, inv, src_x)  # edges summed in src_a order
     den = den.index_add(0, inv, w_src)
     flat.index_copy_(0, uniq, (num / den.unsqueeze(1)).to(x.dtype))
