@@ -1,4 +1,8 @@
-"""Prepared GPU benchmark of the fused bipartite matching kernel vs its PyTorch reference (needs a CUDA device).
+"""Prepared GPU benchmark of the kernels vs their PyTorch references (needs a CUDA device).
+
+Ops: best_match (fused bipartite matching of the [B, N, C] tokens), match_merge (one ToMe round at r = N/2: a 64-d
+metric matched, then the [B, N, C] tokens merged: kernels/bipartite_match.py + kernels/merge.py), attention_rows
+(CLS row of softmax(QK^T) for 16 heads of 64 channels, kernels/attention_rows.py).
 
 Rows: op, provider (torch|torch_compile|triton), shape, dtype, p20/p50/p80 ms, GB/s (metric bytes read once),
 % of a measured device-to-device copy bandwidth, device name, versions. Not run yet: no GPU was lent so far.
@@ -45,7 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ["MMCOMPRESS_KERNELS"] = "triton"
     import triton
+    from mmcompress.kernels.attention_rows import attention_rows_reference, attention_rows_triton
     from mmcompress.kernels.bipartite_match import best_match_reference, best_match_triton
+    from mmcompress.kernels.merge import merge_reference, merge_triton
+
+    def match_merge(x, metric, matcher, merger):
+        a, b = metric[:, ::2], metric[:, 1::2]
+        val, idx = matcher(a, b)
+        src_a = val.argsort(dim=-1, descending=True, stable=True)[:, : a.shape[1]]
+        return merger(x, None, idx, src_a)
 
     dev = torch.device("cuda")
     big = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
@@ -66,6 +78,36 @@ def main(argv: list[str] | None = None) -> int:
                 p50 = _pct(ts, 0.5)
                 gbs = nbytes / p50 / 1e6
                 rows.append(dict(op="best_match", provider=prov, shape=f"{B}x{N}x{d}", dtype=str(dtype)[6:],
+                                 p20_ms=f"{_pct(ts, 0.2):.4f}", p50_ms=f"{p50:.4f}", p80_ms=f"{_pct(ts, 0.8):.4f}",
+                                 gb_s=f"{gbs:.1f}", pct_copy_roofline=f"{100 * gbs / copy_gbs:.1f}",
+                                 device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                 triton=triton.__version__))
+                print(rows[-1])
+    compiled_merge = torch.compile(merge_reference)
+    for B, N, C in SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(B, N, C, device=dev).to(dtype)
+            metric = torch.randn(B, N, 64, device=dev).to(dtype)
+            q = torch.randn(B, 16, N, 64, device=dev).to(dtype)
+            k = torch.randn(B, 16, N, 64, device=dev).to(dtype)
+            cls = torch.zeros(B, 1, dtype=torch.long, device=dev)
+            xbytes = x.numel() * x.element_size() * 1.5  # read x once, write N/2 rows
+            kbytes = k.numel() * k.element_size() * 2  # two sweeps over the keys
+            cases = [
+                ("match_merge", xbytes, "torch", lambda x=x, m=metric: match_merge(x, m, best_match_reference,
+                                                                                   merge_reference)),
+                ("match_merge", xbytes, "torch_compile", lambda x=x, m=metric: match_merge(x, m, best_match_reference,
+                                                                                           compiled_merge)),
+                ("match_merge", xbytes, "triton", lambda x=x, m=metric: match_merge(x, m, best_match_triton,
+                                                                                    merge_triton)),
+                ("attention_rows", kbytes, "torch", lambda q=q, k=k, c=cls: attention_rows_reference(q, k, c, 0.125)),
+                ("attention_rows", kbytes, "triton", lambda q=q, k=k, c=cls: attention_rows_triton(q, k, c, 0.125)),
+            ]
+            for op, nbytes, prov, fn in cases:
+                ts = _times_ms(fn)
+                p50 = _pct(ts, 0.5)
+                gbs = nbytes / p50 / 1e6
+                rows.append(dict(op=op, provider=prov, shape=f"{B}x{N}x{C}", dtype=str(dtype)[6:],
                                  p20_ms=f"{_pct(ts, 0.2):.4f}", p50_ms=f"{p50:.4f}", p80_ms=f"{_pct(ts, 0.8):.4f}",
                                  gb_s=f"{gbs:.1f}", pct_copy_roofline=f"{100 * gbs / copy_gbs:.1f}",
                                  device=torch.cuda.get_device_name(), torch=torch.__version__,
