@@ -185,3 +185,21 @@ def batch(spec: Spec, samples: list, side: str = "left") -> dict[str, torch.Tens
         am[b, sl] = 1
     media = {k: torch.cat([s[1][k] for s in samples]) for k in samples[0][1]}
     return dict(input_ids=ids, attention_mask=am, **media, **spec.per_token(ids))
+
+
+def two_items(spec: Spec, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One prompt holding two media items (images, videos or clips): two samples' prompts joined."""
+    (a, ma), (b, mb) = spec.sample(seed), spec.sample(seed + 1, pre=1)
+    dim = 1 if spec.name in ("smolvlm", "idefics3") else 0  # SmolVLM stacks a sample's images on dim 1
+    media = {k: torch.cat([ma[k], mb[k]], dim if ma[k].dim() == 5 else 0) for k in ma}
+    return torch.cat([a, b[1:]]), media
+
+
+def qwen3_video_sample(seed: int = 0, pre: int = 2, post: int = 4):
+    """A 4-frame video of 4 x 4 patches (temporal patch 2: a 2 x 2 x 2 grid of merged tokens); Qwen3-VL gives each
+    temporal step its own placeholder run (the processor puts a timestamp between them)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = _question(g, pre, post)
+    frames = ([START] + [VID] * 4 + [END]) * 2
+    return torch.tensor(a + frames + b), {
+        "pixel_values_videos": torch.randn(32, 96, generator=g), "video_grid_thw": torch.tensor([[2, 4, 4]])}

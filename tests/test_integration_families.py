@@ -182,3 +182,45 @@ def test_wrong_placeholder_count_is_a_clear_error(fam):
     mmc.apply(model, "uniform", keep=0.5)
     with pytest.raises(ValueError, match="placeholder|features and"), torch.no_grad():
         model(**kw)
+
+
+def test_two_items_in_one_prompt(fam):
+    from family_tiny import two_items
+
+    spec, model = fam
+    ids, media = two_items(spec)
+    kw = batch(spec, [(ids, media)])
+    with torch.no_grad():
+        ref = model(**kw).logits
+        mmc.apply(model, "uniform", keep=1.0)
+        assert torch.equal(model(**kw).logits, ref)
+        mmc.apply(model, "uniform", keep=0.5)
+        out = model(**kw).logits
+        st = mmc.stats(model)
+        assert greedy(model, kw).shape[1] == ids.numel() + 3
+    n_items = 4 if spec.name == "internvl" else 2  # InternVL: two tiles per image
+    per_item = st["tokens_in"][0] // n_items
+    one = mmc.create("uniform", keep=0.5)(torch.randn(1, per_item, 4)).x.shape[1]  # the budget of one item
+    assert st["tokens_out"] == [n_items * one]
+    assert out.shape[1] == ref.shape[1] - (st["tokens_in"][0] - st["tokens_out"][0])
+
+
+def test_qwen3_vl_video(models):
+    from family_tiny import VID, qwen3_video_sample
+
+    spec = SPECS["qwen3_vl"]
+    model = models.setdefault("qwen3_vl", build("qwen3_vl"))
+    ids, media = qwen3_video_sample()
+    kw = batch(spec, [(ids, media)])
+    kw["mm_token_type_ids"] = (kw["input_ids"] == VID).int() * 2
+    try:
+        with torch.no_grad():
+            ref = model(**kw).logits
+            mmc.apply(model, "uniform", keep=1.0)
+            assert torch.equal(model(**kw).logits, ref)
+            mmc.apply(model, "temporal", keep=0.5)
+            out = model(**kw).logits
+            assert mmc.stats(model)["tokens_out"] == [4] and out.shape[1] == ref.shape[1] - 4
+            assert greedy(model, kw).shape[1] == ids.numel() + 3
+    finally:
+        mmc.remove(model)

@@ -114,10 +114,21 @@ class SmolVLMFamily(Family):
     modalities = (IMAGE,)
     structural = ("fake_image_token_id", "global_image_token_id")
 
+    def features(self, mod: Modality, out: Any, counts: list[int] | None) -> list[torch.Tensor]:
+        """The model returns one [tiles * n, C] block per sample: split it into tiles of n = s * s tokens."""
+        n = getattr(out, "_mmcompress_tile_tokens", None)
+        blocks = super().features(mod, out, counts)
+        if n is None:
+            return blocks
+        return [t for blk in blocks for t in torch.split(blk, n)]
+
     def score_capture(self, adapter: Any, mod: Modality, args: dict[str, Any]) -> QKCapture:
         return QKCapture(vision_layers(adapter.core.vision_model)[-1])
 
     def describe(self, adapter: Any, mod: Modality, args: dict[str, Any], out: Any, cap: Any) -> list[ItemMeta]:
+        cfg = adapter.model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
+        object.__setattr__(out, "_mmcompress_tile_tokens", side * side)
         return _square_items(adapter, mod, out, cap)
 
 

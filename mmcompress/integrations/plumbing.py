@@ -2,8 +2,7 @@
 
 Pure tensor helpers, no model patching:
 
-* `media_segments` / `placeholder_keep`: which placeholder positions of each sample belong to which media item
-  (image, video) and which of them survive when item i goes from `n_i` to `m_i` tokens (the first `m_i` of its run).
+* `media_segments`: which placeholder positions of each sample belong to which media item (image, video, audio).
 * `shrink_batch`: drop positions from `input_ids`, `attention_mask`, `labels` (and any other per-token tensor) and
   re-pad the batch on the left or right; rebuilds `position_ids` as HF generate does (cumsum of the mask - 1).
 * `question_mask` / `question_embeddings`: the question span used as `text=` for text-guided compressors.
@@ -25,7 +24,6 @@ import torch
 __all__ = [
     "padding_side_of",
     "media_segments",
-    "placeholder_keep",
     "Shrunk",
     "shrink_batch",
     "positions_from_mask",
@@ -86,16 +84,6 @@ def media_segments(input_ids: torch.Tensor, token_id: int, counts: Sequence[int]
         out.append((b, per_sample[b][used : used + n]))
         used += n
     return out
-
-
-def placeholder_keep(shape: tuple[int, int], segments: list[tuple[int, torch.Tensor]], new_counts: Sequence[int],
-                     device: torch.device) -> torch.Tensor:
-    """[B, L] bool: positions that survive when item i keeps the FIRST `new_counts[i]` of its placeholders."""
-    keep = torch.ones(shape, dtype=torch.bool, device=device)
-    for (b, pos), m in zip(segments, new_counts, strict=True):
-        if m < pos.numel():
-            keep[b, pos[m:]] = False
-    return keep
 
 
 @dataclass
