@@ -31,7 +31,7 @@ class Spec:
     sample: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     token: int  # the placeholder id
     per_token: Callable[[torch.Tensor], dict[str, torch.Tensor]] = field(default=lambda ids: {})
-    scores: bool = True  # attention scores available
+    batch_invariant: bool = True  # the UNWRAPPED model's padded batch rows equal its single runs
 
 
 def _question(g: torch.Generator, pre: int, post: int) -> tuple[list[int], list[int]]:
@@ -151,7 +151,22 @@ def _mrope_sample(seed: int = 0, pre: int = 2, post: int = 4):
         "pixel_values": torch.randn(24, 96, generator=g), "image_grid_thw": torch.tensor([[1, 4, 6]])}
 
 
+def _paligemma() -> torch.nn.Module:
+    cfg = T.PaliGemmaConfig(text_config=dict(_TEXT, model_type="gemma"),
+                            vision_config=dict(_VISION, projection_dim=32), image_token_index=IMG, projection_dim=32)
+    return T.PaliGemmaForConditionalGeneration(cfg)
+
+
+def _paligemma_sample(seed: int = 0, pre: int = 2, post: int = 4):
+    """PaliGemma puts the 64 image tokens first, then BOS and the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = _question(g, pre, post)
+    return torch.tensor([IMG] * 64 + a + b), {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
+
+
 SPECS = {
+    # transformers 5.24's PaliGemma: padding one row of a batch changes the other rows' logits (~5e-2, unwrapped)
+    "paligemma": Spec("paligemma", _paligemma, _paligemma_sample, IMG, batch_invariant=False),
     "qwen3_vl": Spec("qwen3_vl", _qwen3_vl, _mrope_sample, IMG,
                      per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
     "glm4v": Spec("glm4v", _glm4v, _mrope_sample, IMG,
@@ -192,7 +207,7 @@ def two_items(spec: Spec, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.
     (a, ma), (b, mb) = spec.sample(seed), spec.sample(seed + 1, pre=1)
     dim = 1 if spec.name in ("smolvlm", "idefics3") else 0  # SmolVLM stacks a sample's images on dim 1
     media = {k: torch.cat([ma[k], mb[k]], dim if ma[k].dim() == 5 else 0) for k in ma}
-    return torch.cat([a, b[1:]]), media
+    return torch.cat([a, b[1:] if int(b[0]) == BOS else b]), media
 
 
 def qwen3_video_sample(seed: int = 0, pre: int = 2, post: int = 4):

@@ -15,7 +15,7 @@ from mmcompress.compressors.baselines import UniformSelect
 from mmcompress.registry import _REGISTRY
 
 pytest.importorskip("transformers")
-from family_tiny import END, SPECS, batch, build  # noqa: E402
+from family_tiny import BOS, END, SPECS, batch, build  # noqa: E402
 
 FAMILIES = list(SPECS)
 
@@ -106,6 +106,8 @@ def test_compressed_generate_uses_a_shorter_cache(fam):
                                             ("uniform", 0.5, "right")])
 def test_ragged_batch_equals_single_runs(fam, registered, name, keep, side):
     spec, model = fam
+    if not spec.batch_invariant:
+        pytest.skip(f"the unwrapped {spec.name} model's padded batches differ from its single runs")
     samples = [spec.sample(0), spec.sample(1, pre=3), spec.sample(4, post=2)]
     mmc.apply(model, name, keep=keep)
     with torch.no_grad():
@@ -150,7 +152,7 @@ def test_scores_and_question_embeddings_reach_the_compressor(fam, registered):
     ids = s[0]
     last = max(int(i) for i in (ids == spec.token).nonzero()) + 1
     q = ids[last:]
-    q = q[q != END]  # structural tokens are left out when the family names them; END is a plain token here
+    q = q[(q != END) & (q != BOS)]  # structural tokens are left out when the family names them; END is a plain token here
     emb = model.get_input_embeddings()
     for text, scores, shape in _Probe.seen:
         assert scores.shape == shape[:2] and bool(torch.isfinite(scores).all()) and bool((scores >= 0).all())

@@ -379,3 +379,30 @@ def test_every_compressor_runs_through_llava(models, name):
     st = mmc.stats(m)
     assert out.shape[1] == kw["input_ids"].shape[1] - sum(st["tokens_in"]) // 2 + max(st["tokens_out"])
     assert all(o <= i for o, i in zip(st["tokens_out"], st["tokens_in"], strict=True))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_images_in_one_prompt(models, kind):
+    """One prompt with two images: identity is bit-identical; compressed, each image keeps its own budget."""
+    m = models[kind]
+    full = inputs(m, kind)  # two samples of one image each: reuse their pixels as one two-image prompt
+    pv = full["pixel_values"]
+    sizes = full.get("image_sizes")
+    n = image_tokens(m, pv, sizes)
+    if kind == "llava_onevision":  # multi-image prompts use each image's base tile only, plus its newline
+        side = m.config.vision_config.image_size // m.config.vision_config.patch_size
+        n = [side * side + 1] * 2
+    ids = torch.tensor([prompt([n[0], n[1]], [20], [11, 12])])
+    kw = {"input_ids": ids, "pixel_values": pv, **({"image_sizes": sizes} if sizes is not None else {})}
+    if kind == "llava_onevision":
+        kw["batch_num_images"] = torch.tensor([2])
+    ref = logits(m, kw)
+    mmc.apply(m, "uniform", keep=1.0)
+    assert torch.equal(logits(m, kw), ref)
+    mmc.apply(m, "uniform", keep=3)
+    out = logits(m, kw)
+    newline = 0 if kind == "llava" else 1
+    assert mmc.stats(m)["tokens_out"] == [2 * (3 + newline)]
+    assert out.shape[1] == ids.shape[1] - (sum(n) - 2 * (3 + newline))
+    with torch.no_grad():
+        assert m.generate(**kw, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2

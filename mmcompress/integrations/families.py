@@ -23,7 +23,7 @@ from mmcompress.compressors.attention_scores import QKCapture, attention_row_sco
 from mmcompress.integrations.llava import vision_layers, vision_scores_capture
 from mmcompress.integrations.placeholder import Family, ItemMeta, Modality, register_family
 
-__all__ = ["Gemma3Family", "InternVLFamily", "SmolVLMFamily", "Mistral3Family", "LlavaNextVideoFamily",
+__all__ = ["PaliGemmaFamily", "Gemma3Family", "InternVLFamily", "SmolVLMFamily", "Mistral3Family", "LlavaNextVideoFamily",
            "Qwen2AudioFamily", "block_pool"]
 
 IMAGE = Modality("image", "pixel_values", ("image_token_id", "image_token_index"))
@@ -70,6 +70,26 @@ def _square_items(adapter: Any, mod: Modality, out: Any, cap: Any) -> list[ItemM
         sc, _ = tower_scores(cap, feats[0].shape[0])
         scores = list(sc)
     return [ItemMeta(grid=(s, s), scores=sc) for sc in scores]
+
+
+# --- README example: the whole description of a family (tests/test_readme_family.py runs it) -------------------
+@register_family
+class PaliGemmaFamily(Family):
+    """PaliGemma: one item per image, the (s, s) grid of SigLIP tokens after the linear projector."""
+
+    model_types = ("paligemma",)  # the config.model_type values it serves
+    modalities = (Modality("image", "pixel_values", ("image_token_id", "image_token_index")),)
+    position_offset = 1  # its 1-D positions are 1-indexed ("mrope" families define rope_index() instead)
+
+    def score_capture(self, adapter, mod, args):  # hooks q/k of the last vision layer while the tower runs
+        return QKCapture(vision_layers(adapter.core.vision_tower)[-1])
+
+    def describe(self, adapter, mod, args, out, cap):  # called with the encoder's arguments and output
+        feats = out.pooler_output  # [images, s * s, C] features entering the LLM
+        s = math.isqrt(feats.shape[1])
+        scores = [None] * len(feats) if cap is None else cap.scores(rows=torch.arange(s * s))  # mean received
+        return [ItemMeta(grid=(s, s), scores=sc) for sc in scores]
+# --- end of README example ----------------------------------------------------------------------------------------
 
 
 @register_family

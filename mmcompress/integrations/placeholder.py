@@ -131,6 +131,7 @@ class Family:
     structural: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[dict[str, Any]] = {}  # extra adapter options of this family and their defaults
     requires_meta: ClassVar[bool] = False  # features encoded before `apply` (no `ItemMeta`) pass uncompressed
+    position_offset: ClassVar[int] = 0  # "1d" positions start here (PaliGemma: 1)
     merge: ClassVar[str] = "features"  # "features": forward takes `mm_encoder_outputs`; "embeds": `inputs_embeds`
     consumed: ClassVar[tuple[str, ...]] = ()  # forward inputs of the media, dropped once encoded ("embeds")
 
@@ -365,9 +366,12 @@ class PlaceholderAdapter(Adapter):
         if past > 0:
             if self._decode.knows(cache):  # decoding after a compressed prefill: translate onto the shorter cache
                 ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]
+                given = kw.get("position_ids")
                 kw["attention_mask"], kw["position_ids"] = self._decode.decode_inputs(
-                    cache, ref.shape[1], kw.get("attention_mask"), kw.get("position_ids"),
+                    cache, ref.shape[1], kw.get("attention_mask"), given,
                     derive_positions=self.family.positions == "1d")
+                if given is None and kw["position_ids"] is not None:
+                    kw["position_ids"] = kw["position_ids"] + self.family.position_offset
             return self._orig(**kw)
         self._decode.forget(cache)
         enc = kw.get("mm_encoder_outputs") or {}
@@ -553,7 +557,7 @@ class PlaceholderAdapter(Adapter):
             shrunk = shrink_batch(keep, am, tensors, {**PAD_VALUES, "input_ids": self._pad_id()}, side)
             new.update(shrunk.tensors)
             new["attention_mask"] = shrunk.attention_mask if am is None else shrunk.attention_mask.to(am.dtype)
-            new["position_ids"] = shrunk.position_ids
+            new["position_ids"] = shrunk.position_ids + fam.position_offset
             if pos is not None:  # M-RoPE: the original ids of the kept columns
                 g = shrunk.index.clamp(min=0).expand(pos.shape[0], *shrunk.index.shape)
                 p = pos.gather(-1, g).masked_fill(shrunk.index < 0, 0)
