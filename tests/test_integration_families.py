@@ -152,7 +152,7 @@ def test_scores_and_question_embeddings_reach_the_compressor(fam, registered):
     ids = s[0]
     last = max(int(i) for i in (ids == spec.token).nonzero()) + 1
     q = ids[last:]
-    q = q[(q != END) & (q != BOS)]  # structural tokens are left out when the family names them; END is a plain token here
+    q = q[(q != END) & (q != BOS)]  # BOS is excluded; END only where the family names it (text otherwise)
     emb = model.get_input_embeddings()
     for text, scores, shape in _Probe.seen:
         assert scores.shape == shape[:2] and bool(torch.isfinite(scores).all()) and bool((scores >= 0).all())

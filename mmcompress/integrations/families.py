@@ -23,8 +23,8 @@ from mmcompress.compressors.attention_scores import QKCapture, attention_row_sco
 from mmcompress.integrations.llava import vision_layers, vision_scores_capture
 from mmcompress.integrations.placeholder import Family, ItemMeta, Modality, register_family
 
-__all__ = ["PaliGemmaFamily", "Gemma3Family", "InternVLFamily", "SmolVLMFamily", "Mistral3Family", "LlavaNextVideoFamily",
-           "Qwen2AudioFamily", "block_pool"]
+__all__ = ["PaliGemmaFamily", "Gemma3Family", "InternVLFamily", "SmolVLMFamily", "Mistral3Family",
+           "LlavaNextVideoFamily", "Qwen2AudioFamily", "block_pool"]
 
 IMAGE = Modality("image", "pixel_values", ("image_token_id", "image_token_index"))
 
