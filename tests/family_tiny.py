@@ -143,6 +143,42 @@ def _glm4v() -> torch.nn.Module:
     return T.Glm4vForConditionalGeneration(cfg)
 
 
+def _qwen2_vl() -> torch.nn.Module:
+    vc = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+              temporal_patch_size=2, in_channels=3)
+    cfg = T.Qwen2VLConfig(vision_config=vc, text_config=_MROPE_TEXT, image_token_id=IMG, video_token_id=VID,
+                          vision_start_token_id=START, vision_end_token_id=END)
+    return T.Qwen2VLForConditionalGeneration(cfg)
+
+
+def _qwen2_5_vl() -> torch.nn.Module:
+    vc = dict(_QWEN_VISION, window_size=16, fullatt_block_indexes=[1])
+    cfg = T.Qwen2_5_VLConfig(vision_config=vc, text_config=_MROPE_TEXT, image_token_id=IMG, video_token_id=VID,
+                             vision_start_token_id=START, vision_end_token_id=END)
+    return T.Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def _qwen3_vl_moe() -> torch.nn.Module:
+    text = dict(_MROPE_TEXT, model_type="qwen3_vl_moe_text", num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=32, decoder_sparse_step=1)
+    cfg = T.Qwen3VLMoeConfig(text_config=text,
+                             vision_config=dict(_QWEN_VISION, num_position_embeddings=64,
+                                                deepstack_visual_indexes=[0]),
+                             image_token_id=IMG, video_token_id=VID, vision_start_token_id=START,
+                             vision_end_token_id=END)
+    return T.Qwen3VLMoeForConditionalGeneration(cfg)
+
+
+def _glm4v_moe() -> torch.nn.Module:
+    text = dict(_TEXT, model_type="glm4v_moe_text", n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                 "partial_rotary_factor": 0.5})
+    cfg = T.Glm4vMoeConfig(text_config=text, vision_config=dict(_QWEN_VISION, image_size=32), image_token_id=IMG,
+                           video_token_id=VID, image_start_token_id=START, image_end_token_id=END)
+    return T.Glm4vMoeForConditionalGeneration(cfg)
+
+
 def _mrope_sample(seed: int = 0, pre: int = 2, post: int = 4):
     """One image of 4 x 6 patches (2 x 3 merged tokens): flattened patches [24, 3*2*4*4] and its grid."""
     g = torch.Generator().manual_seed(seed)
@@ -167,6 +203,14 @@ def _paligemma_sample(seed: int = 0, pre: int = 2, post: int = 4):
 SPECS = {
     # transformers 5.24's PaliGemma: padding one row of a batch changes the other rows' logits (~5e-2, unwrapped)
     "paligemma": Spec("paligemma", _paligemma, _paligemma_sample, IMG, batch_invariant=False),
+    "qwen2_vl": Spec("qwen2_vl", _qwen2_vl, _mrope_sample, IMG,
+                     per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
+    "qwen2_5_vl": Spec("qwen2_5_vl", _qwen2_5_vl, _mrope_sample, IMG,
+                       per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
+    "qwen3_vl_moe": Spec("qwen3_vl_moe", _qwen3_vl_moe, _mrope_sample, IMG,
+                         per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
+    "glm4v_moe": Spec("glm4v_moe", _glm4v_moe, _mrope_sample, IMG,
+                      per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
     "qwen3_vl": Spec("qwen3_vl", _qwen3_vl, _mrope_sample, IMG,
                      per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
     "glm4v": Spec("glm4v", _glm4v, _mrope_sample, IMG,
