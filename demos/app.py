@@ -1,4 +1,4 @@
-"""The Gradio app behind ``mmcompress demo``: image tab (ref-vlm), audio tab, results tab.
+"""The Gradio app behind ``mmcompress demo``: image tab (ref-vlm), audio tab (whisper-tiny.en), results tab.
 
 One model instance is shared by all users behind a lock; Gradio's queue serialises the heavy calls.
 """
@@ -149,12 +149,13 @@ def audio_available() -> tuple[bool, str]:
     return True, ""
 
 
-def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench") -> Any:
-    """The Gradio Blocks app (the model loads on the first request).
+def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench", audio_backend: Any = None) -> Any:
+    """The Gradio Blocks app (the models load on the first request).
 
     Args:
         model_name: zoo model for the image tab.
         bench_dir: default folder of the results tab.
+        audio_backend: ``demos.audio.AudioBackend`` of the audio tab (default whisper-tiny.en).
 
     Returns:
         ``gradio.Blocks``.
@@ -206,7 +207,12 @@ def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench") -> Any
                      concurrency_limit=1)
         with gr.Tab("Audio"):
             ok, why = audio_available()
-            gr.Markdown("Whisper tiny.en with audio_merge." if ok else why)
+            if ok:
+                from .audio import build_audio_tab
+
+                build_audio_tab(gr, audio_backend)
+            else:
+                gr.Markdown(why)
         with gr.Tab("Results"):
             folder = gr.Textbox(value=bench_dir, label="bench folder")
             load = gr.Button("Load")

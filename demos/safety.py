@@ -46,10 +46,88 @@ def check_audio(samples: np.ndarray, sample_rate: int, max_seconds: float = MAX_
     Raises:
         ValueError: empty or too long.
     """
+    _check_length(int(np.asarray(samples).shape[0]), sample_rate, max_seconds)
+
+
+def _check_length(n: int, sample_rate: int, max_seconds: float) -> None:
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-    n = int(np.asarray(samples).shape[0])
     if n == 0:
         raise ValueError("audio is empty")
     if n / sample_rate > max_seconds:
         raise ValueError(f"audio is {n / sample_rate:.1f} s, over the cap of {max_seconds:.0f} s")
+
+
+def load_audio_safely(path: str | Path, max_seconds: float = MAX_AUDIO_S, sample_rate: int = 16000) -> np.ndarray:
+    """Open an uploaded file as mono audio at ``sample_rate``, refusing non-audio and clips over the cap.
+
+    PCM WAV is read with the standard library; other formats (float WAV, FLAC, OGG) through ``soundfile`` when it is
+    installed. The length is checked from the header, before the samples are decoded.
+
+    Args:
+        path: uploaded file.
+        max_seconds: longest clip accepted.
+        sample_rate: rate of the returned samples (resampled with an anti-aliased linear filter when it differs).
+
+    Returns:
+        float32 [T] in [-1, 1].
+
+    Raises:
+        ValueError: not audio, empty, or too long.
+    """
+    import wave
+
+    name = Path(path).name
+    try:
+        with wave.open(str(path), "rb") as w:  # reads the header only
+            frames, rate = w.getnframes(), w.getframerate()
+        _check_length(frames, rate, max_seconds)
+        from mmcompress.zoo.data import read_wav
+
+        x, rate = read_wav(path)
+    except (wave.Error, EOFError, OSError) as e:
+        x, rate = _read_soundfile(path, max_seconds, e)
+    except ValueError as e:
+        if "unsupported sample width" not in str(e):
+            raise
+        x, rate = _read_soundfile(path, max_seconds, e)
+    if not np.isfinite(x).all():
+        raise ValueError(f"the uploaded audio ({name}) has non-finite samples")
+    return resample(x, rate, sample_rate)
+
+
+def _read_soundfile(path: str | Path, max_seconds: float, cause: Exception) -> tuple[np.ndarray, int]:
+    msg = f"the uploaded file is not audio that can be read ({Path(path).name}; WAV expected)"
+    try:
+        import soundfile as sf
+    except ImportError:
+        raise ValueError(msg) from cause
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, OSError, sf.LibsndfileError) as e:
+        raise ValueError(msg) from e
+    _check_length(info.frames, info.samplerate, max_seconds)
+    x, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [T, channels]
+    return x.mean(axis=1), int(rate)
+
+
+def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Resample mono audio (anti-aliased linear interpolation; exact copy when the rates match).
+
+    Args:
+        x: [T] samples.
+        rate: their rate (Hz).
+        target: wanted rate (Hz).
+
+    Returns:
+        float32 [round(T * target / rate)].
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if rate == target:
+        return x
+    import torch
+
+    n = max(1, round(x.shape[0] * target / rate))
+    t = torch.from_numpy(x)[None, None, None]  # [1, 1, 1, T]: interpolate's antialias needs 2-D
+    y = torch.nn.functional.interpolate(t, size=(1, n), mode="bilinear", antialias=True, align_corners=False)
+    return y[0, 0, 0].numpy()
