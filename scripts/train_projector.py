@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-only", action="store_true", help="export <out-dir>/ckpt.pt to --assets and exit")
     p.add_argument("--detail-scenes", type=int, default=0, help="detail train scenes mixed in (0 = easy-VQA only)")
     p.add_argument("--init-from", type=Path, default=None, help="projector safetensors (raw-feature) to start from")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM's linear layers (0 = projector only)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-lr", type=float, default=None, help="peak learning rate of the LoRA (default --lr)")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma list of Linear names in every LLM layer that get a LoRA")
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = cache_root() / "train_projector"
@@ -191,6 +196,49 @@ def packed_forward(model, proj, feats: torch.Tensor, batch: dict[str, torch.Tens
     return model.lm_head(h)  # [K, vocab]
 
 
+class LoRALinear(torch.nn.Module):
+    """``base(x) + scale * x A^T B^T`` with A [r, in] (Kaiming-uniform) and B [out, r] (zeros): starts as `base`.
+
+    LoRA (Hu et al., ICLR 2022); exported as ``<name>.lora_A/B/scale`` and folded into the weights at load time
+    (`mmcompress.zoo.refvlm.merge_lora`).
+    """
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+
+def add_lora(lm: torch.nn.Module, targets: list[str], rank: int, alpha: float) -> dict[str, LoRALinear]:
+    """Wrap the named Linear modules of every layer of `lm` in `LoRALinear` (in place). Returns {name: module}."""
+    found = {}
+    for name, mod in list(lm.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if child_name in targets and isinstance(child, torch.nn.Linear):
+                wrapped = LoRALinear(child, rank, alpha)
+                setattr(mod, child_name, wrapped)
+                found[f"{name}.{child_name}" if name else child_name] = wrapped
+    if not found:
+        raise ValueError(f"--lora-targets: none of {targets} is a Linear module of the language model")
+    return found
+
+
+def lora_state(loras: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """Export form: ``<name>.lora_A`` [r, in], ``<name>.lora_B`` [out, r], ``<name>.lora_scale`` [] (fp32)."""
+    out = {}
+    for n, m in loras.items():
+        out[f"{n}.lora_A"] = m.lora_A.detach().float().clone()
+        out[f"{n}.lora_B"] = m.lora_B.detach().float().clone()
+        out[f"{n}.lora_scale"] = torch.tensor(m.scale)
+    return out
+
+
 class StdProjector(torch.nn.Module):
     """Projector on per-channel standardised features: ``proj((x - mu) / sigma)``; exported folded."""
 
@@ -252,6 +300,11 @@ def export(ckpt: dict, args: argparse.Namespace, std: StdProjector, log_path: Pa
         "hparams": ckpt["hparams"],
         "command": "python scripts/train_projector.py " + " ".join(ckpt.get("argv", [])),
     }
+    if ckpt.get("lora"):
+        atomic_save_safetensors({k: v.contiguous() for k, v in ckpt["lora"].items()},
+                                args.assets / refvlm.LORA_FILE)
+        info["language_model"] = info["language_model"].replace("(frozen)", "") + \
+            f"+ LoRA rank {ckpt['hparams']['lora_rank']} on {ckpt['hparams']['lora_targets']}, folded in at load time"
     atomic_write_json(args.assets / "refvlm_projector.json", info)
     if log_path.is_file():
         atomic_write_bytes(args.assets / "refvlm_train_log.tsv", log_path.read_bytes())
@@ -368,7 +421,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"initialised from {args.init_from} (max abs diff vs the raw projector {diff:.2e})", flush=True)
         if diff > 1e-3:
             raise RuntimeError("--init-from: unfolding the projector changed its outputs")
-    opt = torch.optim.AdamW(std.proj.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    loras: dict[str, LoRALinear] = {}
+    groups = [{"params": list(std.proj.parameters()), "peak": args.lr}]
+    if args.lora_rank:
+        loras = add_lora(model.model.language_model, args.lora_targets.split(","), args.lora_rank,
+                         args.lora_alpha or 2.0 * args.lora_rank)
+        lora_params = [p for m in loras.values() for p in (m.lora_A, m.lora_B)]
+        groups.append({"params": lora_params, "peak": args.lora_lr or args.lr})
+        n_lora = sum(p.numel() for p in lora_params)
+        print(f"LoRA rank {args.lora_rank} on {len(loras)} modules: {n_lora / 1e6:.2f} M parameters", flush=True)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
     hparams = {
         k: (str(v) if isinstance(v, Path) else v)
@@ -381,6 +443,13 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, weights_only=False)
         std.proj.load_state_dict(ck["projector"])
+        if loras:
+            if not ck.get("lora"):
+                raise ValueError("--lora-rank: the checkpoint has no LoRA (it was trained without one)")
+            with torch.no_grad():
+                for n, m in loras.items():
+                    m.lora_A.copy_(ck["lora"][f"{n}.lora_A"])
+                    m.lora_B.copy_(ck["lora"][f"{n}.lora_B"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
@@ -408,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     def checkpoint() -> None:
         ck = {
             "projector": {k: v.detach().clone() for k, v in std.proj.state_dict().items()},
+            "lora": lora_state(loras),
             "optimizer": opt.state_dict(),
             "step": state["step"],
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -433,12 +503,12 @@ def main(argv: list[str] | None = None) -> None:
         ids = image_ids_for(step)
         b = packer.batch(ids)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
+            g["lr"] = lr_at(step, args) * g.get("peak", args.lr) / args.lr
         logits = packed_forward(model, std, train_feats[ids], b)  # [K, vocab]
         loss = F.cross_entropy(logits, b["tgt"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(std.proj.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         dt = time.perf_counter() - t0
         n_qa = sum(len(packer.by_image[i]) for i in ids)

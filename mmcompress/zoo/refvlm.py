@@ -17,6 +17,7 @@ to SmolLM2-135M-Instruct. The processor writes ``<image>`` in prompts and maps i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,15 @@ PROJECTOR_FILE = "refvlm_projector.safetensors"
 
 
 def projector_asset_path() -> Path:
-    """Return the path of the committed trained projector weights."""
+    """Return the path of the trained projector weights: the committed asset, or the file named by the environment
+    variable ``MMCOMPRESS_REFVLM_PROJECTOR`` (to evaluate a projector from ``scripts/train_projector.py`` before it
+    replaces the asset; `mmcompress bench` fingerprints whichever file is used)."""
+    override = os.environ.get("MMCOMPRESS_REFVLM_PROJECTOR")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"MMCOMPRESS_REFVLM_PROJECTOR: no projector file at {path}")
+        return path
     return ASSETS / PROJECTOR_FILE
 
 
@@ -193,12 +202,42 @@ def refvlm_config(vision_config: Any, text_config: Any) -> Any:
     )
 
 
-def build_refvlm(projector: str | Path | dict[str, torch.Tensor] | None = None) -> tuple[Any, RefVLMProcessor]:
+LORA_FILE = "refvlm_lora.safetensors"
+
+
+def merge_lora(lm: torch.nn.Module, lora: dict[str, torch.Tensor]) -> int:
+    """Fold a LoRA (``<module>.lora_A`` [r, in], ``<module>.lora_B`` [out, r], ``<module>.lora_scale`` []) into
+    the weights of `lm`'s Linear modules: ``W += scale * B @ A``. Returns the number of modules changed.
+
+    Raises:
+        ValueError: a key names no Linear module of `lm`, or the shapes do not fit it.
+    """
+    import torch
+
+    mods = dict(lm.named_modules())
+    names = sorted({k.rsplit(".", 1)[0] for k in lora})
+    with torch.no_grad():
+        for n in names:
+            m = mods.get(n)
+            if not isinstance(m, torch.nn.Linear):
+                raise ValueError(f"lora: {n!r} is not a Linear module of the language model")
+            a, b, sc = lora[f"{n}.lora_A"].float(), lora[f"{n}.lora_B"].float(), float(lora[f"{n}.lora_scale"])
+            if b.shape[0] != m.out_features or a.shape[1] != m.in_features or a.shape[0] != b.shape[1]:
+                raise ValueError(f"lora: {n} A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                                 f"[{m.out_features}, {m.in_features}]")
+            m.weight += (sc * (b @ a)).to(m.weight.dtype)
+    return len(names)
+
+
+def build_refvlm(projector: str | Path | dict[str, torch.Tensor] | None = None,
+                 lora: str | Path | dict[str, torch.Tensor] | None = None) -> tuple[Any, RefVLMProcessor]:
     """Assemble ref-vlm from the cached DINOv2 and SmolLM2 weights and a projector.
 
     Args:
         projector: A safetensors path or a state dict with ``linear_1.*``/``linear_2.*``; ``None`` keeps a freshly
             initialised (untrained) projector.
+        lora: An optional LoRA of the language model (path or state dict, see `merge_lora`), folded into its
+            weights at load time: the model stays a plain ``LlavaForConditionalGeneration``.
 
     Returns:
         ``(LlavaForConditionalGeneration in eval mode, RefVLMProcessor)``.
@@ -229,6 +268,12 @@ def build_refvlm(projector: str | Path | dict[str, torch.Tensor] | None = None) 
             raise TypeError(f"projector must be a path or a state dict, got {type(projector).__name__}")
         proj.load_state_dict(projector, strict=True)
     model.model.multi_modal_projector = proj
+    if lora is not None:
+        if isinstance(lora, (str, Path)):
+            from safetensors.torch import load_file
+
+            lora = load_file(str(lora))
+        merge_lora(model.model.language_model, lora)
     meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if meta:
         raise RuntimeError(f"ref-vlm assembly left meta tensors: {meta[:5]}")
@@ -248,7 +293,8 @@ def load_refvlm() -> tuple[Any, RefVLMProcessor]:
     path = projector_asset_path()
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; train it with: python scripts/train_projector.py")
-    return build_refvlm(path)
+    lora = path.parent / LORA_FILE  # the LoRA trained with this projector, when there is one
+    return build_refvlm(path, lora if lora.is_file() else None)
 
 
 def projector_info() -> dict[str, Any]:
