@@ -301,8 +301,8 @@ def export(ckpt: dict, args: argparse.Namespace, std: StdProjector, log_path: Pa
         "command": "python scripts/train_projector.py " + " ".join(ckpt.get("argv", [])),
     }
     if ckpt.get("lora"):
-        atomic_save_safetensors({k: v.contiguous() for k, v in ckpt["lora"].items()},
-                                args.assets / refvlm.LORA_FILE)
+        atomic_save_safetensors({k: (v.half() if v.dim() else v).contiguous() for k, v in ckpt["lora"].items()},
+                                args.assets / refvlm.LORA_FILE)  # factors in fp16: < 10 MB for rank 16
         info["language_model"] = info["language_model"].replace("(frozen)", "") + \
             f"+ LoRA rank {ckpt['hparams']['lora_rank']} on {ckpt['hparams']['lora_targets']}, folded in at load time"
     atomic_write_json(args.assets / "refvlm_projector.json", info)
