@@ -226,3 +226,17 @@ def test_qwen3_vl_video(models):
             assert greedy(model, kw).shape[1] == ids.numel() + 3
     finally:
         mmc.remove(model)
+
+
+def test_stats_assign_is_each_items_provenance(fam):
+    spec, model = fam
+    kw = batch(spec, [spec.sample(0)])
+    mmc.apply(model, "tome", keep=0.5)
+    with torch.no_grad():
+        model(**kw)
+    st = mmc.stats(model)
+    items = st["assign"]
+    assert items and all(s == 0 for _, s, _ in items)
+    n_out = sum(int(a.max()) + 1 for _, _, a in items)
+    assert n_out == st["tokens_out"][0]  # every output slot is some token's slot
+    assert sum(a.numel() for _, _, a in items) == st["tokens_in"][0]

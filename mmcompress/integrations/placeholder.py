@@ -190,7 +190,8 @@ class Family:
         return x
 
     def stats(self, adapter: PlaceholderAdapter) -> dict[str, Any]:
-        """Extra entries of `mmcompress.stats`."""
+        """Extra entries of `mmcompress.stats` (every family's stats also hold `assign`: per item, in placeholder
+        order, (modality, sample, [N] output slot of each compressed token or None when not compressed))."""
         return {}
 
     def capture(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any]) -> Any:
@@ -435,6 +436,7 @@ class PlaceholderAdapter(Adapter):
             feats = self.family.project(self, res.x) if project else res.x  # [G, M, C]
             for j, it in enumerate(group):
                 m = counts[j]
+                it["assign"] = res.assign[j]  # [N] output slot of every compressed token (-1: dropped)
                 if m >= x.shape[1]:  # nothing removed: the model's own features, bit for bit
                     it["x_out"], it["kept"] = None, None
                     continue
@@ -523,7 +525,8 @@ class PlaceholderAdapter(Adapter):
                 kept_out.append(kept)
                 t_out[it["sample"]] += x_out.shape[0]
             enc_out[mod.name] = out if all(k is None for k in kept_out) else fam.pack(mod, out, feats_out, kept_out)
-        self.record(t_in, t_out, ms, seq_len_in=L, **fam.stats(self))
+        assign = [(it["mod"].name, it["sample"], it.get("assign")) for _, _, its in per_mod for it in its]
+        self.record(t_in, t_out, ms, seq_len_in=L, assign=assign, **fam.stats(self))
 
         # Original positions ("mrope": computed as the model would, before any column is removed).
         mm = kw.get("mm_token_type_ids")
