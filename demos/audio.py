@@ -124,6 +124,48 @@ def span_summary(assign: np.ndarray, frame_s: float, clip_frames: int | None = N
     return "; ".join(parts)
 
 
+def compose_timelines(items: list[tuple[np.ndarray, str]], window_s: float, width: int = 1200, row: int = 22,
+                      gap: int = 18) -> np.ndarray:
+    """Stack timelines into one picture: each caption above its strip (stretched to ``width``), a seconds axis below.
+
+    Args:
+        items: (timeline uint8 [h, w, 3], caption) per method, as `run_audio` returns them.
+        window_s: seconds the timelines cover (Whisper's window: 30).
+        width: strip width in pixels.
+        row: strip height in pixels.
+        gap: caption line height in pixels.
+
+    Returns:
+        uint8 [len(items) * (gap + row) + gap + 6, width + 24, 3] on white.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not items:
+        raise ValueError("items: expected at least one (timeline, caption)")
+    if window_s <= 0:
+        raise ValueError(f"window_s must be positive, got {window_s}")
+    pad = 12
+    canvas = Image.new("RGB", (width + 2 * pad, len(items) * (gap + row) + gap + 6), "white")
+    draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=gap - 5)  # scalable with FreeType
+    except (TypeError, OSError, ImportError):
+        font = ImageFont.load_default()
+    y = 0
+    for img, caption in items:
+        draw.text((pad, y + 2), caption, fill=(20, 20, 20), font=font)
+        strip = Image.fromarray(np.ascontiguousarray(img)).resize((width, row), Image.NEAREST)
+        canvas.paste(strip, (pad, y + gap))
+        y += gap + row
+    step = 5.0 if window_s >= 10 else 1.0 if window_s >= 2 else 0.1
+    for k in range(int(window_s / step + 1e-9) + 1):
+        x = pad + round(k * step / window_s * (width - 1))
+        draw.line([(x, y), (x, y + 4)], fill=(20, 20, 20))
+        label = f"{k * step:g} s"
+        draw.text((min(x + 2, pad + width - 7 * len(label)), y + 4), label, fill=(20, 20, 20), font=font)
+    return np.asarray(canvas)
+
+
 class AudioBackend:
     """Whisper shared by all requests behind a lock, loaded on first use.
 
@@ -161,12 +203,16 @@ class AudioBackend:
     def _keep_frames(self, module: Any, args: Any, output: Any) -> None:
         self._encoded = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+    @property
+    def window_s(self) -> float:
+        """Seconds of one Whisper window (the timelines' span); 30 before the model is loaded."""
+        fe = getattr(self._processor, "feature_extractor", self._processor)
+        n, rate = getattr(fe, "n_samples", None), getattr(fe, "sampling_rate", SAMPLING_RATE)
+        return n / rate if n else MAX_WINDOW_S
+
     def frame_seconds(self, n_frames: int) -> float:
         """Seconds per encoder frame: the feature extractor's window length / N (whisper-tiny.en: 30 s / 1500)."""
-        fe = getattr(self._processor, "feature_extractor", self._processor)
-        n_samples = getattr(fe, "n_samples", None)
-        rate = getattr(fe, "sampling_rate", SAMPLING_RATE)
-        return n_samples / rate / n_frames if n_samples else 0.02
+        return self.window_s / n_frames
 
     def transcribe(self, audio: np.ndarray, method: str | None, keep: float | int) -> dict[str, Any]:
         """Transcribe a clip, compressed by ``method`` (None = uncompressed).
@@ -286,18 +332,22 @@ def build_audio_tab(gr: Any, backend: AudioBackend | None = None, clips: dict[st
         clip = gr.Dropdown(names, value=names[0] if names else None, label="bundled LibriVox clip")
         upload = gr.File(label="or upload a WAV", type="filepath")
     reference = gr.Textbox(label="reference transcript (for WER; a bundled clip's own when empty)", value="")
-    methods = gr.CheckboxGroup(audio_methods(), value=list(DEFAULT_AUDIO_METHODS), label="methods")
+    methods = gr.CheckboxGroup(audio_methods(), value=list(DEFAULT_AUDIO_METHODS), label="methods",
+                              elem_id="audio-methods")
     keep = gr.Slider(0.05, 1.0, value=0.5, label="keep (fraction of encoder frames)")
-    go = gr.Button("Transcribe")
+    go = gr.Button("Transcribe", elem_id="audio-run")
     table = gr.Dataframe(headers=["method", "transcript", "WER", "tokens in", "tokens out", "compress ms",
-                                  "generate ms"], label="transcripts", wrap=True)
-    gallery = gr.Gallery(label="token timelines over the 30 s window (one colour = one merged span, light grey = kept "
-                         "alone; bottom strip: white = the clip, black = padding)", columns=1)
+                                  "generate ms"], label="transcripts", wrap=True, elem_id="audio-transcripts",
+                         column_widths=["11%", "46%", "7%", "8%", "9%", "9%", "10%"])
+    gr.Markdown("Token timelines over Whisper's 30 s window: one colour = one merged group, light grey = kept alone, "
+                "dark grey = dropped; thin strip below each: white = the clip, black = Whisper's silence padding.")
+    picture = gr.Image(show_label=False, type="numpy", elem_id="audio-timelines")
 
     def handler(clip_id: str | None, up: str | None, ref: str, ms: list[str], k: float):
         try:
-            return run_audio(backend, clips, clip_id, up, ref, ms, k)
+            rows, items = run_audio(backend, clips, clip_id, up, ref, ms, k)
+            return rows, compose_timelines(items, backend.window_s) if items else None
         except ValueError as e:
             raise gr.Error(str(e)) from e
 
-    go.click(handler, [clip, upload, reference, methods, keep], [table, gallery], concurrency_limit=1)
+    go.click(handler, [clip, upload, reference, methods, keep], [table, picture], concurrency_limit=1)

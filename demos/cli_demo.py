@@ -18,7 +18,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="Gradio app: token maps, answers and costs of compressors side by side")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; never shared publicly)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--model", default="ref-vlm", help="zoo model for the image tab")
+    p.add_argument("--model", default="ref-vlm", help="image tab model: ref-vlm or a local HF VLM directory")
     p.add_argument("--bench-dir", default="runs/bench", help="default folder of the results tab")
     p.set_defaults(fn=run_demo)
     return p

@@ -133,3 +133,75 @@ def test_build_app_without_model():
     assert ok or "not available yet" in why
     fig, table, msg = results_view("/nonexistent/folder")
     assert fig is None and "summary.csv" in msg
+
+
+def test_compressor_recorder_forwards_and_records():
+    from demos.image import CompressorRecorder
+
+    comp = mmc.create("tome", keep=4)
+    rec = CompressorRecorder(comp)
+    x = torch.randn(1, 16, 8)  # [B, N, C]
+    out = rec(x, grid=(4, 4), prefix=0)
+    assert rec.name == "tome" and rec.needs == comp.needs
+    assert len(rec.calls) == 1 and rec.calls[0][:2] == ((4, 4), 0) and rec.calls[0][2] is out
+    assert torch.equal(out.x, comp(x, grid=(4, 4)).x)
+
+
+def test_model_view_unnormalises():
+    from types import SimpleNamespace
+
+    from demos.image import model_view, token_map
+
+    img = np.random.default_rng(0).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    pv = (torch.from_numpy(img).float() / 255 - torch.tensor(mean)) / torch.tensor(std)  # [S, S, 3]
+    view = model_view(pv.permute(2, 0, 1)[None], SimpleNamespace(image_mean=mean, image_std=std), img)
+    assert np.abs(view.astype(int) - img).max() <= 1
+    assert model_view(torch.zeros(2, 3, 14, 14), None, img) is img  # several tiles: the original image
+    ov = token_map(view, np.arange(4), (2, 2))
+    assert ov.shape == (224, 224, 3)
+
+
+class _FailingBackend:
+    def answer(self, image, question, method, keep):
+        if method == "bad":
+            raise ValueError("scores: not available")
+        return {"answer": "red", "tokens_in": 64, "tokens_out": 64 if method is None else 16, "compress_ms": 1.0,
+                "generate_ms": 5.0, "overlay": None if method is None else np.zeros((8, 8, 3), np.uint8)}
+
+
+def test_run_image_rows_errors_and_bad_input(tmp_path):
+    from PIL import Image
+
+    from demos.app import run_image
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    rows, gallery = run_image(_FailingBackend(), {}, str(path), None, "q?", ["tome", "bad"], 0.25)
+    assert [r[0] for r in rows] == ["none", "tome", "bad"] and rows[2][1].startswith("(cannot run: scores")
+    assert len(gallery) == 1 and gallery[0][1] == "tome: red (64 -> 16 tokens)"
+    photos = {"black": lambda: np.zeros((4, 4, 4), np.uint8)}  # RGBA loader: alpha dropped
+    assert run_image(_FailingBackend(), photos, None, "black", "q?", [], 0.5)[0][0][1] == "red"
+    for args, msg in [((None, None, "q?"), "upload an image"), ((str(path), None, " "), "question"),
+                      ((None, "nope", "q?"), "unknown photo")]:
+        with pytest.raises(ValueError, match=msg):
+            run_image(_FailingBackend(), photos, *args, ["tome"], 0.25)
+    with pytest.raises(ValueError, match="keep"):
+        run_image(_FailingBackend(), photos, str(path), None, "q?", ["tome"], 1.5)
+
+
+def test_image_backend_tiny_llava_maps_every_method(tmp_path):
+    pytest.importorskip("transformers")
+    from demos.image import ImageBackend
+    from tests.bench_fixtures import save_tiny_llava
+
+    backend = ImageBackend(str(save_tiny_llava(tmp_path / "m")), max_new_tokens=3)
+    img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    ref = backend.answer(img, "what colour is the shape", None, 0.25)
+    assert ref["tokens_in"] == ref["tokens_out"] == 16 and ref["overlay"] is None
+    for m in ("tome", "visionzip", "text_recovery"):  # similarity, attention scores, question embeddings
+        r = backend.answer(img, "what colour is the shape", m, 0.25)
+        assert (r["tokens_in"], r["tokens_out"]) == (16, 4) and r["overlay"].shape == (224, 224, 3), m
+        with pytest.raises(ValueError, match="not wrapped"):
+            mmc.stats(backend._vlm.model)  # the shared model is left unwrapped
+    assert backend.answer(img, "what colour is the shape", None, 0.25)["answer"] == ref["answer"]

@@ -16,6 +16,7 @@ from demos.audio import (
     AudioBackend,
     audio_methods,
     bundled_clips,
+    compose_timelines,
     run_audio,
     span_summary,
     timeline_image,
@@ -105,6 +106,21 @@ def test_span_summary():
     assert "3 merged groups, largest 0.14-0.22 s (4 frames)" in s and "1 frames dropped" in s
     assert span_summary(np.arange(4), 0.02) == "clip 0.08 s: 4 frames -> 4 tokens"
     assert span_summary(np.array([-1, -1]), 0.02) == "clip 0.04 s: 2 frames -> 0 tokens; 2 frames dropped"
+
+
+def test_compose_timelines():
+    a = timeline_image(np.repeat(np.arange(5), 8), clip_frames=30)  # [28, 40 * 22, 3]
+    b = timeline_image(np.arange(40))
+    pic = compose_timelines([(a, "audio_merge: x"), (b, "none")], window_s=30.0, width=400, row=20, gap=16)
+    assert pic.shape == (2 * 36 + 16 + 6, 424, 3) and pic.dtype == np.uint8
+    strip = pic[16:36, 12:412]  # [20, 400, 3] the first strip, stretched with nearest neighbours
+    assert (strip[0, 0] == a[0, 0]).all() and (strip[0, -1] == a[0, -1]).all()
+    assert (strip[-1, 0] == 255).all() and (strip[-1, -1] == 0).all()  # clip strip: white, then padding black
+    assert (pic[:14, 12:100] < 100).any()  # the caption is drawn
+    with pytest.raises(ValueError, match="items"):
+        compose_timelines([], 30.0)
+    with pytest.raises(ValueError, match="window_s"):
+        compose_timelines([(a, "x")], 0.0)
 
 
 def test_word_error_rate():

@@ -1,0 +1,174 @@
+"""End-to-end: `mmcompress demo` in a subprocess on a free 127.0.0.1 port, driven by Debian's Chromium through
+Playwright (browsers are never downloaded: ``executable_path="/usr/bin/chromium"``, installed by ``make setup``).
+
+Uploads an image, runs two methods, checks both answers (equal to the same calls made in-process) and both token
+maps, saves a screenshot, fires 8 concurrent requests that all complete, and checks a non-image upload's error.
+
+By default the model is a tiny random LLaVA (tests/bench_fixtures.py; ~30 s in all). With
+``MMCOMPRESS_WRITE_SCREENSHOT=1`` it runs the real ref-vlm on an easy-VQA test image with tome and visionzip at 25%
+and writes the README's screenshot to docs/demo.png:
+
+    MMCOMPRESS_WRITE_SCREENSHOT=1 .venv/bin/python -m pytest tests/test_demo_browser.py -q
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+WRITE_SCREENSHOT = os.environ.get("MMCOMPRESS_WRITE_SCREENSHOT") == "1"
+METHODS = ["tome", "visionzip"]
+KEEP = 0.25
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install chromium; `make setup` does it as root)"),
+    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
+                       reason="needs playwright (pip install -c constraints.txt playwright; in the dev extra)"),
+]
+if WRITE_SCREENSHOT:
+    pytestmark.append(pytest.mark.real)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"demo server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"demo server not up after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model name or dir, image path, question, server url); the server is stopped after the module."""
+    tmp = tmp_path_factory.mktemp("demo_browser")
+    from PIL import Image
+
+    if WRITE_SCREENSHOT:
+        from mmcompress.evals import easyvqa
+
+        q = next(s for s in easyvqa.load_split("test") if s.question.startswith("what is the color"))
+        model, image, question = "ref-vlm", Path(q.image_path), q.question
+    else:
+        sys.path.insert(0, str(ROOT))
+        from tests.bench_fixtures import save_tiny_llava
+
+        model = str(save_tiny_llava(tmp / "tiny_llava"))
+        image, question = tmp / "shape.png", "what colour is the shape"
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    port = free_port()
+    log = tmp / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "mmcompress", "demo", "--model", model, "--port", str(port)],
+                                cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_http(url, proc, log)
+        yield model, image, question, url, tmp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def expected_answers(model: str, image: Path, question: str) -> dict[str, str]:
+    """The same runs in-process: what the browser must show."""
+    from demos.app import run_image
+    from demos.image import ImageBackend
+
+    rows, _ = run_image(ImageBackend(model), {}, str(image), None, question, METHODS, KEEP)
+    return {r[0]: r[1] for r in rows}
+
+
+def test_browser_two_methods_screenshot_concurrency_and_bad_upload(setup):
+    from playwright.sync_api import expect, sync_playwright
+
+    model, image, question, url, tmp = setup
+    t0 = time.monotonic()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.locator("#image-upload input[type=file]").set_input_files(str(image))
+        expect(page.locator(f'#image-upload a[href$="/{image.name}"]')).to_have_count(1, timeout=30_000)
+        page.get_by_label("question").fill(question)
+        boxes = page.locator("#image-methods")
+        for m in boxes.locator("input[type=checkbox]").all():
+            m.uncheck()
+        for m in METHODS:
+            boxes.get_by_label(m, exact=True).check()
+        page.locator("#image-run").click()
+        answers = page.locator("#image-answers")
+        for m in METHODS:
+            expect(answers).to_contain_text(m, timeout=60_000)
+        overlays = page.locator("#image-overlays img")
+        expect(overlays).to_have_count(2, timeout=30_000)
+        for i in range(2):  # both token maps loaded and drawn
+            expect(overlays.nth(i)).to_be_visible()
+            assert overlays.nth(i).evaluate("im => im.complete && im.naturalWidth") == 224
+        want = expected_answers(model, image, question)
+        text = answers.inner_text()
+        for m in ["none", *METHODS]:
+            assert want[m] and want[m] in text, (m, want[m], text)
+        shot = ROOT / "docs" / "demo.png" if WRITE_SCREENSHOT else tmp / "demo.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+
+        # 8 concurrent requests through the same queue (one model behind a lock): all complete, all equal
+        from gradio_client import Client, handle_file
+
+        # download_files=False: gradio rewrites a cached output file in place when another request produces the
+        # same bytes (processing_utils.save_pil_to_cache), so 8 identical results downloaded at once can race;
+        # the point here is the queue: every request completes with the right answers
+        client = Client(url, verbose=False, download_files=False)
+
+        def call(_: int):
+            rows, gallery = client.predict(handle_file(str(image)), None, question, ["tome"], KEEP,
+                                           api_name="/run_image")
+            return [r[1] for r in rows["data"]], len(gallery)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(call, range(8)))
+        assert len(results) == 8 and all(r == (results[0][0], 1) for r in results)
+        assert results[0][0] == [want["none"], want["tome"]]
+
+        # a non-image upload is refused with a message
+        page.reload()
+        bad = tmp / "notes.png"
+        bad.write_text("this is not an image")
+        page.locator("#image-upload input[type=file]").set_input_files(str(bad))
+        expect(page.locator(f'#image-upload a[href$="/{bad.name}"]')).to_have_count(1, timeout=30_000)
+        page.locator("#image-run").click()
+        expect(page.get_by_text("the uploaded file is not an image").first).to_be_visible(timeout=30_000)
+        browser.close()
+    if not WRITE_SCREENSHOT:
+        assert time.monotonic() - t0 < 60
