@@ -70,6 +70,22 @@ def token_map(view: np.ndarray, assign: np.ndarray, grid: tuple[int, int]) -> np
     return overlay_token_map(img, assign, (gh, gw))
 
 
+def _first_assign(rec: CompressorRecorder | None, st: dict[str, Any]) -> tuple[np.ndarray | None, Any]:
+    """([N] assign of the first image item, its (gh, gw) grid or None): from the recorded compressor call (exact
+    grid), else from ``mmcompress.stats(model)["assign"]`` (placeholder families) with a square grid."""
+    if rec is not None and rec.calls:
+        grid, prefix, out = rec.calls[0]  # the first (prefill) call: [1, prefix + N] assign
+        assign = out.assign[0, prefix:].cpu().numpy()
+        ok = grid is not None and len(grid) == 2 and grid[0] * grid[1] == assign.size
+        return assign, tuple(grid) if ok else None
+    for mod, _, a in st.get("assign", []):
+        if mod == "image" and a is not None:
+            assign = a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a)  # [N]
+            g = int(round(assign.size ** 0.5))
+            return assign, (g, g) if g * g == assign.size else None
+    return None, None
+
+
 class ImageBackend:
     """Lazily loaded VLM shared by all requests behind a lock.
 
@@ -131,12 +147,10 @@ class ImageBackend:
                     mmc.remove(model)
             text = vlm._decode(ids[:, inputs["input_ids"].shape[1]:])[0]
             overlay = None
-            if rec is not None and rec.calls:
-                grid, prefix, out = rec.calls[0]  # the first (prefill) call: [1, N] assign over the image tokens
-                assign = out.assign[0, prefix:].cpu().numpy()
-                if grid is not None and len(grid) == 2 and grid[0] * grid[1] == assign.size:
-                    ip = getattr(vlm.processor, "image_processor", None)
-                    overlay = token_map(model_view(inputs.get("pixel_values"), ip, image), assign, tuple(grid))
+            assign, grid = _first_assign(rec, st)
+            if assign is not None and grid is not None:
+                ip = getattr(vlm.processor, "image_processor", None)
+                overlay = token_map(model_view(inputs.get("pixel_values"), ip, image), assign, grid)
         tokens_in = int(sum(st.get("tokens_in", []))) or n_img
         tokens_out = int(sum(st.get("tokens_out", []))) if st else tokens_in
         return {"answer": text, "tokens_in": tokens_in, "tokens_out": tokens_out,

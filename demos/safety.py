@@ -1,4 +1,4 @@
-"""Input checks for the demo: images only, pixel cap (decompression bombs), audio length cap."""
+"""Input checks for the demo: images and audio files only, pixel cap (decompression bombs), audio length cap."""
 
 from __future__ import annotations
 

@@ -205,3 +205,19 @@ def test_image_backend_tiny_llava_maps_every_method(tmp_path):
         with pytest.raises(ValueError, match="not wrapped"):
             mmc.stats(backend._vlm.model)  # the shared model is left unwrapped
     assert backend.answer(img, "what colour is the shape", None, 0.25)["answer"] == ref["answer"]
+
+
+def test_image_backend_falls_back_to_stats_assign(tmp_path, monkeypatch):
+    """Without the recorder (e.g. the adapter's attribute renamed), the map comes from mmc.stats(model)["assign"]."""
+    pytest.importorskip("transformers")
+    import demos.image as image_mod
+    from tests.bench_fixtures import save_tiny_llava
+
+    backend = image_mod.ImageBackend(str(save_tiny_llava(tmp_path / "m")), max_new_tokens=2)
+    img = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    with_rec = backend.answer(img, "what colour is the shape", "tome", 0.25)["overlay"]
+    monkeypatch.setattr(image_mod, "record_compressions", lambda model: None)
+    r = backend.answer(img, "what colour is the shape", "tome", 0.25)
+    if r["overlay"] is None:
+        pytest.skip("this mmcompress's stats carry no assign")
+    assert np.array_equal(r["overlay"], with_rec)
