@@ -34,6 +34,22 @@ def bundled_photos() -> dict[str, Any]:
             photos[name] = lambda name=name: load_sample_image(name)
     except ImportError:
         pass
+    try:  # benchmark samples: easy-VQA test images and detail test scenes (small objects: compression shows)
+        from mmcompress.evals import detail, easyvqa
+        from PIL import Image
+
+        def easyvqa_image(i: int) -> np.ndarray:
+            return np.asarray(Image.open(easyvqa.image_path("test", i)).convert("RGB"))
+
+        def detail_scene(i: int) -> np.ndarray:
+            return np.asarray(detail.render(detail.make_scene(detail.SPLIT_SEEDS["test"] + i)).convert("RGB"))
+
+        for i in range(3):
+            if easyvqa.image_path("test", i).is_file():
+                photos[f"easy-VQA test image {i}"] = lambda i=i: easyvqa_image(i)
+            photos[f"detail test scene {i}"] = lambda i=i: detail_scene(i)
+    except ImportError:
+        pass
     try:
         import matplotlib.cbook as cbook
         from PIL import Image
@@ -80,11 +96,13 @@ def image_methods() -> list[str]:
 
 
 def run_image(backend: ImageBackend, photos: dict[str, Any], upload: str | None, photo: str | None, question: str,
-              methods: list[str], keep: float) -> tuple[list[list[Any]], list[tuple[np.ndarray, str]]]:
+              methods: list[str], keep: float,
+              auto: bool = False) -> tuple[list[list[Any]], list[tuple[np.ndarray, str]]]:
     """The image tab's handler: one table row per run (uncompressed first) and one token map per method.
 
     A method the model cannot run (e.g. one needing attention scores its encoder does not give) gets its error in
-    the answer column; the other methods still run.
+    the answer column; the other methods still run. With `auto`, every method runs with keep="auto" (its own
+    per-image budget, shown as "tokens out") and `keep` is ignored.
 
     Returns:
         (rows [method, answer, tokens in, tokens out, compress ms, generate ms], [(overlay, caption)]).
@@ -104,12 +122,13 @@ def run_image(backend: ImageBackend, photos: dict[str, Any], upload: str | None,
         raise ValueError("type a question")
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
-    ref = backend.answer(image, question, None, keep)
+    budget = "auto" if auto else keep
+    ref = backend.answer(image, question, None, 1.0)
     rows = [["none", ref["answer"], ref["tokens_in"], ref["tokens_out"], 0.0, round(ref["generate_ms"], 1)]]
     gallery = []
     for m in methods:
         try:
-            r = backend.answer(image, question, m, keep)
+            r = backend.answer(image, question, m, budget)
         except (ValueError, TypeError) as e:
             rows.append([m, f"(cannot run: {e})", ref["tokens_in"], None, None, None])
             continue
@@ -150,14 +169,17 @@ def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench", audio_
             question = gr.Textbox(label="question", value="What is in the image?")
             methods = gr.CheckboxGroup(image_methods(), value=list(DEFAULT_METHODS), label="methods",
                                        elem_id="image-methods")
-            keep = gr.Slider(0.05, 1.0, value=0.25, label="keep (fraction)")
+            with gr.Row():
+                keep = gr.Slider(0.05, 1.0, value=0.25, label="keep (fraction)")
+                auto = gr.Checkbox(False, label='keep="auto": each method picks the budget of this image',
+                                   elem_id="image-auto")
             go = gr.Button("Run", elem_id="image-run")
             table = gr.Dataframe(headers=["method", "answer", "tokens in", "tokens out", "compress ms",
                                           "generate ms"], label="answers", elem_id="image-answers")
             gallery = gr.Gallery(label="token maps (merged groups tinted by slot, kept alone outlined, dropped dimmed)",
                                  columns=4, fit_columns=False, height=300, object_fit="contain",
                                  elem_id="image-overlays")
-            go.click(safe_run_image, [upload, photo, question, methods, keep], [table, gallery],
+            go.click(safe_run_image, [upload, photo, question, methods, keep, auto], [table, gallery],
                      concurrency_limit=1, api_name="run_image")
         with gr.Tab("Audio"):
             ok, why = audio_available()

@@ -107,14 +107,14 @@ class ImageBackend:
             self._vlm = VLMBackend.load(self.model_name)
         return self._vlm
 
-    def answer(self, image: np.ndarray, question: str, method: str | None, keep: float) -> dict[str, Any]:
+    def answer(self, image: np.ndarray, question: str, method: str | None, keep: float | str) -> dict[str, Any]:
         """Answer a question, compressed by ``method`` (None = uncompressed).
 
         Args:
             image: uint8 [H, W, 3].
             question: the question text.
             method: compressor name or None.
-            keep: fraction of image tokens kept, (0, 1].
+            keep: fraction of image tokens kept, (0, 1], or "auto" (the method's own per-image budget).
 
         Returns:
             dict with answer, tokens_in, tokens_out, compress_ms, generate_ms, overlay (uint8 [S, S, 3] or None when
@@ -125,8 +125,8 @@ class ImageBackend:
 
         import mmcompress as mmc
 
-        if not 0 < keep <= 1:
-            raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
+        if keep != "auto" and (isinstance(keep, str) or not 0 < keep <= 1):
+            raise ValueError(f"keep must be a fraction in (0, 1] or 'auto', got {keep!r}")
         with self.lock, torch.inference_mode():
             vlm = self._load()
             model = vlm.model

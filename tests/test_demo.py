@@ -221,3 +221,21 @@ def test_image_backend_falls_back_to_stats_assign(tmp_path, monkeypatch):
     if r["overlay"] is None:
         pytest.skip("this mmcompress's stats carry no assign")
     assert np.array_equal(r["overlay"], with_rec)
+
+
+def test_benchmark_samples_are_offered_and_auto_reaches_the_backend():
+    from demos.app import bundled_photos, run_image
+
+    photos = bundled_photos()
+    scenes = [n for n in photos if n.startswith("detail test scene")]
+    assert scenes and photos[scenes[0]]().shape[-1] == 3
+    seen = []
+
+    class _Backend:
+        def answer(self, image, question, method, keep):
+            seen.append((method, keep))
+            return {"answer": "x", "tokens_in": 64, "tokens_out": 64 if method is None else 20, "compress_ms": 0.1,
+                    "generate_ms": 1.0, "overlay": None}
+
+    rows, _ = run_image(_Backend(), photos, None, scenes[0], "q?", ["tome"], 0.25, True)
+    assert seen == [(None, 1.0), ("tome", "auto")] and rows[1][3] == 20
