@@ -53,7 +53,7 @@ bench: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/compressor_speed.py --out runs/speed/speed.csv
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/vit_merge_speed.py --out runs/speed/vit_merge.csv
+	$(BIN)/python benchmarks/vit_merge_speed.py --out runs/speed/vit_merge.csv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs/bench runs/speed

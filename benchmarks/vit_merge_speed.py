@@ -45,8 +45,8 @@ def block_counts(r: int, keep: int) -> list[tuple[int, int]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=11)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--r", default="8,16", help="comma list of r (tokens merged per block)")
     p.add_argument("--out", type=Path, default=Path("runs/speed/vit_merge.csv"))
     a = p.parse_args()
