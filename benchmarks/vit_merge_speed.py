@@ -12,9 +12,9 @@ the target of issue 13 is measured / ideal >= 0.97 at r = 16.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +22,9 @@ import torch
 import transformers
 
 import mmcompress as mmc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from csv_rows import write_rows  # noqa: E402
 
 C, LAYERS, HEADS, PATCHES, PATCH = 768, 12, 12, 196, 16
 
@@ -89,12 +92,7 @@ def main() -> None:
                      "threads": a.threads,
                      "versions": f"torch {torch.__version__}; transformers {transformers.__version__}; "
                                  f"mmcompress {mmc.__version__}; {platform.machine()}"})
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in row.items()})
+    write_rows(a.out, rows, digits=3)
     for row in rows:
         print(f"r={row['r']:>2}  {row['images_per_s_p50']:6.2f} img/s  speed-up x{row['speedup_p50']:.2f}  "
               f"FLOP-ideal x{row['flop_ideal_speedup']:.2f}  measured/ideal {row['measured_over_ideal']:.3f}")

@@ -13,8 +13,8 @@ same tokens. Rows: setting, frames kept, p20/p50/p80 ms of the encoder and of th
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +24,9 @@ import torch
 import mmcompress as mmc
 from mmcompress import zoo
 from mmcompress.zoo.data import load_librivox
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from csv_rows import write_rows  # noqa: E402
 
 SETTINGS = (("none", 1.0), ("audio_merge", 0.5), ("audio_merge", 0.25), ("pool", 0.25))
 
@@ -76,12 +79,7 @@ def main() -> None:
                      "encoder_ms_p80": np.percentile(enc, 80), "decoder_ms_p20": np.percentile(dec, 20),
                      "decoder_ms_p50": np.percentile(dec, 50), "decoder_ms_p80": np.percentile(dec, 80),
                      "decoder_ratio_p50": float(np.median(dec / base)), "threads": a.threads, "versions": versions})
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: f"{v:.2f}" if isinstance(v, float) else v for k, v in r.items()})
+    write_rows(a.out, rows, digits=2)
     for r in rows:
         print(f"{r['setting']:>18}  frames {r['frames']:>5}  encoder p50 {r['encoder_ms_p50']:7.1f} ms  "
               f"decoder p50 {r['decoder_ms_p50']:7.1f} ms  (x{r['decoder_ratio_p50']:.2f} of none)")
