@@ -63,7 +63,7 @@ def tower_scores(cap: QKCapture, n_out: int, strategy: str | None = "default") -
 
 def _square_items(adapter: Any, mod: Modality, out: Any, cap: Any) -> list[ItemMeta]:
     """One item per row of a [T, n, C] pooler output, square (s, s) grid, scores from the tower capture."""
-    feats = adapter.family.features(mod, out, None)
+    feats = adapter.family.features(mod, out)
     s = _square(feats[0].shape[0], "tokens")
     scores = [None] * len(feats)
     if cap is not None and cap.q is not None:
@@ -134,10 +134,10 @@ class SmolVLMFamily(Family):
     modalities = (IMAGE,)
     structural = ("fake_image_token_id", "global_image_token_id")
 
-    def features(self, mod: Modality, out: Any, counts: list[int] | None) -> list[torch.Tensor]:
+    def features(self, mod: Modality, out: Any) -> list[torch.Tensor]:
         """The model returns one [tiles * n, C] block per sample: split it into tiles of n = s * s tokens."""
         n = getattr(out, "_mmcompress_tile_tokens", None)
-        blocks = super().features(mod, out, counts)
+        blocks = super().features(mod, out)
         if n is None:
             return blocks
         return [t for blk in blocks for t in torch.split(blk, n)]

@@ -148,19 +148,15 @@ class Family:
                 return getattr(lm, "model", lm).layers
         raise ValueError(f"model: cannot find the LLM layers of {type(core).__name__}")
 
-    def features(self, mod: Modality, out: Any, counts: list[int] | None) -> list[torch.Tensor]:
-        """Per-item features [N_i, C] from an encoder output, in placeholder order.
-
-        `counts` are the placeholder runs of the items when the output does not say (a flat [S, C] tensor).
-        """
+    def features(self, mod: Modality, out: Any) -> list[torch.Tensor]:
+        """Per-item features [N_i, C] from an encoder output, in placeholder order (a list/tuple: one item each;
+        [I, N, C]: one item per row; a flat [S, C] tensor: one item, unless the family overrides this)."""
         p = out.pooler_output
         if isinstance(p, (list, tuple)):
             return [t.reshape(-1, t.shape[-1]) for t in p]
         if p.dim() == 3:
             return list(p)
-        if counts is None:
-            return [p]
-        return list(torch.split(p, counts))
+        return [p]
 
     def pack(self, mod: Modality, out: Any, feats: list[torch.Tensor], kept: list[torch.Tensor | None]) -> Any:
         """An encoder output holding the compressed per-item features, in the form forward reads.
@@ -180,7 +176,7 @@ class Family:
     def describe(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any], out: Any,
                  cap: Any) -> list[ItemMeta]:
         """Per-item grid / scores / structural tokens, from the encoder's arguments and output (default: none)."""
-        return [ItemMeta() for _ in self.features(mod, out, None)]
+        return [ItemMeta() for _ in self.features(mod, out)]
 
     def check(self, adapter: PlaceholderAdapter) -> None:
         """Validate the adapter's options for this family (raise ValueError naming the option)."""
@@ -447,7 +443,7 @@ class PlaceholderAdapter(Adapter):
     def _items(self, mod: Modality, out: Any, ids: torch.Tensor, texts: list) -> list[dict[str, Any]]:
         """The items of one modality: features, placeholder columns, what the compressor gets."""
         fam = self.family
-        feats = fam.features(mod, out, None)
+        feats = fam.features(mod, out)
         segs = media_segments(ids, self.tokens[mod.name], [f.shape[0] for f in feats])  # (sample, [n_i] columns)
         meta = getattr(out, META_ATTR, None)
         if meta is None:
@@ -579,7 +575,7 @@ class PlaceholderAdapter(Adapter):
             with torch.no_grad():
                 emb = self.model.get_input_embeddings()(new["input_ids"])  # [B, L', C]
                 for mod, _, _ in per_mod:
-                    f = torch.cat(fam.features(mod, enc_out[mod.name], None)).to(emb.device, emb.dtype)
+                    f = torch.cat(fam.features(mod, enc_out[mod.name])).to(emb.device, emb.dtype)
                     emb = emb.masked_scatter((new["input_ids"] == self.tokens[mod.name]).unsqueeze(-1), f)
             new["inputs_embeds"], new["input_ids"] = emb, None
         fv = self.fastv

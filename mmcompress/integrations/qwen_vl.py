@@ -77,13 +77,13 @@ class Qwen2VLFamily(Family):
     def score_capture(self, adapter: Any, mod: Modality, args: dict[str, Any]) -> _Capture:
         return _Capture(adapter.core.visual.blocks[-1].attn)
 
-    def features(self, mod: Modality, out: Any, counts: list[int] | None) -> list[torch.Tensor]:
+    def features(self, mod: Modality, out: Any) -> list[torch.Tensor]:
         p = out.pooler_output
         if isinstance(p, torch.Tensor):  # one flat [S, C] tensor: split by the item grids
             meta = getattr(out, "_mmcompress_meta", None)
             if meta is not None:
                 return list(torch.split(p, [int(torch.tensor(mt.grid).prod()) for mt in meta]))
-        return super().features(mod, out, counts)
+        return super().features(mod, out)
 
     def rope_index(self, adapter: Any, kw: dict[str, Any], mm: torch.Tensor) -> torch.Tensor:
         core = adapter.core
