@@ -262,3 +262,14 @@ def qwen3_video_sample(seed: int = 0, pre: int = 2, post: int = 4):
     frames = ([START] + [VID] * 4 + [END]) * 2
     return torch.tensor(a + frames + b), {
         "pixel_values_videos": torch.randn(32, 96, generator=g), "video_grid_thw": torch.tensor([[2, 4, 4]])}
+
+
+def tiny_whisper(seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
+    """A tiny random Whisper (8 mel bins, 40 encoder frames), eval mode."""
+    cfg = T.WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, max_source_positions=40, max_target_positions=32, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, suppress_tokens=[],
+                          begin_suppress_tokens=[])
+    torch.manual_seed(seed)
+    return T.WhisperForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()

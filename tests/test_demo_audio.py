@@ -8,6 +8,7 @@ import wave
 import numpy as np
 import pytest
 import torch
+from family_tiny import tiny_whisper
 
 import mmcompress as mmc
 from demos.audio import (
@@ -55,16 +56,6 @@ class TinyProcessor:
 
     def batch_decode(self, ids, skip_special_tokens=True):
         return [" ".join(f"w{int(t)}" for t in row if int(t) > 2) for row in ids]
-
-
-def tiny_whisper(seed: int = 0):
-    cfg = transformers.WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2,
-                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                     decoder_ffn_dim=64, max_source_positions=40, max_target_positions=32,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-                                     suppress_tokens=[], begin_suppress_tokens=[])
-    torch.manual_seed(seed)
-    return transformers.WhisperForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
 
 
 @pytest.fixture(scope="module")

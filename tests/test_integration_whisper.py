@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from family_tiny import tiny_whisper
 
 import mmcompress as mmc
 
-
-def tiny(seed: int = 0, attn: str = "sdpa") -> transformers.WhisperForConditionalGeneration:
-    cfg = transformers.WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2,
-                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                     decoder_ffn_dim=64, max_source_positions=40, max_target_positions=32,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-                                     suppress_tokens=[], begin_suppress_tokens=[])
-    torch.manual_seed(seed)
-    return transformers.WhisperForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+tiny = tiny_whisper
 
 
 def feats(B: int = 2, seed: int = 0) -> torch.Tensor:
