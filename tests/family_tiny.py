@@ -31,7 +31,7 @@ class Spec:
     sample: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     token: int  # the placeholder id
     per_token: Callable[[torch.Tensor], dict[str, torch.Tensor]] = field(default=lambda ids: {})
-    batch_invariant: bool = True  # the UNWRAPPED model's padded batch rows equal its single runs
+    batch_invariant: bool = True  # the UNWRAPPED model's padded batch rows equal its single runs on SDPA
 
 
 def _question(g: torch.Generator, pre: int, post: int) -> tuple[list[int], list[int]]:
@@ -201,7 +201,8 @@ def _paligemma_sample(seed: int = 0, pre: int = 2, post: int = 4):
 
 
 SPECS = {
-    # transformers 5.24's PaliGemma: padding one row of a batch changes the other rows' logits (~5e-2, unwrapped)
+    # transformers 5.24's PaliGemma on SDPA: padding one row of a batch changes the other rows' logits (~5e-2,
+    # unwrapped); on eager attention rows are independent, so its batch tests run on eager
     "paligemma": Spec("paligemma", _paligemma, _paligemma_sample, IMG, batch_invariant=False),
     "qwen2_vl": Spec("qwen2_vl", _qwen2_vl, _mrope_sample, IMG,
                      per_token=lambda ids: {"mm_token_type_ids": (ids == IMG).int()}),
@@ -226,9 +227,11 @@ SPECS = {
 }
 
 
-def build(name: str, seed: int = 0) -> torch.nn.Module:
+def build(name: str, seed: int = 0, attn: str | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = SPECS[name].build().eval()
+    if attn is not None:
+        model.set_attn_implementation(attn)
     model.generation_config.eos_token_id = None  # generate() always runs max_new_tokens: batch == single runs
     return model
 
