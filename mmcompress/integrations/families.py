@@ -21,11 +21,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.compressors.attention_scores import QKCapture, attention_row_scores
 from mmcompress.integrations.llava import vision_layers, vision_scores_capture
-from mmcompress.integrations.placeholder import Family, ItemMeta, Modality, register_family
+from mmcompress.integrations.placeholder import META_ATTR, Family, ItemMeta, Modality, register_family
 
 __all__ = ["PaliGemmaFamily", "Gemma3Family", "InternVLFamily", "SmolVLMFamily", "Mistral3Family",
            "LlavaNextVideoFamily", "Qwen2AudioFamily", "block_pool"]
 
+TILE_ATTR = "_mmcompress_tile_tokens"  # SmolVLM encoder outputs: tokens per tile (set by `describe`)
 IMAGE = Modality("image", "pixel_values", ("image_token_id", "image_token_index"))
 
 
@@ -136,7 +137,7 @@ class SmolVLMFamily(Family):
 
     def features(self, mod: Modality, out: Any) -> list[torch.Tensor]:
         """The model returns one [tiles * n, C] block per sample: split it into tiles of n = s * s tokens."""
-        n = getattr(out, "_mmcompress_tile_tokens", None)
+        n = getattr(out, TILE_ATTR, None)
         blocks = super().features(mod, out)
         if n is None:
             return blocks
@@ -148,7 +149,7 @@ class SmolVLMFamily(Family):
     def describe(self, adapter: Any, mod: Modality, args: dict[str, Any], out: Any, cap: Any) -> list[ItemMeta]:
         cfg = adapter.model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
-        object.__setattr__(out, "_mmcompress_tile_tokens", side * side)
+        object.__setattr__(out, TILE_ATTR, side * side)
         return _square_items(adapter, mod, out, cap)
 
 
@@ -211,10 +212,6 @@ class LlavaNextVideoFamily(Family):
         return [ItemMeta(grid=(T, s, s), scores=x) for x in scores]
 
 
-class _AudioEncoding(BaseModelOutputWithPooling):
-    pass
-
-
 @register_family
 class Qwen2AudioFamily(Family):
     """Qwen2-Audio: one item per clip, a 1-D sequence of its valid pooled encoder frames. Its forward has no
@@ -239,8 +236,7 @@ class Qwen2AudioFamily(Family):
             raise ValueError("feature_attention_mask: Qwen2-Audio compression needs the mel-frame mask")
         from transformers.masking_utils import create_bidirectional_mask
 
-        _, out_len = tower._get_feat_extract_output_lengths(fam.sum(-1))
-        in_len, _ = tower._get_feat_extract_output_lengths(fam.sum(-1))
+        in_len, out_len = tower._get_feat_extract_output_lengths(fam.sum(-1))  # [B] encoder / pooled frames
         B, _, n_mel = feats.shape
         n_seq = (n_mel - 2) // 2 + 1
         valid2d = (torch.arange(n_seq, device=in_len.device)[None] < in_len[:, None]).long()  # [B, n_seq]
@@ -263,6 +259,6 @@ class Qwen2AudioFamily(Family):
                                          num_heads=cap.num_heads, key_mask=valid2d[b: b + 1].bool())  # [1, n_seq]
                 sc = F.avg_pool1d(s[None], 2, 2)[0, 0, :m]  # the encoder's 2x average pooler
             metas.append(ItemMeta(grid=None, scores=sc))
-        out = _AudioEncoding(pooler_output=tuple(items))
-        object.__setattr__(out, "_mmcompress_meta", metas)
+        out = BaseModelOutputWithPooling(pooler_output=tuple(items))
+        object.__setattr__(out, META_ATTR, metas)
         return out

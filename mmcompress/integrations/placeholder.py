@@ -568,9 +568,7 @@ class PlaceholderAdapter(Adapter):
         valid = torch.ones(B, L, dtype=torch.bool, device=dev) if am is None else am.bool()
         removed = valid.sum(1) - (valid.sum(1) if shrunk is None else shrunk.attention_mask.sum(1))  # [B]
 
-        media = torch.zeros_like(new["input_ids"], dtype=torch.bool)  # [B, L'] media columns
-        for t in self.tokens.values():
-            media |= new["input_ids"] == t
+        ids_new = new["input_ids"]  # [B, L']
         if fam.merge == "embeds":  # forward cannot take features: merge them into the embeddings as it would
             with torch.no_grad():
                 emb = self.model.get_input_embeddings()(new["input_ids"])  # [B, L', C]
@@ -582,6 +580,9 @@ class PlaceholderAdapter(Adapter):
         if fv is not None and fv.r > 0:
             if new.get("labels") is not None:
                 raise ValueError("labels: FastV prunes the LLM sequence; a loss over it is not supported")
+            media = torch.zeros_like(ids_new, dtype=torch.bool)  # [B, L'] media columns
+            for t in self.tokens.values():
+                media |= ids_new == t
             with fv.armed(media, new.get("attention_mask")):
                 out = self._orig(**new)
             self.last_stats["fastv_removed"] = list(fv.last_removed)

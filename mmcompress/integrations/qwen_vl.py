@@ -22,7 +22,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.compressors.attention_scores import attention_row_scores
-from mmcompress.integrations.placeholder import Family, ItemMeta, Modality, register_family
+from mmcompress.integrations.placeholder import META_ATTR, Family, ItemMeta, Modality, register_family
 
 __all__ = ["Qwen2VLFamily", "Qwen3VLFamily", "Glm4vFamily", "vision_scores"]
 
@@ -80,7 +80,7 @@ class Qwen2VLFamily(Family):
     def features(self, mod: Modality, out: Any) -> list[torch.Tensor]:
         p = out.pooler_output
         if isinstance(p, torch.Tensor):  # one flat [S, C] tensor: split by the item grids
-            meta = getattr(out, "_mmcompress_meta", None)
+            meta = getattr(out, META_ATTR, None)
             if meta is not None:
                 return list(torch.split(p, [int(torch.tensor(mt.grid).prod()) for mt in meta]))
         return super().features(mod, out)
