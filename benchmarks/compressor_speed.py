@@ -5,11 +5,18 @@ op / clone) is robust to this machine's noise; p20/p50/p80 are over the repeats.
 
 Issue-13 rows (`--only tome-peer` runs just these): `tome` with a 64-d metric on [16, 577, 768] at keep N - 16 and
 N / 2, against `x.clone()` and against a straight PyTorch transcription of the ToMe paper's round
-(benchmarks/tome_paper_reference.py), the three timed back to back in every repeat; targets: tome <= 3x the clone,
-peer / tome >= 2.
+(benchmarks/tome_paper_reference.py), all timed back to back in every repeat; targets: tome <= 3x the clone,
+peer / tome >= 2. The clone allocates (on this glibc machine a fresh 28 MB block often pays first-touch page faults,
+as tome's own output does), so `copy_into` (the same copy into reused memory) and `tome[checks=0]` (without the
+finiteness pass over x) are timed too, and every op's ratio to both copies is in its row.
 
     python benchmarks/compressor_speed.py --out runs/bench/speed.csv
     python benchmarks/compressor_speed.py --only tome-peer --threads 1 --out runs/speed/tome_peer.csv
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296 \
+        python benchmarks/compressor_speed.py --only tome-peer --out runs/speed/tome_peer_warm_malloc.csv
+
+The second form keeps freed memory mapped (no first-touch page faults for any op, clone included); the rows record
+GLIBC_TUNABLES.
 """
 
 from __future__ import annotations
@@ -72,17 +79,33 @@ def bench_case(x, comp, kw, repeats: int, inner: int):
 PEER_SHAPE = ("vit-b 577, 64-d metric", (16, 577, 768), 64)
 
 
+def unchecked(comp, x: torch.Tensor, metric: torch.Tensor):
+    """`comp(x, metric=metric)` with MMCOMPRESS_CHECKS=0 (no finiteness pass over x)."""
+    old = os.environ.get("MMCOMPRESS_CHECKS")
+    os.environ["MMCOMPRESS_CHECKS"] = "0"
+    try:
+        return comp(x, metric=metric)
+    finally:
+        if old is None:
+            del os.environ["MMCOMPRESS_CHECKS"]
+        else:
+            os.environ["MMCOMPRESS_CHECKS"] = old
+
+
 def bench_peer(repeats: int, inner: int, threads: int) -> list[dict]:
     """tome vs x.clone() vs the paper transcription, interleaved in every repeat; one row per op and keep."""
     label, shape, d = PEER_SHAPE
     x = torch.randn(*shape)
     metric = torch.randn(shape[0], shape[1], d)
+    buf = torch.empty_like(x)  # reused memory: the copy without the allocator's first-touch page faults
     N = shape[1]
     rows = []
     for keep in (N - 16, N // 2):
         comp = mmc.create("tome", keep=keep)
         r = N - keep
-        ops = {"clone": lambda: x.clone(), "tome": lambda comp=comp: comp(x, metric=metric),
+        ops = {"clone": lambda: x.clone(), "copy_into": lambda: buf.copy_(x),
+               "tome": lambda comp=comp: comp(x, metric=metric),
+               "tome[checks=0]": lambda comp=comp: unchecked(comp, x, metric),
                "tome_paper_peer": lambda r=r: paper_tome(x, metric, r)}
         for f in ops.values():  # warm-up
             f()
@@ -94,6 +117,7 @@ def bench_peer(repeats: int, inner: int, threads: int) -> list[dict]:
                     f()
                 t[k].append((time.perf_counter() - t0) / inner * 1e3)
         to_clone = {k: statistics.median(a / c for a, c in zip(v, t["clone"], strict=True)) for k, v in t.items()}
+        to_copy = {k: statistics.median(a / c for a, c in zip(v, t["copy_into"], strict=True)) for k, v in t.items()}
         peer_over = statistics.median(p / o for p, o in zip(t["tome_paper_peer"], t["tome"], strict=True))
         for k, v in t.items():
             p20, p50, p80 = quantiles(v)
@@ -102,12 +126,17 @@ def bench_peer(repeats: int, inner: int, threads: int) -> list[dict]:
                          "p20_ms": f"{p20:.3f}", "p50_ms": f"{p50:.3f}", "p80_ms": f"{p80:.3f}",
                          "clone_p50_ms": f"{statistics.median(t['clone']):.3f}",
                          "ratio_to_clone_p50": f"{to_clone[k]:.2f}",
+                         "copy_p50_ms": f"{statistics.median(t['copy_into']):.3f}",
+                         "ratio_to_copy_p50": f"{to_copy[k]:.2f}",
                          "peer_over_tome_p50": f"{peer_over:.2f}" if k == "tome" else "", "threads": threads,
+                         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                          "device": platform.processor() or platform.machine(), "torch": torch.__version__,
                          "mmcompress": mmc.__version__, "python": platform.python_version()})
         print(f"{label} keep={keep}: tome {statistics.median(t['tome']):.2f} ms = {to_clone['tome']:.2f}x clone "
-              f"({statistics.median(t['clone']):.2f} ms), peer / tome {peer_over:.2f}x "
-              f"(peer {statistics.median(t['tome_paper_peer']):.2f} ms)", file=sys.stderr, flush=True)
+              f"({statistics.median(t['clone']):.2f} ms) = {to_copy['tome']:.2f}x copy into reused memory "
+              f"({statistics.median(t['copy_into']):.2f} ms); checks off {to_copy['tome[checks=0]']:.2f}x copy; "
+              f"peer / tome {peer_over:.2f}x (peer {statistics.median(t['tome_paper_peer']):.2f} ms)",
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -124,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["op", "provider", "shape", "dtype", "keep", "checks", "metric_d", "p20_ms", "p50_ms", "p80_ms",
-              "clone_p50_ms", "ratio_to_clone_p50", "peer_over_tome_p50", "threads", "device", "torch", "mmcompress",
-              "python"]
+              "clone_p50_ms", "ratio_to_clone_p50", "copy_p50_ms", "ratio_to_copy_p50", "peer_over_tome_p50",
+              "threads", "glibc_tunables", "device", "torch", "mmcompress", "python"]
     rows = bench_peer(args.repeats, args.inner, args.threads)
     total = 0 if args.only == "tome-peer" else len(SHAPES) * len(CASES) * 2
     i = 0

@@ -69,7 +69,30 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(B, device=idx.device).unsqueeze(1), idx]
 
 
-def merge_reference(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor):
+def gather_rows_after(x: torch.Tensor, head: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """[B, P + M, C]: the P rows of `head` [B, P, C], then `gather_rows(x, idx)` for idx [B, M], in one output.
+
+    When `head` sits right before `x` in one storage (x = full[:, P:], head = full[:, :P], as the base class
+    slices the prefix off), both come from a single gather over the parent rows: no second copy of the output.
+    """
+    if head is None:
+        return gather_rows(x, idx)
+    B, P, C = head.shape
+    n = x.shape[1]
+    adjacent = (
+        head.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        and head.stride() == x.stride()
+        and head.storage_offset() + P * x.stride(1) == x.storage_offset()
+    )
+    if adjacent:
+        parent = x.as_strided((B, P + n, C), x.stride(), head.storage_offset())  # [B, P + n, C] view
+        full_idx = torch.cat([torch.arange(P, device=idx.device).expand(B, P), idx + P], 1)  # [B, P + M]
+        return gather_rows(parent, full_idx)
+    return torch.cat([head, gather_rows(x, idx)], 1)
+
+
+def merge_reference(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor,
+                    head: torch.Tensor | None = None):
     """Plain PyTorch: gather the survivors, then add the merged tokens into their rows and divide by the new sizes
     (only those rows when few receive, in place over the output when many do).
 
@@ -78,16 +101,19 @@ def merge_reference(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.
         size: [B, n] float sizes, or None for all ones.
         node_idx: [B, na] int64 best B row of every A row.
         src_a: [B, r] int64 A rows that merge.
+        head: optional [B, P, C] tokens copied unchanged in front of the output (a compressor's prefix).
 
     Returns:
-        out [B, M, C] in x's dtype (sums in float32 for half types; unmerged rows are exact copies),
-        out_size [B, M] float32, assign [B, n] int64, keep_pos [B, M] int64.
+        out [B, P + M, C] in x's dtype (sums in float32 for half types; unmerged rows and head are exact copies),
+        out_size [B, M] float32, assign [B, n] int64, keep_pos [B, M] int64 (P = 0 without `head`).
     """
     B, n, C = x.shape
     r = src_a.shape[1]
     M = n - r
+    P = 0 if head is None else head.shape[1]
+    Mt = P + M  # output rows per sample
     keep_pos, assign, dst_slot, src_pos = merge_indices(node_idx, src_a, n)
-    out = gather_rows(x, keep_pos)  # [B, M, C]
+    out = gather_rows_after(x, head, keep_pos)  # [B, P + M, C]
     if size is None:
         out_size = torch.ones(B, M, dtype=torch.float32, device=x.device)
     else:
@@ -95,36 +121,39 @@ def merge_reference(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.
     if r == 0:
         return out, out_size, assign, keep_pos
     acc = _acc(x.dtype)
-    rows = (dst_slot + torch.arange(B, device=x.device).unsqueeze(1) * M).reshape(-1)  # [B*r] rows of out
-    flat = out.view(B * M, C)
+    rows = (dst_slot + P + torch.arange(B, device=x.device).unsqueeze(1) * Mt).reshape(-1)  # [B*r] rows of out
+    flat = out.view(B * Mt, C)
     src_x = gather_rows(x, src_pos).reshape(B * r, C).to(acc)  # [B*r, C]
     w_src = None if size is None else size.gather(1, src_pos).reshape(-1).to(acc)  # [B*r]
     if w_src is not None:
         src_x.mul_(w_src.unsqueeze(1))
     if acc == x.dtype and 4 * r >= M:
         # many receiving rows: sum in place in out (no [rows, C] temporaries, each a fresh allocation on CPU);
-        # unmerged rows are scaled by exactly 1, so they stay bit-exact copies
-        w_all = out_size.view(-1).to(acc)  # [B*M] surviving token's own size
-        ones = torch.ones(B * M, dtype=acc, device=x.device)
-        den = w_all.index_add(0, rows, torch.ones_like(src_x[:, 0]) if w_src is None else w_src)  # [B*M]
+        # unmerged rows and the head are scaled by exactly 1, so they stay bit-exact copies
+        w_all = torch.ones(B, Mt, dtype=acc, device=x.device)
+        w_all[:, P:] = out_size  # surviving token's own size
+        w_all = w_all.view(-1)  # [B*Mt]
+        ones = torch.ones(B * Mt, dtype=acc, device=x.device)
+        den = w_all.index_add(0, rows, torch.ones_like(src_x[:, 0]) if w_src is None else w_src)  # [B*Mt]
         if w_src is not None:
             flat.mul_(ones.index_copy(0, rows, w_all.index_select(0, rows)).unsqueeze(1))  # w_d x_d on merged rows
         flat.index_add_(0, rows, src_x)  # edges summed in src_a order
         flat.div_(ones.index_copy_(0, rows, den.index_select(0, rows)).unsqueeze(1))
-        out_size.view(-1).copy_(den)
+        out_size.copy_(den.view(B, Mt)[:, P:])
         return out, out_size, assign, keep_pos
     uniq, inv = torch.unique(rows, return_inverse=True)  # [U] receiving rows, [B*r] edge -> receiving row
     num = flat.index_select(0, uniq).to(acc)  # [U, C]
+    slots = (uniq // Mt) * M + uniq % Mt - P  # [U] the receiving rows' entries in out_size
     if w_src is None:
         w_src = torch.ones(B * r, dtype=acc, device=x.device)
         den = torch.ones(uniq.shape[0], dtype=acc, device=x.device)
     else:
-        den = out_size.view(-1).index_select(0, uniq).to(acc)  # [U]
+        den = out_size.view(-1).index_select(0, slots).to(acc)  # [U]
         num.mul_(den.unsqueeze(1))
     num.index_add_(0, inv, src_x)  # edges summed in src_a order
     den = den.index_add(0, inv, w_src)
     flat.index_copy_(0, uniq, (num / den.unsqueeze(1)).to(x.dtype))
-    out_size.view(-1).index_copy_(0, uniq, den.float())
+    out_size.view(-1).index_copy_(0, slots, den.float())
     return out, out_size, assign, keep_pos
 
 
@@ -176,10 +205,11 @@ def _kernel():
 
 
 def merge_triton(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor,
+                 head: torch.Tensor | None = None,
                  out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, block_c: int = 1024):
     """Triton path of `merge_reference` (same arguments and returns; float16/bfloat16/float32 x).
 
-    `out` = (tokens [B, M, C], sizes [B, M] float32, assign [B, n] int64) buffers to fill (tests poison them).
+    `out` = (tokens [B, P + M, C], sizes [B, M] float32, assign [B, n] int64) buffers to fill (tests poison them).
     """
     triton, kernel = _kernel()
     B, n, C = x.shape
@@ -190,30 +220,37 @@ def merge_triton(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Ten
     contrib = src_pos.gather(1, order).contiguous()
     cnt = torch.zeros(B, M, dtype=torch.long, device=x.device).scatter_add_(1, dst_slot, torch.ones_like(dst_slot))
     start = cnt.cumsum(1) - cnt  # [B, M] CSR offsets into contrib
+    P = 0 if head is None else head.shape[1]
     if out is None:
-        o = torch.empty(B, M, C, dtype=x.dtype, device=x.device)
+        o = torch.empty(B, P + M, C, dtype=x.dtype, device=x.device)
         osize = torch.empty(B, M, dtype=torch.float32, device=x.device)
         assign = torch.empty(B, n, dtype=torch.long, device=x.device)
     else:
         o, osize, assign = out
+    if P:
+        o[:, :P] = head
+    body = o[:, P:]  # [B, M, C] view: the kernel writes through its strides
     w = size.contiguous() if size is not None else osize  # placeholder pointer when HAS_W is False
     if M > 0:
-        kernel[(M, B)](x, w, keep_pos.contiguous(), start, cnt, contrib, o, osize, assign, n, M, r, C,
-                       *x.stride(), *o.stride(), HAS_W=size is not None,
+        kernel[(M, B)](x, w, keep_pos.contiguous(), start, cnt, contrib, body, osize, assign, n, M, r, C,
+                       *x.stride(), *body.stride(), HAS_W=size is not None,
                        BLOCK_C=min(block_c, max(16, triton.next_power_of_2(C))))
     return o, osize, assign, keep_pos
 
 
-def merge_tokens(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor):
+def merge_tokens(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tensor, src_a: torch.Tensor,
+                 head: torch.Tensor | None = None):
     """Size-weighted merge of one matching round, dispatched by MMCOMPRESS_KERNELS (float64 x: reference only).
 
     Args:
         x: [B, n, C] tokens; size: [B, n] sizes or None (ones); node_idx: [B, ceil(n/2)] int64 best B row of every
-            A row; src_a: [B, r] int64 distinct A rows that merge.
+            A row; src_a: [B, r] int64 distinct A rows that merge; head: optional [B, P, C] tokens put unchanged in
+            front of the output (the prefix, written in the same pass instead of concatenated afterwards).
 
     Returns:
-        out [B, n - r, C] (x's dtype), out_size [B, n - r] float32, assign [B, n] int64, keep_pos [B, n - r] int64.
+        out [B, P + n - r, C] (x's dtype), out_size [B, n - r] float32, assign [B, n] int64, keep_pos [B, n - r]
+        int64.
     """
     if x.dtype != torch.float64 and use_triton(x):
-        return merge_triton(x, size, node_idx, src_a)
-    return merge_reference(x, size, node_idx, src_a)
+        return merge_triton(x, size, node_idx, src_a, head)
+    return merge_reference(x, size, node_idx, src_a, head)

@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM's linear layers (0 = projector only)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
     p.add_argument("--lora-lr", type=float, default=None, help="peak learning rate of the LoRA (default --lr)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the forward (fp32 weights, optimizer and loss): about 2x faster matmuls on "
+                        "CPUs with AVX512-BF16/AMX")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma list of Linear names in every LLM layer that get a LoRA")
     args = p.parse_args(argv)
@@ -504,8 +507,9 @@ def main(argv: list[str] | None = None) -> None:
         b = packer.batch(ids)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args) * g.get("peak", args.lr) / args.lr
-        logits = packed_forward(model, std, train_feats[ids], b)  # [K, vocab]
-        loss = F.cross_entropy(logits, b["tgt"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = packed_forward(model, std, train_feats[ids], b)  # [K, vocab]
+        loss = F.cross_entropy(logits.float(), b["tgt"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)

@@ -87,3 +87,20 @@ def test_needs_are_enforced():
             kw.pop(need)
             with pytest.raises(ValueError, match=need):
                 mmc.create(name, keep=4)(X, **kw)
+
+
+@pytest.mark.parametrize("keep", [16, 9, 3, 17, "auto"])  # few merges, one full round, several rounds, identity
+@pytest.mark.parametrize("where", [0, 3, 4, 16])  # prefix, an A token, a B token, the last token
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_tome_checks_its_output_for_every_non_finite_input(keep, where, bad):
+    """tome checks finiteness on its output (Compressor.check_output): any NaN/inf token of x still raises."""
+    x = torch.randn(2, 18, 8)
+    x[1, where, 2] = bad
+    with pytest.raises(ValueError, match="x: contains NaN or inf"):
+        mmc.create("tome", keep=keep)(x, prefix=1)
+
+
+def test_output_check_does_not_reject_a_finite_x():
+    big = torch.full((1, 6, 4), 3e38)  # finite, but sums overflow (so does the merged mean, in float32)
+    out = mmc.create("tome", keep=3)(big)  # the exact check on x decides: no error
+    assert out.x.shape == (1, 3, 4)

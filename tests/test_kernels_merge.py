@@ -107,3 +107,35 @@ def test_indices_contract():
     assert keep_pos.tolist() == [[0, 1, 3, 4, 5]]
     assert src_pos.tolist() == [[6, 2]] and dst_slot.tolist() == [[2, 1]]
     assert assign.tolist() == [[0, 1, 1, 2, 3, 4, 2]]
+
+
+@pytest.mark.parametrize("N,r", [(7, 2), (577, 16), (577, 289)])  # few and many receiving rows
+@pytest.mark.parametrize("weighted", [False, True])
+def test_head_written_in_front_equals_concatenation(N, r, weighted):
+    """`head=`: the prefix rows come first, bit-exact, and the rest equals the head-less merge, whether the head
+    sits right before x in one storage (one gather) or elsewhere."""
+    C, P = 40, 2
+    g = torch.Generator().manual_seed(N + r)
+    full = torch.randn(2, P + N, C, generator=g)
+    x, head = full[:, P:], full[:, :P]  # adjacent, as the base class slices the prefix
+    _, size, node_idx, src_a = _round(N, r, C, torch.float32, weighted, seed=N + r)
+    plain, psize, passign, pkeep = merge_reference(x, size, node_idx, src_a)
+    for h in (head, head.clone()):  # adjacent view, then a separate tensor
+        out, osize, assign, keep_pos = merge_reference(x, size, node_idx, src_a, head=h)
+        assert out.shape == (2, P + N - r, C)
+        assert torch.equal(out[:, :P], head) and torch.equal(out[:, P:], plain)
+        assert torch.equal(osize, psize) and torch.equal(assign, passign) and torch.equal(keep_pos, pkeep)
+
+
+@needs_interp
+def test_triton_head_matches_reference():
+    N, r, C, P = 7, 3, 40, 1
+    full = torch.randn(2, P + N, C)
+    x, head = full[:, P:], full[:, :P]
+    _, size, node_idx, src_a = _round(N, r, C, torch.float32, True, seed=5)
+    want = merge_reference(x, size, node_idx, src_a, head=head)
+    poison = _poison(2, N, P + N - r, C, torch.float32)
+    got = merge_triton(x, size, node_idx, src_a, head=head, out=poison)
+    assert not got[0].isnan().any()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[2], want[2])

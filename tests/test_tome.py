@@ -89,3 +89,29 @@ def test_cls_prefix_never_merged():
     out = mmc.create("tome", keep=4)(x, prefix=1)
     assert (out.assign[:, 0] == 0).all() and ((out.assign[:, 1:] == 0).sum() == 0)
     assert out.size[:, 0].eq(1).all()
+
+
+@pytest.mark.parametrize("keep", [30, 17, 5])  # one round (few, all A merged), several rounds
+def test_prefix_written_in_place_equals_prefix_free_call(keep):
+    """With a prefix the one-round merge writes it into its own output (Plan.x_head): same result as merging the
+    rest alone and putting the prefix in front."""
+    x = torch.randn(3, 2 + 33, 16)
+    size = torch.rand(3, 35) + 0.5
+    got = mmc.create("tome", keep=keep)(x, prefix=2, size=size)
+    ref = mmc.create("tome", keep=keep)(x[:, 2:].clone(), size=size[:, 2:].clone())
+    assert torch.equal(got.x[:, :2], x[:, :2]) and torch.equal(got.x[:, 2:], ref.x)
+    assert torch.equal(got.size[:, 2:], ref.size) and torch.equal(got.assign[:, 2:], ref.assign + 2)
+
+
+def test_row_max_first_is_max_with_lowest_index_on_ties():
+    from mmcompress.compressors.tome import row_max_first
+
+    sim = torch.randn(4, 9, 13)
+    v, i = row_max_first(sim)
+    ref = sim.max(dim=-1)
+    assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)
+    ties = torch.tensor([[[0.0, 2.0, 1.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0], [-1.0, -5.0, -1.0, -2.0, -3.0]]])
+    v, i = row_max_first(ties)
+    assert i.tolist() == [[1, 0, 0]] and v.tolist() == [[2.0, 3.0, -1.0]]
+    bad = torch.tensor([[1.0, float("nan"), 0.5]])
+    assert 0 <= int(row_max_first(bad)[1]) < 3  # a non-finite row still gives a valid index

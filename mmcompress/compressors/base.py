@@ -36,6 +36,8 @@ class Inputs:
         text: [B, L, C] query embeddings (a [B, C] input becomes L = 1), or None.
         scores: [B, N'] importance, or None.
         metric: [B, N', d] similarity features, or None.
+        head: [B, P, C] the prefix tokens (kept as they are), or None when P = 0. A method may write them into its
+            output itself (`Plan.x_head`), which saves the base class a copy of the whole output.
     """
 
     x: torch.Tensor
@@ -45,6 +47,7 @@ class Inputs:
     text: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     metric: torch.Tensor | None = None
+    head: torch.Tensor | None = None
 
     @property
     def sim(self) -> torch.Tensor:
@@ -64,7 +67,7 @@ class Inputs:
             return None if t is None else t.index_select(0, rows)
 
         return Inputs(pick(self.x), pick(self.size), self.grid, self.coords, pick(self.text), pick(self.scores),
-                      pick(self.metric))
+                      pick(self.metric), pick(self.head))
 
 
 @dataclass
@@ -76,12 +79,14 @@ class Plan:
         rep: [B, M] int64 representative input token of each slot (a member of it); slots are put in rep order.
         x: optional [B, M, C] output tokens, for methods whose outputs are not size-weighted means of members.
         size: optional [B, M] float32 sizes when they are not the sums of member sizes.
+        x_head: True when `x` is [B, P + M, C] and already starts with the P prefix tokens (`Inputs.head`).
     """
 
     assign: torch.Tensor
     rep: torch.Tensor
     x: torch.Tensor | None = None
     size: torch.Tensor | None = None
+    x_head: bool = False
 
 
 def _check_keep(keep: Any) -> int | float | str:
@@ -113,6 +118,16 @@ def _check_tensor(name: str, t: Any, x: torch.Tensor, shapes: list[tuple], what:
     raise ValueError(f"{name}: expected shape {what}, got {tuple(t.shape)}")
 
 
+def _check_finite(x: torch.Tensor, probe: torch.Tensor) -> None:
+    """Raise if x holds NaN or inf. `probe` is x, or an output every token of x reached with a positive weight.
+
+    One cheap reduction: NaN/inf propagate through the sum; only when it is not finite does the exact check on x
+    run (a finite x whose sum overflows passes).
+    """
+    if not bool(torch.isfinite(probe.sum())) and not bool(torch.isfinite(x).all()):
+        raise ValueError("x: contains NaN or inf (set MMCOMPRESS_CHECKS=0 to skip this check)")
+
+
 class Compressor:
     """Base class of every compressor. Subclasses set the class facts and implement `plan`.
 
@@ -130,6 +145,10 @@ class Compressor:
     exact_mean: bool = True
     #: True when every slot holds exactly one input token (outputs are then gathered, not averaged).
     select_only: bool = False
+    #: True when every input token reaches some output with a positive weight (nothing is dropped), so NaN/inf in x
+    #: always shows in the output: the finiteness check then reads the output (smaller, and still in cache) instead
+    #: of making its own pass over x.
+    check_output: bool = False
 
     def __init__(self, keep: int | float | str = 0.5, *, epsilon: float = 0.1):
         self.keep = _check_keep(keep)
@@ -169,10 +188,14 @@ class Compressor:
         if self.keep == "auto":
             ks = self.auto_keep(inp).to(torch.long).clamp(1, Nb)
             if bool((ks == ks[0]).all()):
-                return self._finish(inp, self._plan_checked(inp, int(ks[0])), head, head_size)
-            return self._ragged(inp, ks, head, head_size)
-        k = self._budget(Nb)
-        return self._finish(inp, self._plan_checked(inp, k), head, head_size)
+                out = self._finish(inp, self._plan_checked(inp, int(ks[0])), head, head_size)
+            else:
+                out = self._ragged(inp, ks, head, head_size)
+        else:
+            out = self._finish(inp, self._plan_checked(inp, self._budget(Nb)), head, head_size)
+        if self.check_output and checks_enabled():
+            _check_finite(x, out.x)
+        return out
 
     def _budget(self, Nb: int) -> int:
         if isinstance(self.keep, int):
@@ -229,9 +252,8 @@ class Compressor:
             if need in ("text", "scores", "grid") and locals()[need] is None:
                 raise ValueError(f"{need}: compressor {self.name!r} needs `{need}=` and did not get it")
         if checks_enabled():
-            # one cheap reduction; NaN/inf propagate through the sum, the exact check runs only if it is not finite
-            if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-                raise ValueError("x: contains NaN or inf (set MMCOMPRESS_CHECKS=0 to skip this check)")
+            if not self.check_output:
+                _check_finite(x, x)
             if size is not None and not bool(((size > 0) & torch.isfinite(size)).all()):
                 raise ValueError("size: every entry must be finite and > 0")
         if scores is not None:
@@ -250,6 +272,7 @@ class Compressor:
             text=text,
             scores=None if scores is None else scores[:, prefix:],
             metric=None if metric is None else metric[:, prefix:],
+            head=head if prefix else None,
         )
         return inp, head, head_size
 
@@ -260,12 +283,16 @@ class Compressor:
         rep = plan.rep
         assign = plan.assign
         out_x, out_size = plan.x, plan.size
+        if plan.x_head and (out_x is None or out_x.shape[1] != P + M):
+            raise RuntimeError(f"{self.name}: Plan.x_head needs x of [B, P + M] = [{B}, {P + M}] tokens")
         if M > 1 and not bool((rep[:, 1:] > rep[:, :-1]).all()):  # put slots in representative order
             order = rep.argsort(dim=1)
             inv = order.argsort(dim=1)
             rep = rep.gather(1, order)
             assign = torch.where(assign >= 0, inv.gather(1, assign.clamp(min=0)), assign)
-            if out_x is not None:
+            if out_x is not None and plan.x_head:
+                out_x = torch.cat([out_x[:, :P], gather_tokens(out_x[:, P:], order)], 1)
+            elif out_x is not None:
                 out_x = gather_tokens(out_x, order)
             if out_size is not None:
                 out_size = out_size.gather(1, order)
@@ -284,7 +311,7 @@ class Compressor:
         if P:
             ar = torch.arange(P, device=x.device).expand(B, P)
             out = CompressOutput(
-                x=torch.cat([head, out_x], 1),
+                x=out_x if plan.x_head else torch.cat([head, out_x], 1),
                 assign=torch.cat([ar, torch.where(assign >= 0, assign + P, assign)], 1),
                 size=torch.cat([head_size, out_size], 1),
                 pos=pos,

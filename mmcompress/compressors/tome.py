@@ -4,7 +4,7 @@ One round on n tokens: split them alternately into A (even positions) and B (odd
 keeps its most similar token of B (cosine on `metric`); the r most similar of those edges merge (A token into its
 B partner, size-weighted average); at most |A| = ceil(n/2) tokens merge per round. Rounds repeat until `keep`
 tokens remain. Merged tokens' metrics are size-weighted averages for the next round, as in the paper's proportional
-bookkeeping. Ties: an A token picks the lowest-index B among equal maxima (torch.max), and edges of equal
+bookkeeping. Ties: an A token picks the lowest-index B among equal maxima, and edges of equal
 similarity are taken in A order (stable sort), so results are deterministic.
 
 Letters: B batch, n current tokens, N' input tokens (prefix removed), C channels, d metric channels.
@@ -20,6 +20,20 @@ from mmcompress.kernels.bipartite_match import best_match_triton
 from mmcompress.kernels.dispatch import use_triton
 from mmcompress.kernels.merge import merge_tokens
 from mmcompress.registry import register
+
+
+def row_max_first(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sim.max(dim=-1)`` of a float32 [..., m] tensor, index = the lowest among equal maxima; 3x faster on CPU.
+
+    ``max``/``argmax`` over the last dim run a scalar loop on CPU (1.3 ms on [16, 289, 288], 2 threads); this is
+    vectorised passes: the row max, then ``sign(sim - max) + 1`` (1 at the maxima, 0 elsewhere) times the reversed
+    column numbers m..1, whose row max names the first maximum (0.4 ms). Non-finite rows give index 0.
+    """
+    m = sim.shape[-1]
+    mx = sim.amax(dim=-1, keepdim=True)  # [..., 1]
+    first = (sim - mx).sign_().add_(1).mul_(torch.arange(m, 0, -1, dtype=sim.dtype, device=sim.device))
+    idx = (m - first.amax(dim=-1)).nan_to_num_(0.0).clamp_(0, m - 1).long()  # [...]
+    return mx.squeeze(-1), idx
 
 
 def match_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | None = None):
@@ -44,7 +58,7 @@ def match_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | None = 
         b_n = b.to(torch.float32)
         b_n = (b_n / b_n.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(dt)
         sim = a.to(dt) @ b_n.transpose(1, 2)  # [B, na, nb] = a . b / |b|
-        node_max, node_idx = sim.float().max(dim=-1)  # [B, na]: best B for every A
+        node_max, node_idx = row_max_first(sim.float())  # [B, na]: best B for every A
         node_max = node_max / a.float().norm(dim=-1).clamp_min(1e-6)  # cosine
     src_a = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r]
     return node_idx, src_a
@@ -62,6 +76,7 @@ class ToMe(Compressor):
     """
 
     family, modality = "similarity", "any"
+    check_output = True  # every token is kept or merged into a kept one with a positive weight
 
     def __init__(self, keep: int | float | str = 0.5, *, match_dtype: torch.dtype | None = None,
                  epsilon: float = 0.1):
@@ -75,8 +90,8 @@ class ToMe(Compressor):
         B, N, C = x.shape
         if (N + 1) // 2 >= N - k:  # one round: merged tokens, sizes and assign from one fused pass over x
             node_idx, src_a = match_round(inp.sim, N - k, self.match_dtype)
-            out, size, assign, keep_pos = merge_tokens(x, inp.size, node_idx, src_a)
-            return Plan(assign=assign, rep=keep_pos, x=out, size=size)
+            out, size, assign, keep_pos = merge_tokens(x, inp.size, node_idx, src_a, inp.head)  # prefix included
+            return Plan(assign=assign, rep=keep_pos, x=out, size=size, x_head=inp.head is not None)
         # several rounds: merge the metric (size-weighted, as the paper's proportional bookkeeping) and compose
         # assign; the base class forms the outputs from x once at the end
         m = inp.sim
