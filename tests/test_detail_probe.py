@@ -1,0 +1,50 @@
+"""scripts/detail_probe.py end to end on random features (the real run reads DINOv2 features; see the README)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "detail_probe.py"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("detail_probe", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_vocab_encodes_every_question_and_answer(probe):
+    rows = probe.detail.split_questions("train", 12)
+    vocab = probe.Vocab(rows)
+    enc = vocab.encode(rows, {i: i for i in range(12)})
+    assert enc["q"].shape[0] == len(rows) and (enc["q"][:, 0] > 0).all()  # no empty question
+    inv = {i: a for a, i in vocab.answer.items()}
+    assert [inv[int(y)] for y in enc["y"]] == [r[4] for r in rows]
+    assert enc["scene"].tolist() == [int(r[0].split("/")[1]) for r in rows]
+
+
+def test_compressed_tokens_keep_their_grid_cells(probe):
+    feats = torch.randn(3, 64, 384)
+    toks, pos = probe.compress("none", feats, 16, 0)
+    assert toks is feats and pos.shape == (3, 64)
+    for m in ("random", "pool", "tome"):
+        toks, pos = probe.compress(m, feats, 16, 0)
+        assert toks.shape == (3, 16, 384) and pos.shape == (3, 16) and 0 <= int(pos.min()) <= int(pos.max()) < 64
+
+
+def test_runs_end_to_end_and_reports_every_method(probe, monkeypatch, tmp_path):
+    monkeypatch.setattr(probe, "scene_features", lambda split, n: torch.randn(n, 64, 384))
+    probe.main(["--train-scenes", "16", "--test-scenes", "8", "--epochs", "1", "--batch", "32", "--threads", "1",
+                "--out", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    res = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(res) == set(probe.METHODS)
+    for m in probe.METHODS:
+        assert f"| {m} |" in report and 0.0 <= res[m]["all"] <= 1.0
