@@ -107,11 +107,23 @@ def test_row_max_first_is_max_with_lowest_index_on_ties():
     from mmcompress.compressors.tome import row_max_first
 
     sim = torch.randn(4, 9, 13)
-    v, i = row_max_first(sim)
     ref = sim.max(dim=-1)
+    v, i = row_max_first(sim.clone())
     assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)
     ties = torch.tensor([[[0.0, 2.0, 1.0, 2.0, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0], [-1.0, -5.0, -1.0, -2.0, -3.0]]])
     v, i = row_max_first(ties)
     assert i.tolist() == [[1, 0, 0]] and v.tolist() == [[2.0, 3.0, -1.0]]
     bad = torch.tensor([[1.0, float("nan"), 0.5]])
     assert 0 <= int(row_max_first(bad)[1]) < 3  # a non-finite row still gives a valid index
+
+
+def test_best_partner_in_sample_blocks_equals_one_product(monkeypatch):
+    from mmcompress.compressors import tome
+
+    a, b = torch.randn(7, 9, 5), torch.randn(7, 8, 5)
+    b = b / b.norm(dim=-1, keepdim=True)
+    ref = (a @ b.transpose(1, 2)).max(dim=-1)
+    for chunk_bytes in (1, 9 * 8 * 4 * 3, 1 << 30):  # one sample, three samples, all samples per block
+        monkeypatch.setattr(tome, "SIM_CHUNK_BYTES", chunk_bytes)
+        v, i = tome.best_partner(a, b)
+        assert torch.equal(i, ref.indices) and torch.allclose(v, ref.values, atol=1e-6)

@@ -28,12 +28,31 @@ def row_max_first(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``max``/``argmax`` over the last dim run a scalar loop on CPU (1.3 ms on [16, 289, 288], 2 threads); this is
     vectorised passes: the row max, then ``sign(sim - max) + 1`` (1 at the maxima, 0 elsewhere) times the reversed
     column numbers m..1, whose row max names the first maximum (0.4 ms). Non-finite rows give index 0.
+    `sim` is overwritten (it is the caller's scratch: no second [..., m] buffer).
     """
     m = sim.shape[-1]
     mx = sim.amax(dim=-1, keepdim=True)  # [..., 1]
-    first = (sim - mx).sign_().add_(1).mul_(torch.arange(m, 0, -1, dtype=sim.dtype, device=sim.device))
+    first = sim.sub_(mx).sign_().add_(1).mul_(torch.arange(m, 0, -1, dtype=sim.dtype, device=sim.device))
     idx = (m - first.amax(dim=-1)).nan_to_num_(0.0).clamp_(0, m - 1).long()  # [...]
     return mx.squeeze(-1), idx
+
+
+SIM_CHUNK_BYTES = 3 << 20  # similarity rows per block: ~3 MB of scores stays in cache between product and max
+
+
+def best_partner(a: torch.Tensor, b_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every A row's best B row: (a . b_n max [B, na] float32, its first index [B, na]) for a [B, na, d] and
+    b_n [B, nb, d] (rows of unit norm), over blocks of samples so each [b, na, nb] score block stays in cache."""
+    B, na, nb = a.shape[0], a.shape[1], b_n.shape[1]
+    step = max(1, SIM_CHUNK_BYTES // max(1, na * nb * 4))
+    if step >= B:
+        return row_max_first((a @ b_n.transpose(1, 2)).float())  # [B, na, nb] scratch
+    mx = torch.empty(B, na, dtype=torch.float32, device=a.device)
+    idx = torch.empty(B, na, dtype=torch.long, device=a.device)
+    for s in range(0, B, step):
+        blk = slice(s, s + step)
+        mx[blk], idx[blk] = row_max_first((a[blk] @ b_n[blk].transpose(1, 2)).float())  # [b, na, nb] scratch
+    return mx, idx
 
 
 def match_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | None = None):
@@ -55,11 +74,10 @@ def match_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | None = 
         node_max, node_idx = best_match_triton(a, b)  # fused, tiled: no [B, na, nb] matrix (kernels/)
     else:
         dt = match_dtype or accum_dtype(metric.dtype)
-        b_n = b.to(torch.float32)
-        b_n = (b_n / b_n.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(dt)
-        sim = a.to(dt) @ b_n.transpose(1, 2)  # [B, na, nb] = a . b / |b|
-        node_max, node_idx = row_max_first(sim.float())  # [B, na]: best B for every A
-        node_max = node_max / a.float().norm(dim=-1).clamp_min(1e-6)  # cosine
+        norm = metric.float().norm(dim=-1).clamp_min(1e-6)  # [B, n]: one pass over the contiguous metric
+        b_n = (b.float() / norm[:, 1::2, None]).to(dt)  # [B, nb, d] unit rows
+        node_max, node_idx = best_partner(a.to(dt), b_n)  # [B, na]: a . b / |b|, best B for every A
+        node_max = node_max / norm[:, ::2]  # cosine
     src_a = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r]
     return node_idx, src_a
 
