@@ -144,14 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", type=int, default=16, help="tokens kept by the compressors (of 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--types", default=",".join(detail.QUESTION_TYPES),
+                   help="comma list of question types to train and score on (default: all)")
     p.add_argument("--out", type=Path, default=Path("runs/detail_probe"))
     a = p.parse_args(argv)
+    asked = [t for t in a.types.split(",") if t]
+    bad = sorted(set(asked) - set(detail.QUESTION_TYPES))
+    if bad or not asked:
+        raise ValueError(f"--types: expected a comma list of {list(detail.QUESTION_TYPES)}, got {a.types!r}")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
 
-    train_rows = detail.split_questions("train", a.train_scenes)
-    test_rows = detail.split_questions("test", a.test_scenes)
+    train_rows = [r for r in detail.split_questions("train", a.train_scenes) if r[2] in asked]
+    test_rows = [r for r in detail.split_questions("test", a.test_scenes) if r[2] in asked]
     vocab = Vocab(train_rows + test_rows)
     train_feats, test_feats = scene_features("train", a.train_scenes), scene_features("test", a.test_scenes)
     train = vocab.encode(train_rows, {i: i for i in range(a.train_scenes)})
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
              "", f"Trained {a.epochs} epochs on {len(train['y'])} questions of {a.train_scenes} train scenes "
              f"({time.perf_counter() - t0:.0f} s, {a.threads} threads); scored on {len(test['y'])} questions of "
              f"{a.test_scenes} test scenes; compressors at keep = {a.keep} of 64 tokens, applied to the features.",
-             f"Command: `python scripts/detail_probe.py --out {a.out}`", "",
+             f"Command: `python scripts/detail_probe.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              "| tokens | method | accuracy | % of none | " + " | ".join(types) + " |",
              "|---|---|---|---|" + "---|" * len(types)]
     for m, r in results.items():

@@ -90,15 +90,11 @@ def test_task_samples_and_per_type_accuracy():
 
 def test_train_projector_unfold_inverts_fold():
     """--init-from loads a raw-feature projector into the standardised trainer without changing its outputs."""
-    import importlib.util
-    from pathlib import Path
-
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "train_projector", Path(__file__).resolve().parent.parent / "scripts" / "train_projector.py")
-    tp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tp)
+    from tests.script_module import load_script
+
+    tp = load_script("scripts/train_projector.py")
 
     class P(torch.nn.Module):
         def __init__(self):

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "detail_probe.py"
+from tests.script_module import load_script
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("detail_probe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/detail_probe.py")
 
 
 def test_vocab_encodes_every_question_and_answer(probe):
@@ -48,3 +43,13 @@ def test_runs_end_to_end_and_reports_every_method(probe, monkeypatch, tmp_path):
     assert set(res) == set(probe.METHODS)
     for m in probe.METHODS:
         assert f"| {m} |" in report and 0.0 <= res[m]["all"] <= 1.0
+
+
+def test_types_filter_and_bad_types(probe, monkeypatch, tmp_path):
+    monkeypatch.setattr(probe, "scene_features", lambda split, n: torch.randn(n, 64, 384))
+    probe.main(["--train-scenes", "16", "--test-scenes", "8", "--epochs", "1", "--types", "relation,count",
+                "--threads", "1", "--out", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert "| count | relation |" in report and "colour" not in report and "--types relation,count" in report
+    with pytest.raises(ValueError, match="--types"):
+        probe.main(["--types", "colour,size", "--out", str(tmp_path)])

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 from mmcompress.zoo.refvlm import merge_lora
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_projector.py"
+from tests.script_module import load_script
 
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("train_projector", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/train_projector.py")
 
 
 def test_trained_lora_equals_the_folded_weights(train_script):

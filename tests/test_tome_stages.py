@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 import mmcompress as mmc
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tome_stages.py"
+from tests.script_module import load_script
 
 
 def test_staged_call_equals_public_call():
-    spec = importlib.util.spec_from_file_location("tome_stages", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/tome_stages.py")
     x, metric = torch.randn(3, 21, 8), torch.randn(3, 21, 4)
     for keep in (20, 11):  # one matching round each (r <= ceil(N / 2))
         comp = mmc.create("tome", keep=keep)
