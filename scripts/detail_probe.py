@@ -90,10 +90,17 @@ class Vocab:
 class Readout(torch.nn.Module):
     """CLS + image tokens (+ position embedding of their grid cell) + question words -> answer logits."""
 
-    def __init__(self, n_words: int, n_answers: int, d: int = 128, layers: int = 3, heads: int = 4) -> None:
+    def __init__(self, n_words: int, n_answers: int, d: int = 128, layers: int = 3, heads: int = 4,
+                 coord_pos: bool = False) -> None:
         super().__init__()
         self.img = torch.nn.Sequential(torch.nn.LayerNorm(384), torch.nn.Linear(384, d))
         self.pos = torch.nn.Parameter(0.02 * torch.randn(64, d))
+        if coord_pos:  # plus a linear map of each cell's (row, column) in [-1, 1]: 2-D order given, not learned
+            rc = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).view(64, 2)
+            self.register_buffer("coords", rc / 3.5 - 1.0)  # [64, 2]
+            self.coord = torch.nn.Linear(2, d)
+        else:
+            self.coord = None
         self.word = torch.nn.Embedding(n_words + 1, d, padding_idx=0)
         self.qpos = torch.nn.Parameter(0.02 * torch.randn(32, d))
         self.cls = torch.nn.Parameter(0.02 * torch.randn(1, 1, d))
@@ -105,6 +112,8 @@ class Readout(torch.nn.Module):
         # feats [B, M, 384], pos [B, M] grid cell of each token, q [B, L] word ids (0 = pad) -> [B, answers]
         B = feats.shape[0]
         img = self.img(feats) + self.pos[pos]  # [B, M, d]
+        if self.coord is not None:
+            img = img + self.coord(self.coords[pos])
         txt = self.word(q) + self.qpos[: q.shape[1]]  # [B, L, d]
         x = torch.cat([self.cls.expand(B, 1, -1), img, txt], 1)  # [B, 1 + M + L, d]
         pad = torch.cat([torch.zeros(B, 1 + img.shape[1], dtype=torch.bool), q == 0], 1)
@@ -146,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--types", default=",".join(detail.QUESTION_TYPES),
                    help="comma list of question types to train and score on (default: all)")
+    p.add_argument("--coord-pos", action="store_true",
+                   help="add each token's (row, column) through a linear map to its learned position embedding")
     p.add_argument("--out", type=Path, default=Path("runs/detail_probe"))
     a = p.parse_args(argv)
     asked = [t for t in a.types.split(",") if t]
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     train = vocab.encode(train_rows, {i: i for i in range(a.train_scenes)})
     test = vocab.encode(test_rows, {i: i for i in range(a.test_scenes)})
     test_types = [r[2] for r in test_rows]
-    model = Readout(len(vocab.word), len(vocab.answer))
+    model = Readout(len(vocab.word), len(vocab.answer), coord_pos=a.coord_pos)
     n_params = sum(t.numel() for t in model.parameters())
     steps = a.epochs * math.ceil(len(train["y"]) / a.batch)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.05)
@@ -205,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
              "|---|---|---|---|" + "---|" * len(types)]
     for m, r in results.items():
         k = 64 if m == "none" else a.keep
-        lines.append(f"| {k} | {m} | {r['all']:.3f} ± {r['se']:.3f} | {100 * r['all'] / base:.1f}% | "
+        share = f"{100 * r['all'] / base:.1f}%" if base > 0 else "-"  # (none scored 0: no share)
+        lines.append(f"| {k} | {m} | {r['all']:.3f} ± {r['se']:.3f} | {share} | "
                      + " | ".join(f"{r[t]:.3f}" for t in types) + " |")
     (a.out / "report.md").write_text("\n".join(lines) + "\n")
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},

@@ -48,8 +48,15 @@ def test_runs_end_to_end_and_reports_every_method(probe, monkeypatch, tmp_path):
 def test_types_filter_and_bad_types(probe, monkeypatch, tmp_path):
     monkeypatch.setattr(probe, "scene_features", lambda split, n: torch.randn(n, 64, 384))
     probe.main(["--train-scenes", "16", "--test-scenes", "8", "--epochs", "1", "--types", "relation,count",
-                "--threads", "1", "--out", str(tmp_path)])
+                "--coord-pos", "--threads", "1", "--out", str(tmp_path)])
     report = (tmp_path / "report.md").read_text()
     assert "| count | relation |" in report and "colour" not in report and "--types relation,count" in report
     with pytest.raises(ValueError, match="--types"):
         probe.main(["--types", "colour,size", "--out", str(tmp_path)])
+
+
+def test_coordinate_positions_are_the_grid_cells(probe):
+    model = probe.Readout(5, 3, coord_pos=True)
+    assert model.coords.shape == (64, 2) and model.coords[0].tolist() == [-1.0, -1.0]
+    assert torch.allclose(model.coords[9], torch.tensor([-1 + 1 / 3.5] * 2)) and model.coords[63].tolist() == [1, 1]
+    assert probe.Readout(5, 3).coord is None
