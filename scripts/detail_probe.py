@@ -65,6 +65,22 @@ def scene_features(split: str, n: int) -> torch.Tensor:
     return feats
 
 
+def oracle_tokens(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symbolic stand-ins for the image tokens, from the scene descriptions: one token per object ([n, 8, 384]:
+    colour one-hot, shape one-hot, then a padding flag for scenes with fewer than 8 objects) at the grid cell
+    ([n, 8]) of the object's centre. An upper bound for any readout of 8 x 8 patch tokens."""
+    colours = list(detail.COLORS)
+    feats, cells = torch.zeros(n, 8, 384), torch.zeros(n, 8, dtype=torch.long)
+    feats[:, :, 12] = 1.0  # padding flag, cleared for real objects
+    for i in range(n):
+        for j, o in enumerate(detail.make_scene(detail.SPLIT_SEEDS[split] + i).objects):
+            feats[i, j, 12] = 0.0
+            feats[i, j, colours.index(o.color)] = 1.0
+            feats[i, j, 7 + detail.SHAPES.index(o.shape)] = 1.0
+            cells[i, j] = min(7, int(o.y // 14)) * 8 + min(7, int(o.x // 14))
+    return feats, cells
+
+
 class Vocab:
     """Word ids of the questions (lower-case, '?' split off) and answer ids."""
 
@@ -157,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma list of question types to train and score on (default: all)")
     p.add_argument("--coord-pos", action="store_true",
                    help="add each token's (row, column) through a linear map to its learned position embedding")
+    p.add_argument("--oracle", action="store_true",
+                   help="symbolic object tokens from the scene descriptions, not DINOv2 features (no compressors)")
     p.add_argument("--out", type=Path, default=Path("runs/detail_probe"))
     a = p.parse_args(argv)
     asked = [t for t in a.types.split(",") if t]
@@ -170,7 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     train_rows = [r for r in detail.split_questions("train", a.train_scenes) if r[2] in asked]
     test_rows = [r for r in detail.split_questions("test", a.test_scenes) if r[2] in asked]
     vocab = Vocab(train_rows + test_rows)
-    train_feats, test_feats = scene_features("train", a.train_scenes), scene_features("test", a.test_scenes)
+    if a.oracle:
+        (train_feats, train_pos), (test_feats, test_pos) = (oracle_tokens("train", a.train_scenes),
+                                                            oracle_tokens("test", a.test_scenes))
+    else:
+        train_feats, test_feats = scene_features("train", a.train_scenes), scene_features("test", a.test_scenes)
+        train_pos, test_pos = (torch.arange(64).expand(a.train_scenes, 64), torch.arange(64).expand(a.test_scenes, 64))
     train = vocab.encode(train_rows, {i: i for i in range(a.train_scenes)})
     test = vocab.encode(test_rows, {i: i for i in range(a.test_scenes)})
     test_types = [r[2] for r in test_rows]
@@ -179,7 +202,6 @@ def main(argv: list[str] | None = None) -> None:
     steps = a.epochs * math.ceil(len(train["y"]) / a.batch)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=steps, pct_start=0.05)
-    all_pos = torch.arange(64).expand(a.train_scenes, 64)
     log = ["epoch\tloss\ttest_acc\tseconds"]
     t0 = time.perf_counter()
     for epoch in range(a.epochs):
@@ -188,26 +210,27 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(0, len(perm), a.batch):
             b = perm[i : i + a.batch]
             sc = train["scene"][b]
-            loss = F.cross_entropy(model(train_feats[sc], all_pos[sc], train["q"][b]), train["y"][b])
+            loss = F.cross_entropy(model(train_feats[sc], train_pos[sc], train["q"][b]), train["y"][b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             tot += loss.item() * len(b)
-        acc = evaluate(model, test_feats, torch.arange(64).expand(a.test_scenes, 64), test, test_types)["all"]
+        acc = evaluate(model, test_feats, test_pos, test, test_types)["all"]
         log.append(f"{epoch + 1}\t{tot / len(perm):.4f}\t{acc:.4f}\t{time.perf_counter() - t0:.0f}")
         print(f"epoch {epoch + 1}/{a.epochs}: loss {tot / len(perm):.4f}, test accuracy {acc:.3f}", file=sys.stderr,
               flush=True)
     (a.out / "train_log.tsv").write_text("\n".join(log) + "\n")
 
     results = {}
-    for m in METHODS:
-        toks, pos = compress(m, test_feats, a.keep, a.seed)
+    for m in ("none",) if a.oracle else METHODS:
+        toks, pos = (test_feats, test_pos) if m == "none" else compress(m, test_feats, a.keep, a.seed)
         results[m] = evaluate(model, toks, pos, test, test_types)
         print(f"{m:9s} {results[m]['all']:.3f}", file=sys.stderr, flush=True)
     types = sorted(set(test_types))
     base = results["none"]["all"]
-    lines = [f"# detail probe: a {n_params / 1e6:.2f} M-parameter readout on ref-vlm's frozen DINOv2 features",
+    source = "symbolic object tokens (--oracle)" if a.oracle else "ref-vlm's frozen DINOv2 features"
+    lines = [f"# detail probe: a {n_params / 1e6:.2f} M-parameter readout on {source}",
              "", f"Trained {a.epochs} epochs on {len(train['y'])} questions of {a.train_scenes} train scenes "
              f"({time.perf_counter() - t0:.0f} s, {a.threads} threads); scored on {len(test['y'])} questions of "
              f"{a.test_scenes} test scenes; compressors at keep = {a.keep} of 64 tokens, applied to the features.",

@@ -60,3 +60,14 @@ def test_coordinate_positions_are_the_grid_cells(probe):
     assert model.coords.shape == (64, 2) and model.coords[0].tolist() == [-1.0, -1.0]
     assert torch.allclose(model.coords[9], torch.tensor([-1 + 1 / 3.5] * 2)) and model.coords[63].tolist() == [1, 1]
     assert probe.Readout(5, 3).coord is None
+
+
+def test_oracle_tokens_describe_the_scene(probe):
+    feats, cells = probe.oracle_tokens("test", 3)
+    for i in range(3):
+        objs = probe.detail.make_scene(probe.detail.SPLIT_SEEDS["test"] + i).objects
+        assert int((feats[i, :, 12] == 0).sum()) == len(objs)  # one token per object, the rest flagged padding
+        for j, o in enumerate(objs):
+            assert feats[i, j, list(probe.detail.COLORS).index(o.color)] == 1
+            assert feats[i, j, 7 + probe.detail.SHAPES.index(o.shape)] == 1 and feats[i, j, :12].sum() == 2
+            assert cells[i, j] == int(o.y // 14) * 8 + int(o.x // 14)
