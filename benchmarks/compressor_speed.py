@@ -35,6 +35,7 @@ import torch
 import mmcompress as mmc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from csv_rows import quantiles  # noqa: E402
 from tome_paper_reference import paper_tome  # noqa: E402
 
 # (label, shape, prefix, grid)
@@ -47,11 +48,6 @@ CASES = [
     ("pool", {"mode": "bilinear"}, 0.25, "pool[bilinear]"),
     ("uniform", {}, 0.25, "uniform"),
 ]
-
-
-def quantiles(v: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(v, n=10, method="inclusive")
-    return q[1], statistics.median(v), q[7]
 
 
 def bench_case(x, comp, kw, repeats: int, inner: int):

@@ -25,7 +25,7 @@ from mmcompress.compressors.base import Plan, _check_finite
 from mmcompress.compressors.tome import match_round
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from csv_rows import write_rows  # noqa: E402
+from csv_rows import quantiles, write_rows  # noqa: E402
 
 STAGES = ("copy_into", "inputs", "match", "merge", "finish", "check_output", "sum_of_stages", "public_call")
 
@@ -85,10 +85,10 @@ def main() -> None:
     for keep in (shape[1] - 16, shape[1] // 2):
         t = time_stages(x, metric, keep, a.reps)
         for k, v in t.items():
-            q = statistics.quantiles(v, n=10, method="inclusive")
+            p20, p50, p80 = quantiles(v)
             ratio = statistics.median(s / c for s, c in zip(v, t["copy_into"], strict=True))
             rows.append({"stage": k, "shape": "x".join(map(str, shape)), "metric_d": d, "keep": keep,
-                         "p20_ms": q[1], "p50_ms": statistics.median(v), "p80_ms": q[7], "ratio_to_copy_p50": ratio,
+                         "p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "ratio_to_copy_p50": ratio,
                          "threads": a.threads, "device": platform.processor() or platform.machine(),
                          "torch": torch.__version__, "mmcompress": mmc.__version__})
         print(f"keep {keep}: " + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in t.items()),

@@ -29,7 +29,7 @@ from typing import Any
 from mmcompress.evals.tasks import Sample, Task, register_task, seeded_subset
 
 __all__ = ["Obj", "Scene", "make_scene", "questions", "render", "split_questions", "answer_balance", "DetailTask",
-           "SHAPES", "COLORS", "QUESTION_TYPES"]
+           "SHAPES", "COLORS", "QUESTION_TYPES", "image_features"]
 
 SIDE = 112
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -187,6 +187,22 @@ def answer_balance(rows: list[tuple[str, Scene, str, str, str]]) -> dict[str, di
     for _, _, t, _, a in rows:
         by.setdefault(t, Counter())[a] += 1
     return {t: {a: n / sum(c.values()) for a, n in sorted(c.items())} for t, c in by.items()}
+
+
+def image_features(split: str, n_scenes: int, vision_tower: object, image_processor: object,
+                   vision_feature_layer: int = -1, drop_cls: bool = True, batch_size: int = 50,
+                   cache: bool = True) -> Any:
+    """Vision-tower features ``[n_scenes, N, C]`` of the first `n_scenes` scenes of `split`, cached; see
+    `mmcompress.evals.features.tower_features` for the arguments."""
+    from mmcompress.evals.features import tower_features
+
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split: expected one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    return tower_features(
+        f"detail_{split}_{n_scenes}", n_scenes,
+        lambda a, b: [render(make_scene(SPLIT_SEEDS[split] + i)) for i in range(a, b)],
+        vision_tower, image_processor, vision_feature_layer, drop_cls, batch_size, cache,
+    )
 
 
 @register_task("detail")

@@ -121,59 +121,18 @@ def image_features(
     batch_size: int = 50,
     cache: bool = True,
 ) -> object:
-    """DINOv2 features of every image of a split, exactly as ``LlavaForConditionalGeneration.get_image_features``
-    selects them before the projector (``hidden_states[vision_feature_layer]``, CLS dropped for strategy "default").
-
-    Cached under ``<mmcompress cache>/features/`` keyed by the tower's weights source, image size and layer.
-
-    Args:
-        split: ``"train"`` (4,000 images) or ``"test"`` (1,000 images).
-        vision_tower: The HF ``Dinov2Model``.
-        image_processor: Callable ``(list of PIL) -> {"pixel_values": [B, 3, S, S]}`` with a ``size`` attribute.
-        vision_feature_layer: Index into ``hidden_states``.
-        drop_cls: Drop the CLS token (strategy ``"default"``).
-        batch_size: Images per forward.
-        cache: Read/write the on-disk cache.
-
-    Returns:
-        ``torch.Tensor [n_images, N, C]`` float32, row ``i`` = image id ``i``.
-    """
-    import torch
+    """DINOv2 features ``[n_images, N, C]`` of every image of `split` (``"train"``: 4,000, ``"test"``: 1,000), row
+    ``i`` = image id ``i``, cached; see `mmcompress.evals.features.tower_features` for the other arguments."""
+    from mmcompress.evals.features import tower_features
     from PIL import Image
-
-    from mmcompress.zoo._cache import atomic_write_bytes, cache_root, file_sha256
-    from mmcompress.zoo.dinov2 import dinov2_onnx_path
 
     _check_split(split)
     n_images = len(list((data_root() / split / "images").glob("*.png")))
-    size = int(getattr(image_processor, "size", 0))
-    key = f"easyvqa_{split}_{file_sha256(dinov2_onnx_path())[:16]}_{size}px_L{vision_feature_layer}_{int(drop_cls)}.pt"
-    path = cache_root() / "features" / key
-    if cache and path.is_file():
-        return torch.load(path)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-
-        def tqdm(x, **_):  # type: ignore[no-redef]
-            return x
-
-    out = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, n_images, batch_size), desc=f"DINOv2 features ({split})"):
-            ids = range(start, min(start + batch_size, n_images))
-            imgs = [Image.open(image_path(split, i)).convert("RGB") for i in ids]
-            pv = image_processor(imgs)["pixel_values"]  # [b, 3, S, S]
-            hs = vision_tower(pv, output_hidden_states=True).hidden_states[vision_feature_layer]  # [b, 1+N, C]
-            out.append(hs[:, 1:] if drop_cls else hs)  # == mmcompress.zoo.refvlm.vision_features for the defaults
-    feats = torch.cat(out).float().contiguous()  # [n_images, N, C]
-    if cache:
-        import io
-
-        buf = io.BytesIO()
-        torch.save(feats, buf)
-        atomic_write_bytes(path, buf.getvalue())
-    return feats
+    return tower_features(
+        f"easyvqa_{split}", n_images,
+        lambda a, b: [Image.open(image_path(split, i)).convert("RGB") for i in range(a, b)],
+        vision_tower, image_processor, vision_feature_layer, drop_cls, batch_size, cache,
+    )
 
 
 def evaluate(

@@ -9,16 +9,16 @@ applied to the features at 25% (16 of 64 tokens; merged tokens keep their repres
 If the readout solves the task, the features carry the answers and the bottleneck is training the LLM; the
 compressed rows show whether the benchmark separates methods for a model that does solve it.
 
-    python scripts/detail_probe.py --out runs/detail_probe        # ~10 min on 2 CPU cores
+    python scripts/detail_probe.py --epochs 20 --out runs/detail_probe     # 1,687 s on 2 CPU cores
 
-Outputs in --out: ``report.md`` (tables), ``results.json`` and ``train_log.tsv``. Features are cached under the
-mmcompress cache (``features/detail_<split>_<n>_112px.pt``).
+Outputs in --out: ``report.md`` (tables), ``results.json`` and ``train_log.tsv``. Features are cached by
+`mmcompress.evals.detail.image_features` (``<mmcompress cache>/features/detail_<split>_<n>_...pt``).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import functools
 import json
 import math
 import sys
@@ -35,34 +35,25 @@ if str(REPO) not in sys.path:
 from mmcompress.evals import detail  # noqa: E402
 
 import mmcompress as mmc  # noqa: E402
-from mmcompress.zoo._cache import atomic_write_bytes, cache_root  # noqa: E402
 
 METHODS = ("none", "random", "uniform", "pool", "tome", "divprune")
 
 
-def scene_features(split: str, n: int) -> torch.Tensor:
-    """DINOv2 features [n, 64, 384] of the first n scenes of `split` (what ref-vlm's projector sees), cached."""
-    path = cache_root() / "features" / f"detail_{split}_{n}_112px.pt"
-    if path.is_file():
-        return torch.load(path)
+@functools.cache
+def _refvlm():
+    """ref-vlm built once per run (both splits' features come from it)."""
     from mmcompress.zoo import refvlm
 
-    model, processor = refvlm.build_refvlm(None)
-    vision = model.model.vision_tower
-    out = []
-    with torch.inference_mode():
-        for start in range(0, n, 50):
-            imgs = [detail.render(detail.make_scene(detail.SPLIT_SEEDS[split] + i))
-                    for i in range(start, min(n, start + 50))]
-            pv = processor.image_processor(imgs)["pixel_values"]  # [b, 3, 112, 112]
-            hs = vision(pv, output_hidden_states=True).hidden_states[refvlm.VISION_FEATURE_LAYER]  # [b, 65, 384]
-            out.append(hs[:, 1:].float())  # CLS dropped, as the "default" strategy does
-            print(f"{split} features {start + len(imgs)}/{n}", file=sys.stderr, flush=True)
-    feats = torch.cat(out).contiguous()
-    buf = io.BytesIO()
-    torch.save(feats, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    return feats
+    return refvlm.build_refvlm(None)
+
+
+def scene_features(split: str, n: int) -> torch.Tensor:
+    """DINOv2 features [n, 64, 384] of the first n scenes of `split` (what ref-vlm's projector sees), cached."""
+    from mmcompress.zoo import refvlm
+
+    model, processor = _refvlm()
+    return detail.image_features(split, n, model.model.vision_tower, processor.image_processor,
+                                 refvlm.VISION_FEATURE_LAYER)
 
 
 def oracle_tokens(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:

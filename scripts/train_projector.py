@@ -335,7 +335,7 @@ class _QA:
         self.image_id, self.question, self.answer = image_id, question, answer
 
 
-def detail_train_data(n_scenes: int, offset: int, vision, image_processor, cache_dir: Path, batch_size: int = 50):
+def detail_train_data(n_scenes: int, offset: int, vision, image_processor):
     """DINOv2 features ``[n_scenes, 64, 384]`` of detail train scenes 0..n-1 (cached) and their questions.
 
     Question image ids start at `offset` (the scenes follow the easy-VQA images in the feature table).
@@ -344,21 +344,7 @@ def detail_train_data(n_scenes: int, offset: int, vision, image_processor, cache
 
     rows = detail.split_questions("train", n_scenes)
     qa = [_QA(offset + int(i.split("/")[1]), q, a) for i, _, _, q, a in rows]
-    path = cache_dir / f"detail_train_feats_{n_scenes}_{int(getattr(image_processor, 'size', 0))}px.pt"
-    if path.is_file():
-        return torch.load(path), qa
-    out = []
-    with torch.inference_mode():
-        for start in range(0, n_scenes, batch_size):
-            imgs = [detail.render(detail.make_scene(detail.SPLIT_SEEDS["train"] + i))
-                    for i in range(start, min(start + batch_size, n_scenes))]
-            pv = image_processor(imgs)["pixel_values"]  # [b, 3, S, S]
-            hs = vision(pv, output_hidden_states=True).hidden_states[refvlm.VISION_FEATURE_LAYER]  # [b, 1+N, C]
-            out.append(hs[:, 1:])  # CLS dropped (strategy "default")
-            print(f"detail features {start + len(imgs)}/{n_scenes}", flush=True)
-    feats = torch.cat(out).float().contiguous()
-    save_torch(feats, path)
-    return feats, qa
+    return detail.image_features("train", n_scenes, vision, image_processor, refvlm.VISION_FEATURE_LAYER), qa
 
 
 def unfold_into(std: StdProjector, raw: dict[str, torch.Tensor]) -> None:
@@ -402,8 +388,7 @@ def main(argv: list[str] | None = None) -> None:
 
     train_qa = easyvqa.load_split("train")
     if args.detail_scenes:
-        d_feats, d_qa = detail_train_data(args.detail_scenes, len(train_feats), vision, processor.image_processor,
-                                          args.out_dir)
+        d_feats, d_qa = detail_train_data(args.detail_scenes, len(train_feats), vision, processor.image_processor)
         train_feats = torch.cat([train_feats, d_feats])  # [4000 + n, 64, 384]
         train_qa = list(train_qa) + d_qa
     mu = train_feats.mean(dim=(0, 1))  # [384]

@@ -45,8 +45,6 @@ def best_partner(a: torch.Tensor, b_n: torch.Tensor) -> tuple[torch.Tensor, torc
     b_n [B, nb, d] (rows of unit norm), over blocks of samples so each [b, na, nb] score block stays in cache."""
     B, na, nb = a.shape[0], a.shape[1], b_n.shape[1]
     step = max(1, SIM_CHUNK_BYTES // max(1, na * nb * 4))
-    if step >= B:
-        return row_max_first((a @ b_n.transpose(1, 2)).float())  # [B, na, nb] scratch
     mx = torch.empty(B, na, dtype=torch.float32, device=a.device)
     idx = torch.empty(B, na, dtype=torch.long, device=a.device)
     for s in range(0, B, step):
