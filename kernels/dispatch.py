@@ -2,7 +2,7 @@
 
 ``auto`` (default): Triton on CUDA tensors when triton imports, the PyTorch reference elsewhere.
 ``triton``: always the Triton kernel (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before triton is imported).
-``torch``: always the PyTorch reference.
+``torch``: always the PyTorch path (the reference; for float32 CPU merges of many rows, `merge.merge_bags`).
 """
 
 from __future__ import annotations

@@ -88,6 +88,7 @@ def _spy_all(monkeypatch):
     _spy(monkeypatch, tome_mod, "best_match_triton", calls, "match:triton")
     _spy(monkeypatch, merge_mod, "merge_triton", calls, "merge:triton")
     _spy(monkeypatch, merge_mod, "merge_reference", calls, "merge:torch")
+    _spy(monkeypatch, merge_mod, "merge_bags", calls, "merge:torch")  # PyTorch too: embedding_bag on CPU
     _spy(monkeypatch, rows_mod, "attention_rows_triton", calls, "rows:triton")
     _spy(monkeypatch, rows_mod, "attention_rows_reference", calls, "rows:torch")
     return calls

@@ -23,17 +23,17 @@ from mmcompress.registry import register
 
 
 def row_max_first(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sim.max(dim=-1)`` of a float32 [..., m] tensor, index = the lowest among equal maxima; 3x faster on CPU.
+    """``sim.max(dim=-1)`` of a float32 [..., m] tensor, index = the lowest among equal maxima; 5x faster on CPU.
 
-    ``max``/``argmax`` over the last dim run a scalar loop on CPU (1.3 ms on [16, 289, 288], 2 threads); this is
-    vectorised passes: the row max, then ``sign(sim - max) + 1`` (1 at the maxima, 0 elsewhere) times the reversed
-    column numbers m..1, whose row max names the first maximum (0.4 ms). Non-finite rows give index 0.
+    ``max``/``argmax`` over the last dim run a scalar loop on CPU (1.1 ms on [16, 289, 288], 2 threads); this is
+    three vectorised passes: the row max, then ``sim >= max`` (1 at the maxima, 0 elsewhere) times the reversed
+    column numbers m..1, whose row max names the first maximum (0.2 ms). Rows holding NaN give index 0.
     `sim` is overwritten (it is the caller's scratch: no second [..., m] buffer).
     """
     m = sim.shape[-1]
     mx = sim.amax(dim=-1, keepdim=True)  # [..., 1]
-    first = sim.sub_(mx).sign_().add_(1).mul_(torch.arange(m, 0, -1, dtype=sim.dtype, device=sim.device))
-    idx = (m - first.amax(dim=-1)).nan_to_num_(0.0).clamp_(0, m - 1).long()  # [...]
+    first = sim.ge_(mx).mul_(torch.arange(m, 0, -1, dtype=sim.dtype, device=sim.device))  # m - j at maxima j
+    idx = (m - first.amax(dim=-1)).remainder_(m).long()  # [...]: no maximum (NaN row) -> m -> 0
     return mx.squeeze(-1), idx
 
 
@@ -65,7 +65,7 @@ def match_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | None = 
         node_idx [B, ceil(n/2)] best B row (B numbering) of every A row, src_a [B, r] the merged A rows, most
         similar first (ties: lower A index first).
     """
-    a, b = metric[:, ::2], metric[:, 1::2]  # [B, ceil(n/2), d], [B, floor(n/2), d]
+    a, b = metric[:, ::2], metric[:, 1::2]  # [B, ceil(n/2), d], [B, floor(n/2), d] strided views
     if b.shape[1] == 0:  # n = 1: nothing to merge into
         return torch.zeros(a.shape[:2], dtype=torch.long, device=metric.device), a.new_zeros(a.shape[0], 0).long()
     if match_dtype is None and use_triton(metric):
@@ -74,7 +74,7 @@ def match_round(metric: torch.Tensor, r: int, match_dtype: torch.dtype | None = 
         dt = match_dtype or accum_dtype(metric.dtype)
         norm = metric.float().norm(dim=-1).clamp_min(1e-6)  # [B, n]: one pass over the contiguous metric
         b_n = (b.float() / norm[:, 1::2, None]).to(dt)  # [B, nb, d] unit rows
-        node_max, node_idx = best_partner(a.to(dt), b_n)  # [B, na]: a . b / |b|, best B for every A
+        node_max, node_idx = best_partner(a.to(dt).contiguous(), b_n)  # [B, na]: a . b / |b|, best B of every A
         node_max = node_max / norm[:, ::2]  # cosine
     src_a = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]  # [B, r]
     return node_idx, src_a
