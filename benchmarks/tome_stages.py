@@ -4,7 +4,8 @@
 
 The issue-13 case ([16, 577, 768] float32 tokens, a 64-d metric, no prefix) at keep N - 16 and N / 2. Every
 repetition times, back to back: a copy of x into reused memory, then the stages of one call as `ToMe.__call__` runs
-them (input checks, matching, merge, `_finish`, the finiteness check on the output), then the whole public call.
+them (input checks, matching, merge, `_finish`, the finiteness check on the output), then the whole public call, then
+(after another copy and a matching) the same merge through `merge_reference` instead of `merge_tokens`' CPU path.
 Rows: p20/p50/p80 ms per stage and its median ratio to the copy of the same repetition.
 """
 
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from mmcompress.kernels.merge import merge_tokens
+from mmcompress.kernels.merge import merge_reference, merge_tokens
 
 import mmcompress as mmc
 from mmcompress.compressors.base import Plan, _check_finite
@@ -27,7 +28,8 @@ from mmcompress.compressors.tome import match_round
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from csv_rows import quantiles, write_rows  # noqa: E402
 
-STAGES = ("copy_into", "inputs", "match", "merge", "finish", "check_output", "sum_of_stages", "public_call")
+STAGES = ("copy_into", "inputs", "match", "merge", "finish", "check_output", "sum_of_stages", "public_call",
+          "merge_via_reference")
 
 
 def staged_call(comp, x: torch.Tensor, metric: torch.Tensor):
@@ -62,11 +64,16 @@ def time_stages(x: torch.Tensor, metric: torch.Tensor, keep: int, reps: int) -> 
         p0 = time.perf_counter()
         comp(x, metric=metric)
         p1 = time.perf_counter()
+        buf.copy_(x)  # caches as cold as before the staged merge
+        node_idx, src_a = match_round(metric, x.shape[1] - keep)
+        r0 = time.perf_counter()
+        merge_reference(x, None, node_idx, src_a)  # the plain reference, for what merge_tokens' CPU path saves
+        r1 = time.perf_counter()
         if rep < 2:
             continue
         for k, a, b in (("copy_into", c0, t0), ("inputs", t0, t1), ("match", t1, t2), ("merge", t2, t3),
                         ("finish", t3, t4), ("check_output", t4, t5), ("sum_of_stages", t0, t5),
-                        ("public_call", p0, p1)):
+                        ("public_call", p0, p1), ("merge_via_reference", r0, r1)):
             t[k].append((b - a) * 1e3)
     return t
 
