@@ -56,6 +56,7 @@ bench-speed: $(STAMP)
 	GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296 \
 		$(BIN)/python benchmarks/compressor_speed.py --only tome-peer --out runs/speed/tome_peer_warm_malloc.csv
 	$(BIN)/python benchmarks/tome_stages.py --out runs/speed/tome_stages.csv
+	$(BIN)/python benchmarks/merge_paths.py --out runs/speed/merge_paths.csv
 	$(BIN)/python benchmarks/vit_merge_speed.py --out runs/speed/vit_merge.csv
 
 clean:

@@ -309,6 +309,6 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Ten
     if x.dtype != torch.float64 and use_triton(x):
         return merge_triton(x, size, node_idx, src_a, head)
     r = src_a.shape[1]
-    if x.dtype == torch.float32 and x.device.type == "cpu" and 8 * r >= x.shape[1] - r:
+    if x.dtype == torch.float32 and x.device.type == "cpu" and 12 * r >= x.shape[1] - r:
         return merge_bags(x, size, node_idx, src_a, head)  # many merged rows: one weighted pass (embedding_bag)
     return merge_reference(x, size, node_idx, src_a, head)
