@@ -131,6 +131,6 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: 
     Returns:
         [B, H, N] float32.
     """
-    if use_triton(q):
+    if use_triton(q, q, k):
         return attention_rows_triton(q, k, rows, scale, key_mask)
     return attention_rows_reference(q, k, rows, scale, key_mask, chunk)

@@ -1,6 +1,6 @@
 """Kernel dispatch: one flag, ``MMCOMPRESS_KERNELS=auto|triton|torch`` (DESIGN §5).
 
-``auto`` (default): Triton on CUDA tensors when triton imports, the PyTorch reference elsewhere.
+``auto`` (default): Triton on CUDA tensors when triton imports, the PyTorch path elsewhere and under autograd.
 ``triton``: always the Triton kernel (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before triton is imported).
 ``torch``: always the PyTorch path (the reference; for float32 CPU merges of many rows, `merge.merge_bags`).
 """
@@ -31,15 +31,28 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op on tensor `t` should take the Triton path under the current flag."""
+def needs_grad(*ts: torch.Tensor | None) -> bool:
+    """True when autograd records ops on any of `ts` (the Triton kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def use_triton(t: torch.Tensor, *grad_inputs: torch.Tensor | None) -> bool:
+    """Whether an op on tensor `t` should take the Triton path under the current flag.
+
+    `grad_inputs`: the op's differentiable inputs. When autograd records any of them, `auto` takes the PyTorch path
+    (the kernels have no backward) and `triton` raises instead of returning outputs without gradients.
+    """
     mode = kernel_mode()
     if mode == "torch":
         return False
+    grad = needs_grad(*grad_inputs)
     if mode == "triton":
         if not triton_available():
             raise RuntimeError("MMCOMPRESS_KERNELS=triton needs triton (pip install mmcompress[kernels])")
         if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("MMCOMPRESS_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1")
+        if grad:
+            raise RuntimeError("MMCOMPRESS_KERNELS=triton: the Triton kernels have no backward, but an input requires "
+                               "grad; use MMCOMPRESS_KERNELS=auto (PyTorch path under autograd) or torch.no_grad()")
         return True
-    return t.device.type == "cuda" and triton_available()
+    return t.device.type == "cuda" and triton_available() and not grad

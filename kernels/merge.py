@@ -18,7 +18,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from mmcompress.kernels.dispatch import use_triton
+from mmcompress.kernels.dispatch import needs_grad, use_triton
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -72,9 +72,11 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _adjacent(head: torch.Tensor, x: torch.Tensor) -> bool:
     """True when `head` [B, P, C] sits right before `x` [B, n, C] in one storage (x = full[:, P:], head =
-    full[:, :P], as the base class slices the prefix off)."""
+    full[:, :P], as the base class slices the prefix off), so both can be read through one view of the storage.
+    False under autograd: a view that reaches beyond x would carry no gradient to the head rows."""
     return (
-        head.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        not needs_grad(head, x)
+        and head.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
         and head.stride() == x.stride()
         and head.storage_offset() + head.shape[1] * x.stride(1) == x.storage_offset()
     )
@@ -133,9 +135,10 @@ def merge_reference(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.
     w_src = None if size is None else size.gather(1, src_pos).reshape(-1).to(acc)  # [B*r]
     if w_src is not None:
         src_x.mul_(w_src.unsqueeze(1))
-    if acc == x.dtype and 4 * r >= M:
+    if acc == x.dtype and 4 * r >= M and not needs_grad(x, size, head):
         # many receiving rows: sum in place in out (no [rows, C] temporaries, each a fresh allocation on CPU);
-        # unmerged rows and the head are scaled by exactly 1, so they stay bit-exact copies
+        # unmerged rows and the head are scaled by exactly 1, so they stay bit-exact copies (not under autograd:
+        # the in-place updates of out and out_size would give wrong size gradients)
         w_all = torch.ones(B, Mt, dtype=acc, device=x.device)
         w_all[:, P:] = out_size  # surviving token's own size
         w_all = w_all.view(-1)  # [B*Mt]
@@ -306,7 +309,7 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Ten
         out [B, P + n - r, C] (x's dtype), out_size [B, n - r] float32, assign [B, n] int64, keep_pos [B, n - r]
         int64.
     """
-    if x.dtype != torch.float64 and use_triton(x):
+    if x.dtype != torch.float64 and use_triton(x, x, size, head):
         return merge_triton(x, size, node_idx, src_a, head)
     r = src_a.shape[1]
     if x.dtype == torch.float32 and x.device.type == "cpu" and 12 * r >= x.shape[1] - r:

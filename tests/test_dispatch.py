@@ -133,7 +133,7 @@ def test_triton_flag_takes_every_kernel_and_agrees(monkeypatch):
 def test_auto_takes_triton_for_cuda_tensors_at_every_entry(monkeypatch):
     """Where use_triton says yes (auto on a CUDA tensor, tested above) each dispatcher calls its Triton function."""
     for mod in (merge_mod, rows_mod):
-        monkeypatch.setattr(mod, "use_triton", lambda t: True)
+        monkeypatch.setattr(mod, "use_triton", lambda *t: True)
     calls = []
     monkeypatch.setattr(merge_mod, "merge_triton", lambda *a, **k: calls.append("merge") or "m")
     monkeypatch.setattr(rows_mod, "attention_rows_triton", lambda *a, **k: calls.append("rows") or "r")
