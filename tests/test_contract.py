@@ -89,6 +89,32 @@ def test_contract(name, B, N, C, prefix, grid, keep):
     assert torch.equal(out.x, again.x) and torch.equal(out.assign, again.assign)
 
 
+@pytest.mark.parametrize("keep", [0.5, 3])
+def test_gradients_follow_assign(name, keep):
+    """Under autograd (float64 x and sizes that require grad, a prefix row), x's and the sizes' gradients are those of
+    the output's definition from `assign`: the size-weighted mean of each slot's members (exact-mean methods), or
+    their score-weighted mean for prumerge's family (then only x's gradient on the kept prefix row is checked)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 1 + 24, 4, dtype=torch.float64, generator=g).requires_grad_()
+    size = (torch.rand(2, 25, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    comp = mmc.create(name, keep=keep)
+    kw = call_kwargs(name, x.detach(), 1, (4, 6))
+    out = comp(x, size=size, **kw)
+    w = torch.randn(out.x.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((out.x * w).sum(), (x, size), allow_unused=True)
+    assert got[0] is not None and got[0][:, 0].abs().sum() > 0  # the prefix row gets its gradient
+    if not comp.exact_mean:
+        torch.testing.assert_close(got[0][:, 0], w[:, 0])
+        return
+    M = out.x.shape[1]
+    want = torch.autograd.grad((segment_mean(x, size, out.assign, M) * w).sum(), (x, size), allow_unused=True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-8)
+    if got[1] is not None or want[1] is not None:  # select-only methods: no gradient reaches the sizes
+        zero = torch.zeros_like(size)
+        torch.testing.assert_close(zero if got[1] is None else got[1], zero if want[1] is None else want[1],
+                                   rtol=1e-6, atol=1e-8)
+
+
 def test_identity_at_full_budget(name):
     x = torch.randn(2, 17, 8)
     kw = call_kwargs(name, x, 1)
