@@ -113,9 +113,9 @@ class ToMe(Compressor):
             return Plan(assign=assign, rep=keep_pos, x=out, size=size, x_head=inp.head is not None)
         # several rounds: merge the metric (size-weighted, as the paper's proportional bookkeeping) and compose
         # assign; the base class forms the outputs from x once at the end
-        m = inp.sim
+        m = inp.sim.detach()  # only matched (indices out): no autograd, so the merges between rounds may use Triton
         m = m.to(accum_dtype(m.dtype))
-        s = inp.size
+        s = None if inp.size is None else inp.size.detach()  # weights of the metric only
         assign = rep = None
         n = N
         while n > k:
