@@ -221,3 +221,36 @@ def test_errors_name_the_argument():
         vit(pixels())
     with pytest.raises(ValueError, match="unsupported"):
         mmc.apply(torch.nn.Linear(2, 2), "tome", keep=4)
+
+
+@pytest.mark.parametrize("kind", ["timm", "dinov2"])
+def test_training_through_merged_blocks_has_true_gradients(kind):
+    """Fine-tuning with in-encoder merging: autograd's directional derivatives of a loss on the pooled (CLS) output and
+    on the tokens, w.r.t. the first block's weights and the pixels, equal central finite differences (float64; the
+    matching does not move for steps of 1e-6)."""
+    model = build(kind).double()
+    mmc.apply(model, "tome", keep=4)
+    x = pixels().double().requires_grad_()
+    first = model.blocks[0].attn.qkv.weight if kind == "timm" else model.encoder.layer[0].attention.q_proj.weight
+
+    def loss(m, px):
+        if kind == "timm":
+            tokens = m.forward_features(px)
+            pooled = tokens[:, 0]
+        else:
+            o = m(pixel_values=px)
+            tokens, pooled = o.last_hidden_state, o.pooler_output
+        return (pooled ** 2).sum() + tokens[:, 1:].sin().sum()
+
+    g_w, g_x = torch.autograd.grad(loss(model, x), (first, x))
+    gen = torch.Generator().manual_seed(0)
+    for param, grad in ((first, g_w), (x, g_x)):
+        v = torch.randn(param.shape, dtype=param.dtype, generator=gen)
+        with torch.no_grad():
+            base = param.detach().clone()
+            param.copy_(base + 1e-6 * v)
+            up = loss(model, x)
+            param.copy_(base - 1e-6 * v)
+            down = loss(model, x)
+            param.copy_(base)
+        torch.testing.assert_close((up - down) / 2e-6, (grad * v).sum(), rtol=1e-5, atol=1e-6)
