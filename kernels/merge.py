@@ -184,15 +184,15 @@ def merge_bags(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tenso
     dev = x.device
     if x.dtype not in (torch.float32, torch.float64) or B * n == 0:
         return merge_reference(x, size, node_idx, src_a, head)
-    keep_pos, assign, dst_slot, src_pos = merge_indices(node_idx, src_a, n)
     adjacent = head is not None and _adjacent(head, x)
-    if head is not None and not adjacent:  # head elsewhere: merge without it, then put it in front
+    if head is not None and not adjacent:  # head elsewhere (or under autograd): merge without it, then prepend it
         out, out_size, assign, keep_pos = merge_bags(x, size, node_idx, src_a)
         return torch.cat([head, out], 1), out_size, assign, keep_pos
     Pb = P if adjacent else 0  # head rows read as bags from the same storage as x's rows
     base = x.as_strided((B, Pb + n, C), x.stride(), x.storage_offset() - Pb * x.stride(1)) if Pb else x
     if not (base.stride(2) == 1 and base.stride(1) == C and base.stride(0) % C == 0):
         return merge_reference(x, size, node_idx, src_a, head)
+    keep_pos, assign, dst_slot, src_pos = merge_indices(node_idx, src_a, n)
     per = base.stride(0) // C  # storage rows per sample
     table = base.as_strided(((B - 1) * per + Pb + n, C), (C, 1), base.storage_offset())  # [rows, C] view, no copy
     # bag members sorted by key: output row t of a sample has key 2t (its own row) and 2t + 1 (rows merged into it)
