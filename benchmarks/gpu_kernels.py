@@ -4,10 +4,16 @@ Ops: best_match (fused bipartite matching of the [B, N, C] tokens), match_merge 
 metric matched, then the [B, N, C] tokens merged: kernels/bipartite_match.py + kernels/merge.py), attention_rows
 (CLS row of softmax(QK^T) for 16 heads of 64 channels, kernels/attention_rows.py).
 
-Rows: op, provider (torch|torch_compile|triton), shape, dtype, p20/p50/p80 ms, GB/s (metric bytes read once),
-% of a measured device-to-device copy bandwidth, device name, versions. Not run yet: no GPU was lent so far.
+Rows: op, provider (torch|torch_compile|triton), shape, dtype, agreement with the torch provider's result on the same
+inputs (max abs difference of the float outputs; integer outputs such as indices equal or not: on random bf16 inputs
+ties can make indices differ legitimately), p20/p50/p80 ms, GB/s (metric bytes read once), % of a measured
+device-to-device copy bandwidth, device name, versions. Not run yet: no GPU was lent so far.
 
     python benchmarks/gpu_kernels.py --out runs/speed/gpu_kernels.csv
+
+`--dry-run` runs the same code path on CPU under TRITON_INTERPRET=1 at one tiny shape (no torch.compile, wall-clock
+timers, figures meaningless), so a session that is lent a GPU for minutes does not spend them on a broken script
+(`tests/test_gpu_kernels_script.py` runs it).
 """
 
 from __future__ import annotations
@@ -16,24 +22,44 @@ import argparse
 import csv
 import os
 import sys
+import time
 
 import torch
 
 SHAPES = [(16, 576, 1024), (16, 2880, 1024), (64, 576, 1024)]
+DRY_SHAPES = [(2, 9, 24)]
 
 
-def _times_ms(fn, reps: int = 50) -> list[float]:
-    for _ in range(5):
+def _times_ms(fn, reps: int = 50, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
         fn()
     out = []
     for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        out.append(s.elapsed_time(e))
+        if torch.cuda.is_available():
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            out.append(s.elapsed_time(e))
+        else:  # --dry-run on CPU
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
     return sorted(out)
+
+
+def _agreement(got, want) -> tuple[float, bool]:
+    """(max abs difference of the float outputs, whether the integer outputs are equal) between two results."""
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    diff, same = 0.0, True
+    for g, w in zip(got, want, strict=True):
+        if g.is_floating_point():
+            diff = max(diff, (g.float() - w.float()).abs().max().item() if g.numel() else 0.0)
+        else:
+            same = same and torch.equal(g, w)
+    return diff, same
 
 
 def _pct(ts: list[float], q: float) -> float:
@@ -43,10 +69,17 @@ def _pct(ts: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/speed/gpu_kernels.csv")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, one tiny shape: checks the script")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--dry-run needs TRITON_INTERPRET=1 in the environment (read when triton is imported)",
+                  file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
         print("no CUDA device: nothing measured", file=sys.stderr)
         return 2
+    shapes, reps, warmup = (DRY_SHAPES, 2, 1) if args.dry_run else (SHAPES, 50, 5)
     os.environ["MMCOMPRESS_KERNELS"] = "triton"
     import triton
     from mmcompress.kernels.attention_rows import attention_rows_reference, attention_rows_triton
@@ -59,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         src_a = val.argsort(dim=-1, descending=True, stable=True)[:, : a.shape[1]]
         return merger(x, None, idx, src_a)
 
-    dev = torch.device("cuda")
-    big = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+    dev = torch.device("cpu" if args.dry_run else "cuda")
+    device_name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    big = torch.empty((1 if args.dry_run else 256) * 2**20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(big)
-    copy_ms = _pct(_times_ms(lambda: dst.copy_(big)), 0.5)
+    copy_ms = _pct(_times_ms(lambda: dst.copy_(big), reps, warmup), 0.5)
     copy_gbs = 2 * big.numel() / copy_ms / 1e6  # read + write
-    compiled = torch.compile(best_match_reference)
+    compiled = best_match_reference if args.dry_run else torch.compile(best_match_reference)
     rows = []
-    for B, N, d in SHAPES:
+    for B, N, d in shapes:
         for dtype in (torch.bfloat16, torch.float32):
             m = torch.randn(B, N, d, device=dev).to(dtype)
             a, b = m[:, ::2], m[:, 1::2]
@@ -74,17 +108,24 @@ def main(argv: list[str] | None = None) -> int:
             for prov, fn in (("torch", lambda a=a, b=b: best_match_reference(a, b)),
                              ("torch_compile", lambda a=a, b=b: compiled(a, b)),
                              ("triton", lambda a=a, b=b: best_match_triton(a, b))):
-                ts = _times_ms(fn)
+                if prov == "torch_compile" and args.dry_run:
+                    continue
+                res = fn()
+                if prov == "torch":
+                    want = res
+                diff, same = _agreement(res, want)
+                ts = _times_ms(fn, reps, warmup)
                 p50 = _pct(ts, 0.5)
                 gbs = nbytes / p50 / 1e6
                 rows.append(dict(op="best_match", provider=prov, shape=f"{B}x{N}x{d}", dtype=str(dtype)[6:],
+                                 max_abs_diff_vs_torch=f"{diff:.3g}", indices_equal_torch=same,
                                  p20_ms=f"{_pct(ts, 0.2):.4f}", p50_ms=f"{p50:.4f}", p80_ms=f"{_pct(ts, 0.8):.4f}",
                                  gb_s=f"{gbs:.1f}", pct_copy_roofline=f"{100 * gbs / copy_gbs:.1f}",
-                                 device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                 device=device_name, torch=torch.__version__,
                                  triton=triton.__version__))
                 print(rows[-1])
-    compiled_merge = torch.compile(merge_reference)
-    for B, N, C in SHAPES:
+    compiled_merge = merge_reference if args.dry_run else torch.compile(merge_reference)
+    for B, N, C in shapes:
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(B, N, C, device=dev).to(dtype)
             metric = torch.randn(B, N, 64, device=dev).to(dtype)
@@ -104,13 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                 ("attention_rows", kbytes, "triton", lambda q=q, k=k, c=cls: attention_rows_triton(q, k, c, 0.125)),
             ]
             for op, nbytes, prov, fn in cases:
-                ts = _times_ms(fn)
+                if prov == "torch_compile" and args.dry_run:
+                    continue
+                res = fn()
+                if prov == "torch":
+                    want = res
+                diff, same = _agreement(res, want)
+                ts = _times_ms(fn, reps, warmup)
                 p50 = _pct(ts, 0.5)
                 gbs = nbytes / p50 / 1e6
                 rows.append(dict(op=op, provider=prov, shape=f"{B}x{N}x{C}", dtype=str(dtype)[6:],
+                                 max_abs_diff_vs_torch=f"{diff:.3g}", indices_equal_torch=same,
                                  p20_ms=f"{_pct(ts, 0.2):.4f}", p50_ms=f"{p50:.4f}", p80_ms=f"{_pct(ts, 0.8):.4f}",
                                  gb_s=f"{gbs:.1f}", pct_copy_roofline=f"{100 * gbs / copy_gbs:.1f}",
-                                 device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                 device=device_name, torch=torch.__version__,
                                  triton=triton.__version__))
                 print(rows[-1])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
