@@ -100,30 +100,34 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = 2 * big.numel() / copy_ms / 1e6  # read + write
     compiled = best_match_reference if args.dry_run else torch.compile(best_match_reference)
     rows = []
+    want = None
+
+    def measure(op: str, prov: str, fn, nbytes: float, shape: str, dtype: torch.dtype) -> None:
+        """Time `fn`, compare its result with the torch provider's (run first for the same inputs), add a row."""
+        nonlocal want
+        res = fn()
+        if prov == "torch":
+            want = res
+        diff, same = _agreement(res, want)
+        ts = _times_ms(fn, reps, warmup)
+        p50 = _pct(ts, 0.5)
+        gbs = nbytes / p50 / 1e6
+        rows.append(dict(op=op, provider=prov, shape=shape, dtype=str(dtype)[6:],
+                         max_abs_diff_vs_torch=f"{diff:.3g}", indices_equal_torch=same,
+                         p20_ms=f"{_pct(ts, 0.2):.4f}", p50_ms=f"{p50:.4f}", p80_ms=f"{_pct(ts, 0.8):.4f}",
+                         gb_s=f"{gbs:.1f}", pct_copy_roofline=f"{100 * gbs / copy_gbs:.1f}",
+                         device=device_name, torch=torch.__version__, triton=triton.__version__))
+        print(rows[-1])
+
     for B, N, d in shapes:
         for dtype in (torch.bfloat16, torch.float32):
             m = torch.randn(B, N, d, device=dev).to(dtype)
             a, b = m[:, ::2], m[:, 1::2]
-            nbytes = m.numel() * m.element_size()
             for prov, fn in (("torch", lambda a=a, b=b: best_match_reference(a, b)),
                              ("torch_compile", lambda a=a, b=b: compiled(a, b)),
                              ("triton", lambda a=a, b=b: best_match_triton(a, b))):
-                if prov == "torch_compile" and args.dry_run:
-                    continue
-                res = fn()
-                if prov == "torch":
-                    want = res
-                diff, same = _agreement(res, want)
-                ts = _times_ms(fn, reps, warmup)
-                p50 = _pct(ts, 0.5)
-                gbs = nbytes / p50 / 1e6
-                rows.append(dict(op="best_match", provider=prov, shape=f"{B}x{N}x{d}", dtype=str(dtype)[6:],
-                                 max_abs_diff_vs_torch=f"{diff:.3g}", indices_equal_torch=same,
-                                 p20_ms=f"{_pct(ts, 0.2):.4f}", p50_ms=f"{p50:.4f}", p80_ms=f"{_pct(ts, 0.8):.4f}",
-                                 gb_s=f"{gbs:.1f}", pct_copy_roofline=f"{100 * gbs / copy_gbs:.1f}",
-                                 device=device_name, torch=torch.__version__,
-                                 triton=triton.__version__))
-                print(rows[-1])
+                if not (prov == "torch_compile" and args.dry_run):
+                    measure("best_match", prov, fn, m.numel() * m.element_size(), f"{B}x{N}x{d}", dtype)
     compiled_merge = merge_reference if args.dry_run else torch.compile(merge_reference)
     for B, N, C in shapes:
         for dtype in (torch.bfloat16, torch.float32):
@@ -145,22 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("attention_rows", kbytes, "triton", lambda q=q, k=k, c=cls: attention_rows_triton(q, k, c, 0.125)),
             ]
             for op, nbytes, prov, fn in cases:
-                if prov == "torch_compile" and args.dry_run:
-                    continue
-                res = fn()
-                if prov == "torch":
-                    want = res
-                diff, same = _agreement(res, want)
-                ts = _times_ms(fn, reps, warmup)
-                p50 = _pct(ts, 0.5)
-                gbs = nbytes / p50 / 1e6
-                rows.append(dict(op=op, provider=prov, shape=f"{B}x{N}x{C}", dtype=str(dtype)[6:],
-                                 max_abs_diff_vs_torch=f"{diff:.3g}", indices_equal_torch=same,
-                                 p20_ms=f"{_pct(ts, 0.2):.4f}", p50_ms=f"{p50:.4f}", p80_ms=f"{_pct(ts, 0.8):.4f}",
-                                 gb_s=f"{gbs:.1f}", pct_copy_roofline=f"{100 * gbs / copy_gbs:.1f}",
-                                 device=device_name, torch=torch.__version__,
-                                 triton=triton.__version__))
-                print(rows[-1])
+                if not (prov == "torch_compile" and args.dry_run):
+                    measure(op, prov, fn, nbytes, f"{B}x{N}x{C}", dtype)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
