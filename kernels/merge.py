@@ -173,9 +173,9 @@ def merge_bags(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tenso
     For float32/float64 x with row-contiguous tokens, every output row is a bag of x rows (its surviving token first,
     then the A tokens merged into it in src_a order) summed with weights size / new size by `F.embedding_bag`, which
     reads each x row once and writes each output row once: no gathered copy of the merged rows, no scatter, no
-    division pass (at keep N/2 on [16, 577, 768], 2 threads: ~2.2 ms against ~4.2 ms for the reference). Unmerged
-    rows and `head` rows are bags of one with weight 1: exact copies. Merged rows differ from the reference by
-    rounding only (the weights are divided before the sum, not the sum after it).
+    division pass (both paths timed in one loop: `python benchmarks/merge_paths.py`). Unmerged rows and `head` rows
+    are bags of one with weight 1: exact copies. Merged rows differ from the reference by rounding only (the weights
+    are divided before the sum, not the sum after it). Sizes and weights are summed in x's dtype.
     """
     B, n, C = x.shape
     r = src_a.shape[1]
@@ -200,17 +200,16 @@ def merge_bags(x: torch.Tensor, size: torch.Tensor | None, node_idx: torch.Tenso
     row = torch.cat([torch.arange(Pb, device=dev).expand(B, Pb), keep_pos + Pb, src_pos + Pb], 1)  # [B, Pb + n]
     key, order = key.sort(dim=1, stable=True)  # stable: contributors stay in src_a order
     row = row.gather(1, order)  # [B, Pb + n] member rows, bag after bag
-    acc = torch.float32 if x.dtype != torch.float64 else x.dtype
-    w = torch.ones(B, Pb + n, dtype=acc, device=dev)
+    w = torch.ones(B, Pb + n, dtype=x.dtype, device=dev)  # float32 or float64, as embedding_bag needs
     if size is not None:
-        w[:, Pb:] = size.to(acc)
+        w[:, Pb:] = size
     w = w.gather(1, row)  # [B, Pb + n] member weights
     slot = key // 2  # [B, Pb + n] output row of every member
-    den = torch.zeros(B, Pb + M, dtype=acc, device=dev).scatter_add_(1, slot, w)  # [B, Pb + M] new sizes
+    den = torch.zeros(B, Pb + M, dtype=x.dtype, device=dev).scatter_add_(1, slot, w)  # [B, Pb + M] new sizes
     cnt = torch.zeros(B, Pb + M, dtype=torch.long, device=dev).scatter_add_(1, slot, torch.ones_like(slot))
     offsets = cnt.view(-1).cumsum(0).sub_(cnt.view(-1))  # [B * (Pb + M)] bag starts
     flat_rows = (row + torch.arange(B, device=dev).unsqueeze(1) * per).view(-1)
-    w = (w / den.gather(1, slot)).view(-1).to(x.dtype)  # 1 exactly for bags of one
+    w = (w / den.gather(1, slot)).view(-1)  # 1 exactly for bags of one
     out = F.embedding_bag(flat_rows, table, offsets, mode="sum", per_sample_weights=w).view(B, Pb + M, C)
     return out, den[:, Pb:].float(), assign, keep_pos
 

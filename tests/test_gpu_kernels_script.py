@@ -7,11 +7,10 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.script_module import REPO
 
 
 def test_dry_run_writes_agreeing_rows(tmp_path):
