@@ -1,4 +1,4 @@
-"""The README's "Add a model family" example runs as written and is the description that ships."""
+"""docs/models.md's "Add a model family" example runs as written and is the description that ships."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _readme_block() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Add a model family"):]
+    text = (ROOT / "docs/models.md").read_text()
+    section = text[text.index("## Add a model family"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -24,10 +24,10 @@ def test_readme_family_example_runs_and_matches_the_shipped_description():
     code = _readme_block()
     shipped = (ROOT / "mmcompress/integrations/families.py").read_text()
     start = code.index("@register_family")
-    assert code[start:].strip() in shipped  # the README shows the real thing, not a copy that can drift
-    mmc.integrations.supported_model_types()  # built-in descriptions first, so the README's registration is the last
+    assert code[start:].strip() in shipped  # the docs show the real thing, not a copy that can drift
+    mmc.integrations.supported_model_types()  # built-in descriptions first, so the docs' registration is the last
     ns: dict = {}
-    exec(compile(code, "README.md", "exec"), ns)  # registers PaliGemma's description (again)
+    exec(compile(code, "docs/models.md", "exec"), ns)  # registers PaliGemma's description (again)
     adapter_cls = ns["PaliGemmaFamily"].adapter
     spec = SPECS["paligemma"]
     model = build("paligemma")

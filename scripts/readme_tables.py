@@ -1,0 +1,178 @@
+"""Write the README's generated tables, so they cannot drift from what the package and `make bench` print.
+
+    python scripts/readme_tables.py                      # catalogue from `mmcompress list`, headline from docs
+    python scripts/readme_tables.py --bench runs/bench   # also: docs/benchmark.md's table and plot from a bench run
+    python scripts/readme_tables.py --check              # exit 1 when a generated block differs (what the tests do)
+
+Blocks sit between ``<!-- BEGIN <name> ... -->`` and ``<!-- END <name> -->`` markers:
+
+- ``catalogue`` (README.md): the rows of ``mmcompress list`` (third-party entry points left out: they depend on what
+  is installed), run as a command, so the README shows exactly what the CLI prints.
+- ``make-bench table`` (docs/benchmark.md): the easy-VQA table of ``runs/bench/summary.md``; only ``--bench``
+  rewrites it (and copies ``runs/bench/pareto.png`` to ``docs/bench_easyvqa.png``).
+- ``headline`` (README.md): that table pivoted to method x budget accuracy, so the front page follows the last
+  ``make bench`` whatever its method list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BENCH_DOC = ROOT / "docs" / "benchmark.md"
+PLOT = ROOT / "docs" / "bench_easyvqa.png"
+
+_BLOCK = r"(<!-- BEGIN {name}\b[^\n]*-->\n)(.*?)(<!-- END {name} -->)"
+
+
+def get_block(text: str, name: str) -> str:
+    """The text between the BEGIN/END markers of block `name` (ValueError when the markers are missing)."""
+    m = re.search(_BLOCK.format(name=re.escape(name)), text, re.S)
+    if not m:
+        raise ValueError(f"no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block")
+    return m.group(2)
+
+
+def set_block(text: str, name: str, body: str) -> str:
+    """`text` with block `name` replaced by `body` (which ends with a newline)."""
+    get_block(text, name)
+    pat = re.compile(_BLOCK.format(name=re.escape(name)), re.S)
+    return pat.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+
+
+def list_rows(list_output: str) -> list[list[str]]:
+    """Rows of `mmcompress list`'s fixed-width output, cut at the header's column starts."""
+    rows: list[list[str]] = []
+    starts: list[int] | None = None
+    for line in list_output.splitlines():
+        if not line.strip():
+            continue
+        if line.split()[:2] == ["name", "family"]:
+            starts = [m.start() for m in re.finditer(r"\S+", line)]
+            continue
+        if starts is None:
+            raise ValueError(f"`mmcompress list` printed a row before its header: {line!r}")
+        bounds = [*starts[1:], None]
+        rows.append([line[a:b].strip() for a, b in zip(starts, bounds, strict=True)])
+    return rows
+
+
+def catalogue_markdown(list_output: str) -> str:
+    """The README's catalogue table from `mmcompress list`'s output."""
+    out = ["| name | family | modality | needs | what it does |", "|---|---|---|---|---|"]
+    for name, family, modality, needs, summary in list_rows(list_output):
+        if family == "third-party":
+            continue
+        out.append(f"| `{name}` | {family} | {modality} | {needs.replace(',', ', ')} | {summary} |")
+    return "\n".join(out) + "\n"
+
+
+def run_list() -> str:
+    """`mmcompress list`, run as the command a user runs."""
+    return subprocess.run([sys.executable, "-m", "mmcompress", "list"], check=True, capture_output=True, text=True,
+                          cwd=ROOT).stdout
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def bench_table(summary_md: str) -> str:
+    """The first task's table of a bench ``summary.md`` (header, rule and rows)."""
+    lines = summary_md.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("| method | keep |")), None)
+    if start is None:
+        raise ValueError("summary.md has no '| method | keep |' table")
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def headline_markdown(table: str) -> str:
+    """Pivot a bench table (method, keep, tokens, accuracy ± se, ..., vs random, ..., prefill ratio) to method x keep.
+
+    A cell is bold when it beats `random` at the same budget by more than two standard errors (no `≈` mark). The
+    header gives the uncompressed row's accuracy and, per budget, the mean token count and the median prefill ratio
+    over the methods at that budget.
+    """
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    head = _cells(lines[0])
+    col = {h: i for i, h in enumerate(head)}
+    need = ("method", "keep", "tokens", "accuracy", "vs random", "prefill ratio")
+    missing = [h for h in need if h not in col]
+    if missing:
+        raise ValueError(f"bench table lacks columns {missing}")
+    rows = [_cells(ln) for ln in lines[2:]]
+    none = next((r for r in rows if r[col["method"]] == "none"), None)
+    keeps = list(dict.fromkeys(r[col["keep"]] for r in rows if r[col["method"]] != "none"))
+    keeps.sort(key=lambda k: -float(k) if re.fullmatch(r"[\d.]+", k) else 0.0)
+    methods = list(dict.fromkeys(r[col["method"]] for r in rows if r[col["method"]] != "none"))
+    cell = {(r[col["method"]], r[col["keep"]]): r for r in rows}
+
+    def label(k: str) -> str:
+        at = [r for r in rows if r[col["keep"]] == k and r[col["method"]] != "none"]
+        tokens = statistics.fmean(float(r[col["tokens"]]) for r in at)
+        ratio = statistics.median(float(r[col["prefill ratio"]]) for r in at)
+        share = f"{100 * float(k):g}%" if re.fullmatch(r"0?\.\d+", k) else k
+        return f"{share}: {tokens:g} tokens, prefill ×{ratio:.2f}"
+
+    first = "method"
+    if none is not None:
+        first = f"method (none: {none[col['accuracy']]} at {float(none[col['tokens']]):g} tokens)"
+    out = [f"| {first} | " + " | ".join(label(k) for k in keeps) + " |", "|---|" + "---|" * len(keeps)]
+    for m in methods:
+        vals = []
+        for k in keeps:
+            r = cell.get((m, k))
+            if r is None:
+                vals.append("")
+                continue
+            vs = r[col["vs random"]]
+            better = m != "random" and vs.startswith("+") and "≈" not in vs
+            vals.append(f"**{r[col['accuracy']]}**" if better else r[col["accuracy"]])
+        out.append(f"| {m} | " + " | ".join(vals) + " |")
+    return "\n".join(out) + "\n"
+
+
+def render(readme: str, bench_doc: str, list_output: str, summary_md: str | None = None) -> tuple[str, str]:
+    """(README, docs/benchmark.md) with every generated block rewritten."""
+    if summary_md is not None:
+        bench_doc = set_block(bench_doc, "make-bench table", bench_table(summary_md))
+    readme = set_block(readme, "catalogue", catalogue_markdown(list_output))
+    readme = set_block(readme, "headline", headline_markdown(get_block(bench_doc, "make-bench table")))
+    return readme, bench_doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bench", type=Path, default=None, help="a `mmcompress bench` --out folder (e.g. runs/bench)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block is out of date")
+    args = p.parse_args(argv)
+    summary = None
+    if args.bench is not None:
+        summary = (args.bench / "summary.md").read_text()
+    readme, doc = README.read_text(), BENCH_DOC.read_text()
+    new_readme, new_doc = render(readme, doc, run_list(), summary)
+    stale = [str(f.relative_to(ROOT)) for f, a, b in ((README, readme, new_readme), (BENCH_DOC, doc, new_doc))
+             if a != b]
+    if args.check:
+        print("out of date: " + ", ".join(stale) if stale else "up to date")
+        return 1 if stale else 0
+    README.write_text(new_readme)
+    BENCH_DOC.write_text(new_doc)
+    if args.bench is not None and (args.bench / "pareto.png").exists():
+        shutil.copyfile(args.bench / "pareto.png", PLOT)
+    print("rewrote: " + ", ".join(stale) if stale else "already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
