@@ -170,3 +170,31 @@ def test_unpadded_batch_with_different_prune_counts_equals_single_runs(model):
             assert torch.equal(out.sequences[b, -3:], solo.sequences[0, -3:])
             for sb, ss in zip(out.scores, solo.scores, strict=True):
                 torch.testing.assert_close(sb[b], ss[0], atol=1e-5, rtol=1e-4)
+
+
+def test_keep_count_is_the_releases_round_n_times_1_minus_r():
+    """The release keeps round(n * (1 - R)) tokens (Python round, half to even): 8 of 15 at R = 0.5, not 15 - 8."""
+    from mmcompress.integrations.fastv import fastv_keep_count
+
+    n = torch.tensor([15, 16, 17, 1, 3, 576, 575])
+    assert fastv_keep_count(n, 0.5).tolist() == [round(v * 0.5) for v in n.tolist()] == [8, 8, 8, 0, 2, 288, 288]
+    assert fastv_keep_count(torch.tensor([10, 13]), 0.3).tolist() == [round(10 * 0.7), round(13 * 0.7)] == [7, 9]
+
+
+def test_odd_image_count_keeps_the_releases_count():
+    """15 image tokens at R = 0.5: 8 kept, 7 pruned (the old `n - round(n R)` kept 7)."""
+    torch.manual_seed(1)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    ids = torch.randint(3, 64, (1, 24))
+    img = torch.zeros(1, 24, dtype=torch.bool)
+    img[0, 3:18] = True
+    fv = FastV(lm.model.layers, k=2, r=0.5)
+    fv.attach()
+    try:
+        with torch.no_grad(), fv.armed(img):
+            out = lm(ids, use_cache=True)
+    finally:
+        fv.detach()
+    assert fv.last_removed == [7] and out.logits.shape[1] == 24 - 7
