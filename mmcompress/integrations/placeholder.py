@@ -44,6 +44,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.integrations.base import Adapter, register_adapter
 from mmcompress.integrations.fastv import FastV
+from mmcompress.integrations.inllm import InLLM, find_decoder
 from mmcompress.integrations.plumbing import (
     DecodeState,
     media_segments,
@@ -243,10 +244,13 @@ class PlaceholderAdapter(Adapter):
         fastv_k: None (off) or the FastV layer K: LLM layers >= K see the media tokens pruned by last-token
             attention (`mmcompress.integrations.fastv`), on top of (or, with keep=1.0, instead of) the compressor.
         fastv_r: FastV's R, the fraction of media tokens pruned at layer K (default 0.5).
+        inllm: None or a builder (decoder layer count -> rule) of another in-LLM method on the shared stage
+            (`mmcompress.integrations.inllm`; set by `mmc.apply(model, "pdrop" | "dart", ...)`).
     """
 
     family: ClassVar[Family]
-    options = {"modalities": None, "padding_side": "left", "text_exclude_ids": (), "fastv_k": None, "fastv_r": 0.5}
+    options = {"modalities": None, "padding_side": "left", "text_exclude_ids": (), "fastv_k": None, "fastv_r": 0.5,
+               "inllm": None}
 
     def __init__(self, model: torch.nn.Module, compressor, **options: Any):
         super().__init__(model, compressor, **options)
@@ -268,9 +272,12 @@ class PlaceholderAdapter(Adapter):
         fam.check(self)
         if self.opts["fastv_k"] is None and "fastv_r" in options:
             raise ValueError("fastv_r: FastV is off; pass fastv_k= (the layer K) as well")
-        self.fastv: FastV | None = None
+        self.fastv: InLLM | None = None
         if self.opts["fastv_k"] is not None:
             self.fastv = FastV(fam.llm_layers(self.core), k=self.opts["fastv_k"], r=self.opts["fastv_r"])
+        elif self.opts["inllm"] is not None:
+            layers = fam.llm_layers(self.core)
+            self.fastv = InLLM(layers, self.opts["inllm"](len(layers)), decoder=find_decoder(self.core, layers))
         self._orig: Any = None
         self._had_forward = False
         self._prev_forward: Any = None
@@ -577,7 +584,7 @@ class PlaceholderAdapter(Adapter):
                     emb = emb.masked_scatter((new["input_ids"] == self.tokens[mod.name]).unsqueeze(-1), f)
             new["inputs_embeds"], new["input_ids"] = emb, None
         fv = self.fastv
-        if fv is not None and fv.r > 0:
+        if fv is not None and fv.active:
             if new.get("labels") is not None:
                 raise ValueError("labels: FastV prunes the LLM sequence; a loss over it is not supported")
             media = torch.zeros_like(ids_new, dtype=torch.bool)  # [B, L'] media columns
@@ -586,6 +593,7 @@ class PlaceholderAdapter(Adapter):
             with fv.armed(media, new.get("attention_mask")):
                 out = self._orig(**new)
             self.last_stats["fastv_removed"] = list(fv.last_removed)
+            self.last_stats["inllm_layer_tokens"] = fv.last_kept_per_layer  # media tokens each LLM layer saw
         else:
             out = self._orig(**new)
         if pos is not None:  # decoding continues at the original positions
