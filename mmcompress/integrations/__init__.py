@@ -42,6 +42,7 @@ def _split_options(adapter_cls: type[Adapter], comp_cls: type, options: dict[str
 
 
 FASTV = "fastv"  # in-LLM baseline: an adapter option (fastv_k, fastv_r), not an encoder-side compressor
+IN_LLM = ("fastv", "pdrop", "dart")  # methods that prune inside the LLM, on the shared stage (integrations/inllm.py)
 
 
 def _fastv_options(adapter_cls: type[Adapter], keep: Any, options: dict[str, Any]):
@@ -54,6 +55,81 @@ def _fastv_options(adapter_cls: type[Adapter], keep: Any, options: dict[str, Any
         raise TypeError("fastv_r: with name 'fastv' the pruned fraction is 1 - keep; pass keep= instead")
     options = {**options, "fastv_k": options.get("fastv_k", 2), "fastv_r": 1.0 - float(keep)}
     return "uniform", 1.0, options
+
+
+def _check_layer(option: str, k: Any, n_layers: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{option}: expected an int layer index, got {type(k).__name__}")
+    if not 1 <= k < n_layers:
+        raise ValueError(f"{option}: expected 1 <= K < {n_layers} (the decoder's layer count), got {k}")
+
+
+def _pdrop_builder(keep: Any, own: dict[str, Any]):
+    from mmcompress.integrations.pdrop import PDropRule, pdrop_default_layers, pdrop_lambda_for
+
+    lam = own.pop("pdrop_lambda", None)
+    layers = own.pop("pdrop_layers", None)
+    if lam is None and keep is None:
+        raise ValueError("keep: 'pdrop' takes the average fraction of image tokens kept over the LLM's layers, or "
+                         "keep=None with pdrop_lambda=")
+    if lam is not None and keep is not None:
+        raise ValueError("pdrop_lambda: sets the pyramid itself; pass keep=None with it (keep= is the average share "
+                         "of image tokens over the layers, from which lambda is solved)")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, float) or not 0 < keep <= 1):
+        raise ValueError(f"keep: 'pdrop' takes the average fraction of image tokens kept over the LLM's layers in "
+                         f"(0, 1], got {keep!r}")
+    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1):
+        raise ValueError(f"pdrop_lambda: expected a ratio in [0, 1], got {lam!r}")
+
+    def build(n_layers: int) -> PDropRule:
+        pts = pdrop_default_layers(n_layers) if layers is None else tuple(layers)
+        if not pts or any(isinstance(p, bool) or not isinstance(p, int) for p in pts) \
+                or list(pts) != sorted(set(pts)) or not all(1 <= p < n_layers for p in pts):
+            raise ValueError(f"pdrop_layers: expected increasing ints in [1, {n_layers}), got {layers!r}")
+        lm = float(lam) if lam is not None else pdrop_lambda_for(float(keep), pts, n_layers)
+        return PDropRule(pts, [lm ** (s + 1) for s in range(len(pts))])
+
+    return build
+
+
+def _dart_builder(keep: Any, own: dict[str, Any]):
+    from mmcompress.integrations.dart import DARTRule
+
+    k = own.pop("dart_k", 2)
+    piv_i, piv_t = own.pop("dart_pivot_image", 4), own.pop("dart_pivot_text", 4)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0 or (isinstance(keep, float)
+                                                                                   and keep > 1):
+        raise ValueError(f"keep: 'dart' takes the release's token budget (an int, e.g. 128) or the fraction of image "
+                         f"tokens kept in (0, 1], got {keep!r}")
+    budget = dict(max_num_trunction=keep, reduction_ratio=0.0) if isinstance(keep, int) else \
+        dict(max_num_trunction=None, reduction_ratio=1.0 - keep)
+    rule = DARTRule(k=k if isinstance(k, int) else 2, pivot_image=piv_i, pivot_text=piv_t, **budget)
+
+    def build(n_layers: int) -> DARTRule:
+        _check_layer("dart_k", k, n_layers)
+        return rule
+
+    return build
+
+
+_BUILDERS = {"pdrop": _pdrop_builder, "dart": _dart_builder}
+
+
+def _inllm_options(adapter_cls: type[Adapter], name: str, keep: Any, options: dict[str, Any]):
+    """`apply(model, "pdrop"|"dart", keep=..., <name>_...=...)` -> identity encoder compressor + the in-LLM rule."""
+    if name == FASTV:
+        return _fastv_options(adapter_cls, keep, options)
+    if "inllm" not in adapter_cls.options:
+        raise ValueError(f"name: {name!r} is not supported by {adapter_cls.__name__} (no in-LLM stage)")
+    for o in ("fastv_k", "fastv_r"):
+        if o in options:
+            raise TypeError(f"{o}: is FastV's option; {name!r} is another in-LLM method (use its {name}_* options)")
+    own = {k: options.pop(k) for k in list(options) if k.startswith(name + "_")}
+    known = {"pdrop": {"pdrop_layers", "pdrop_lambda"}, "dart": {"dart_k", "dart_pivot_image", "dart_pivot_text"}}
+    unknown = set(own) - known[name]
+    if unknown:
+        raise TypeError(f"options: unknown option(s) {sorted(unknown)} for {name!r} (accepts {sorted(known[name])})")
+    return "uniform", 1.0, {**options, "inllm": _BUILDERS[name](keep, own)}
 
 
 def _default_stage(adapter_cls: type[Adapter], comp_cls: type, adapter_opts: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +155,14 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
             `stage=`, each method runs where it needs to: text-guided methods (`needs` contains "text") after the
             projector with the question's embeddings, the others between the vision tower and the projector.
 
-    `name="fastv"` applies FastV alone (in-LLM pruning, Chen et al. ECCV'24): `keep` is the fraction of image
-    tokens kept after layer `fastv_k` (default 2); other compressors combine with FastV through `fastv_k=`/`fastv_r=`.
+    In-LLM methods (pruning inside the decoder on one shared stage, `mmcompress.integrations.inllm`; see
+    docs/fidelity_inllm.md):
+    - `"fastv"` (Chen et al. ECCV'24): `keep` is the fraction of image tokens kept from layer `fastv_k` (default 2)
+      on; other compressors combine with FastV through `fastv_k=`/`fastv_r=`.
+    - `"pdrop"` (PyramidDrop, CVPR'25): `keep` is the average fraction of image tokens over the LLM's layers (lambda
+      solved from it), or `keep=None, pdrop_lambda=0.5` (the release); `pdrop_layers=` (default: the quarters).
+    - `"dart"` (EMNLP'25): `keep` is the release's token budget (int, e.g. 128: 4 + 8 * 16 = 132 kept) or the
+      fraction kept (float); `dart_k=` (default 2), `dart_pivot_image=`, `dart_pivot_text=` (default 4 each).
 
     Returns:
         The same model object.
@@ -90,8 +172,8 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     adapter_cls = adapter_for(model)
-    if name == FASTV:
-        name, keep, options = _fastv_options(adapter_cls, keep, options)
+    if name in IN_LLM:
+        name, keep, options = _inllm_options(adapter_cls, name, keep, dict(options))
     comp_cls = get(name)
     adapter_opts, comp_opts = _split_options(adapter_cls, comp_cls, options)
     adapter_opts = _default_stage(adapter_cls, comp_cls, adapter_opts)
