@@ -20,6 +20,10 @@ class CompressOutput:
         pos: [B, M, len(grid)] int64 grid coordinate of each output token's representative input token
             (-1 for prefix tokens and padded slots); None when no grid was given.
         rep: [B, M] int64 index of the representative input token of each slot (-1 on padded slots).
+        order: [B, M] int64 permutation of the slots: `x[b, order[b]]` is the sequence the method's authors' release
+            hands the LLM (e.g. VisionZip: dominant tokens, then contextual ones; PruMerge: kept tokens by descending
+            score, then the pruned tokens' summary). None: source order (the order of `x`). Padded slots come last.
+            `ordered()` applies it. `x`, `assign`, `size`, `pos`, `rep` stay in source order whatever `order` says.
     """
 
     x: torch.Tensor
@@ -28,6 +32,7 @@ class CompressOutput:
     mask: torch.Tensor | None = None
     pos: torch.Tensor | None = None
     rep: torch.Tensor | None = None
+    order: torch.Tensor | None = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -42,3 +47,9 @@ class CompressOutput:
         idx = self.assign.clamp(min=0)
         out = torch.gather(self.x, 1, idx.unsqueeze(-1).expand(B, N, self.x.shape[-1]))
         return out * (self.assign >= 0).unsqueeze(-1).to(out.dtype)
+
+    def ordered(self) -> torch.Tensor:
+        """[B, M, C] the output tokens in the order the method hands them to the LLM (`order`; source order if None)."""
+        if self.order is None:
+            return self.x
+        return torch.gather(self.x, 1, self.order.unsqueeze(-1).expand(*self.order.shape, self.x.shape[-1]))

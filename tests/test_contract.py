@@ -25,8 +25,16 @@ def check_output(comp, x, out, *, prefix=0, size=None, grid=None, k=None):
     if k is not None:
         if name == "pool":  # pool's budget is an upper bound (exact when k factorises within the grid)
             assert (counts <= prefix + k).all() and (counts >= prefix + 1).all()
+        elif comp.prefix_in_budget:  # the prefix counts in keep; at least one non-prefix token
+            assert (counts == prefix + max(1, k - prefix)).all(), (counts, prefix, k)
         else:
             assert (counts == prefix + k).all(), (counts, prefix, k)
+    if out.order is not None:  # a declared output order: a permutation, prefix first, padded slots last
+        assert out.order.shape == (B, M) and out.order.dtype == torch.int64
+        assert torch.equal(out.order.sort(1).values, torch.arange(M).expand(B, M))
+        assert torch.equal(out.order[:, :prefix], torch.arange(prefix).expand(B, prefix))
+        assert (valid.gather(1, out.order) == valid).all()
+        assert torch.equal(out.ordered(), torch.gather(out.x, 1, out.order.unsqueeze(-1).expand(B, M, C)))
     assert ((out.assign >= -1) & (out.assign < M)).all()
     # prefix untouched
     assert torch.equal(out.assign[:, :prefix], torch.arange(prefix).expand(B, prefix))
@@ -83,7 +91,10 @@ def test_contract(name, B, N, C, prefix, grid, keep):
     kw = call_kwargs(name, x, prefix, grid)
     out = comp(x, size=size, **kw)
     Nb = N - prefix
-    k = keep if isinstance(keep, int) else max(1, round(keep * Nb))
+    if comp.prefix_in_budget:  # k counts the prefix
+        k = keep if isinstance(keep, int) else max(1, round(keep * N) - prefix) + prefix
+    else:
+        k = keep if isinstance(keep, int) else max(1, round(keep * Nb))
     check_output(comp, x, out, prefix=prefix, size=size, grid=kw.get("grid"), k=k)
     again = comp(x, size=size, **kw)  # deterministic
     assert torch.equal(out.x, again.x) and torch.equal(out.assign, again.assign)
@@ -118,7 +129,7 @@ def test_gradients_follow_assign(name, keep):
 def test_identity_at_full_budget(name):
     x = torch.randn(2, 17, 8)
     kw = call_kwargs(name, x, 1)
-    for keep in (16, 1.0):
+    for keep in (17 if mmc.get(name).prefix_in_budget else 16, 1.0):
         out = mmc.create(name, keep=keep)(x, **kw)
         assert torch.equal(out.x, x)
         assert torch.equal(out.assign, torch.arange(17).expand(2, 17))

@@ -27,9 +27,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.kernels.attention_rows import attention_rows
 
-__all__ = ["attention_row_scores", "QKCapture", "find_qk_linears"]
+__all__ = ["attention_row_scores", "encoder_signals", "QKCapture", "find_qk_linears"]
 
 
 def _heads(t: torch.Tensor, name: str, num_heads: int | None) -> torch.Tensor:
@@ -126,6 +127,47 @@ def attention_row_scores(
     return attention_rows(q4, k4, r, s, key_mask, chunk).sum(1) / (H * R)  # [B, H, N] -> [B, N]; kernels/
 
 
+@torch.no_grad()
+def encoder_signals(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    needs: EncoderNeeds,
+    rows: int | Sequence[int] | torch.Tensor = 0,
+    *,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scores and metric a compressor declared in its `EncoderNeeds`, from one block's captured q and k.
+
+    Args:
+        q: [B, N, C] query Linear outputs (C = H * D).
+        k: [B, N, Ck] key Linear outputs (Ck = Hk * D).
+        needs: the compressor's declaration (`heads`, `metric` are read here; `layer` chose the block).
+        rows: query rows whose attention is averaged (0: CLS; all rows: mean attention received).
+        num_heads: query heads H.
+        num_kv_heads: key heads Hk (default H).
+
+    Returns:
+        scores [B, N] float32 (heads="mean": per-head softmax rows averaged over heads and rows; heads="single": one
+        softmax over all C channels with scale C^-0.5, as PruMerge computes it; needs Ck = C), and metric
+        [B, N, d] in k's dtype or None (metric="keys_mean": [B, N, D] keys averaged over heads; "keys": [B, N, Ck]).
+    """
+    Hk = num_kv_heads or num_heads
+    if needs.heads == "single":
+        if q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"needs: heads='single' needs q and k of one width, got {q.shape[-1]} and {k.shape[-1]}")
+        scores = attention_row_scores(q, k, rows, num_heads=1, scale=q.shape[-1] ** -0.5)
+    else:
+        scores = attention_row_scores(q, k, rows, num_heads=num_heads, num_kv_heads=Hk)
+    metric = None
+    if needs.metric == "keys_mean":
+        B, N, Ck = k.shape
+        metric = k.view(B, N, Hk, Ck // Hk).mean(2)  # [B, N, D]
+    elif needs.metric == "keys":
+        metric = k
+    return scores, metric
+
+
 def find_qk_linears(attn: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     """The query and key Linear modules of one attention layer (q_proj/k_proj, query/key, q/k, ...).
 
@@ -213,3 +255,11 @@ class QKCapture:
             raise RuntimeError("QKCapture.scores: nothing captured; run the model's forward inside `with capture:`")
         return attention_row_scores(self.q, self.k, rows, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                                     **kwargs)
+
+    def signals(self, needs: EncoderNeeds, rows: int | Sequence[int] | torch.Tensor = 0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, N] scores, [B, N, d] metric or None) of the captured forward, as `needs` declares
+        (see `encoder_signals`)."""
+        if self.q is None or self.k is None:
+            raise RuntimeError("QKCapture.signals: nothing captured; run the model's forward inside `with capture:`")
+        return encoder_signals(self.q, self.k, needs, rows, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)

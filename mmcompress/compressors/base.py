@@ -24,6 +24,54 @@ def checks_enabled() -> bool:
     return os.environ.get("MMCOMPRESS_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+@dataclass(frozen=True)
+class EncoderNeeds:
+    """What a compressor asks `mmcompress.apply` to read off the encoder for it: the ONE place where a method declares
+    which signals its authors' release uses, so that every integration hands it those and not an approximation.
+
+    A compressor class sets `encoder_needs = EncoderNeeds(...)`; integrations read it and provide `scores=` (when
+    "scores" is in `needs`), `metric=` (when `metric` is set) and the CLS prefix (when `cls_prefix`), all recomputed
+    from the hooked q/k Linear outputs of one encoder block (no eager attention: SDPA/FlashAttention models keep their
+    fast path; `attention_scores.encoder_signals` does the arithmetic). The default reproduces what every integration
+    gave before: the head-averaged CLS row of the block that outputs the selected features, no metric.
+
+    Attributes:
+        layer: which block's attention is read: "feature" (the block whose output is the features handed to the LLM,
+            e.g. LLaVA's `vision_feature_layer`; VisionZip), "last" (the tower's last block; PruMerge), or an int
+            index into the blocks (negative from the end).
+        heads: "mean": per-head softmax rows averaged over heads (VisionZip sums them: same ranking); "single": one
+            head over all channels, softmax(q . k / sqrt(C)) with C the full width (PruMerge).
+        metric: similarity features handed as `metric=`: None (the compressor compares `x`), "keys_mean" (the
+            block's keys averaged over heads, [N, C / H]; VisionZip) or "keys" (all channels, [N, C]; PruMerge).
+            Keys are the k Linear's outputs (bias included), before any scaling.
+        cls_prefix: True when the release hands the LLM the tower's CLS token too (VisionZip counts it as a dominant
+            token): where the selected features drop the CLS (LLaVA's "default" strategy), the integration puts the
+            CLS of the same hidden state ahead of them as `prefix=1`. Pair with `Compressor.prefix_in_budget`.
+        stage: where the method runs when the caller names no stage: None (the integration's default, before the
+            projector), or "projector" (after it, in the LLM's input space, as DyCoke does).
+
+    Integrations that cannot provide a signal say so (e.g. Qwen2-VL gives no `metric`: its keys are rotated), and
+    the compressor falls back to what it documents (`x` for similarity).
+    """
+
+    layer: str | int = "feature"
+    heads: str = "mean"
+    metric: str | None = None
+    cls_prefix: bool = False
+    stage: str | None = None
+
+    def __post_init__(self) -> None:
+        is_int = isinstance(self.layer, int) and not isinstance(self.layer, bool)
+        if not (is_int or self.layer in ("feature", "last")):
+            raise ValueError(f"layer: expected 'feature', 'last' or an int block index, got {self.layer!r}")
+        if self.heads not in ("mean", "single"):
+            raise ValueError(f"heads: expected 'mean' or 'single', got {self.heads!r}")
+        if self.metric not in (None, "keys_mean", "keys"):
+            raise ValueError(f"metric: expected None, 'keys_mean' or 'keys', got {self.metric!r}")
+        if self.stage not in (None, "vision", "projector"):
+            raise ValueError(f"stage: expected None, 'vision' or 'projector', got {self.stage!r}")
+
+
 @dataclass
 class Inputs:
     """Checked inputs of one call, with the prefix split off.
@@ -80,6 +128,8 @@ class Plan:
         x: optional [B, M, C] output tokens, for methods whose outputs are not size-weighted means of members.
         size: optional [B, M] float32 sizes when they are not the sums of member sizes.
         x_head: True when `x` is [B, P + M, C] and already starts with the P prefix tokens (`Inputs.head`).
+        order: optional [B, M] int64 slot ids (the plan's numbering) in the order the method hands them to the LLM
+            (becomes `CompressOutput.order`, prefix first); None: source order.
     """
 
     assign: torch.Tensor
@@ -87,6 +137,7 @@ class Plan:
     x: torch.Tensor | None = None
     size: torch.Tensor | None = None
     x_head: bool = False
+    order: torch.Tensor | None = None
 
 
 def _check_keep(keep: Any) -> int | float | str:
@@ -149,6 +200,11 @@ class Compressor:
     #: always shows in the output: the finiteness check then reads the output (smaller, and still in cache) instead
     #: of making its own pass over x.
     check_output: bool = False
+    #: True when the prefix tokens count in `keep` (VisionZip counts the CLS as a dominant token): an int keep k gives
+    #: k outputs in all (max(1, k - P) non-prefix ones), a float keep f gives round(f * N) in all (N prefix included).
+    prefix_in_budget: bool = False
+    #: What `apply` reads off the encoder for this method (scores' layer and head reduction, metric, CLS prefix).
+    encoder_needs: EncoderNeeds = EncoderNeeds()
 
     def __init__(self, keep: int | float | str = 0.5, *, epsilon: float = 0.1):
         self.keep = _check_keep(keep)
@@ -192,17 +248,20 @@ class Compressor:
             else:
                 out = self._ragged(inp, ks, head, head_size)
         else:
-            out = self._finish(inp, self._plan_checked(inp, self._budget(Nb)), head, head_size)
+            out = self._finish(inp, self._plan_checked(inp, self._budget(Nb, head.shape[1])), head, head_size)
         if self.check_output and checks_enabled():
             _check_finite(x, out.x)
         return out
 
-    def _budget(self, Nb: int) -> int:
+    def _budget(self, Nb: int, P: int = 0) -> int:
+        """Non-prefix tokens out for a fixed keep (`prefix_in_budget`: the P prefix tokens count in keep)."""
+        P = P if self.prefix_in_budget else 0
         if isinstance(self.keep, int):
-            if self.keep > Nb:
-                raise ValueError(f"keep: {self.keep} tokens asked but x has only N - prefix = {Nb} tokens")
-            return self.keep
-        return max(1, min(Nb, round(self.keep * Nb)))
+            if self.keep > Nb + P:
+                what = f"N = {Nb + P} tokens" if P else f"N - prefix = {Nb} tokens"
+                raise ValueError(f"keep: {self.keep} tokens asked but x has only {what}")
+            return max(1, self.keep - P)
+        return max(1, min(Nb, round(self.keep * (Nb + P)) - P))
 
     def _plan_checked(self, inp: Inputs, k: int) -> Plan:
         Nb = inp.x.shape[1]
@@ -283,6 +342,7 @@ class Compressor:
         rep = plan.rep
         assign = plan.assign
         out_x, out_size = plan.x, plan.size
+        seq = plan.order  # [B, M] slot ids in the method's output order, or None
         if plan.x_head and (out_x is None or out_x.shape[1] != P + M):
             raise RuntimeError(f"{self.name}: Plan.x_head needs x of [B, P + M] = [{B}, {P + M}] tokens")
         if M > 1 and not bool((rep[:, 1:] > rep[:, :-1]).all()):  # put slots in representative order
@@ -290,6 +350,8 @@ class Compressor:
             inv = order.argsort(dim=1)
             rep = rep.gather(1, order)
             assign = torch.where(assign >= 0, inv.gather(1, assign.clamp(min=0)), assign)
+            if seq is not None:
+                seq = inv.gather(1, seq)
             if out_x is not None and plan.x_head:
                 out_x = torch.cat([out_x[:, :P], gather_tokens(out_x[:, P:], order)], 1)
             elif out_x is not None:
@@ -316,9 +378,10 @@ class Compressor:
                 size=torch.cat([head_size, out_size], 1),
                 pos=pos,
                 rep=torch.cat([ar, rep + P], 1),
+                order=None if seq is None else torch.cat([ar, seq + P], 1),
             )
         else:
-            out = CompressOutput(x=out_x, assign=assign, size=out_size, pos=pos, rep=rep)
+            out = CompressOutput(x=out_x, assign=assign, size=out_size, pos=pos, rep=rep, order=seq)
         return out
 
     def _ragged(self, inp: Inputs, ks: torch.Tensor, head: torch.Tensor, head_size: torch.Tensor) -> CompressOutput:
@@ -332,6 +395,8 @@ class Compressor:
         size = torch.zeros(B, Mmax, dtype=torch.float32, device=dev)
         mask = torch.zeros(B, Mmax, dtype=torch.bool, device=dev)
         rep = torch.full((B, Mmax), -1, dtype=torch.long, device=dev)
+        order = torch.arange(Mmax, device=dev).repeat(B, 1)  # padded slots keep their places, after the valid ones
+        ordered = False
         pos = None if inp.coords is None else torch.full((B, Mmax, inp.coords.shape[1]), -1, dtype=torch.long,
                                                          device=dev)
         for k in torch.unique(ks).tolist():
@@ -345,6 +410,10 @@ class Compressor:
             size[rows, :m] = o.size
             mask[rows, :m] = True
             rep[rows, :m] = o.rep
+            if o.order is not None:
+                order[rows, :m] = o.order
+                ordered = True
             if pos is not None:
                 pos[rows, :m] = o.pos
-        return CompressOutput(x=x, assign=assign, size=size, mask=mask, pos=pos, rep=rep)
+        return CompressOutput(x=x, assign=assign, size=size, mask=mask, pos=pos, rep=rep,
+                              order=order if ordered else None)

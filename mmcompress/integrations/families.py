@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.compressors.attention_scores import QKCapture, attention_row_scores
+from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.integrations.llava import vision_layers, vision_scores_capture
 from mmcompress.integrations.placeholder import META_ATTR, Family, ItemMeta, Modality, register_family
 
@@ -47,30 +48,36 @@ def _square(n: int, what: str) -> int:
     return r
 
 
-def tower_scores(cap: QKCapture, n_out: int, strategy: str | None = "default") -> tuple[torch.Tensor, int]:
+def tower_scores(cap: QKCapture, n_out: int, needs: EncoderNeeds | None = None
+                 ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """[T, n_out] scores of the tokens entering the LLM, from a square-grid tower capture with or without CLS.
 
-    CLS row when the tower has a CLS token, else the mean attention each patch receives; the CLS column is dropped
-    and the patch grid block-pooled onto the square output grid. Returns the scores and the output side length.
+    CLS row when the tower has a CLS token, else the mean attention each patch receives, heads reduced as `needs`
+    declares; the CLS column is dropped and the patch grid block-pooled onto the square output grid. Returns the
+    scores, the output side length and the [T, n_out, d] metric `needs` asks for (None when not asked for, or when
+    the tower's grid is pooled on its way to the LLM: keys have no pooled counterpart).
     """
     n_total = cap.q.shape[1]
     side_out = _square(n_out, "output tokens")
     extra = n_total - math.isqrt(n_total) ** 2  # CLS / register tokens ahead of a square patch grid
     rows = 0 if extra >= 1 else torch.arange(n_total, device=cap.q.device)
-    s = cap.scores(rows=rows)[:, extra:]  # [T, P*P]
+    s, m = cap.signals(needs or EncoderNeeds(), rows)
+    s = s[:, extra:]  # [T, P*P]
     side_in = _square(s.shape[1], "patches")
-    return block_pool(s, (side_in, side_in), (side_out, side_out)), side_out
+    m = m[:, extra:] if m is not None and side_in == side_out else None
+    return block_pool(s, (side_in, side_in), (side_out, side_out)), side_out, m
 
 
 def _square_items(adapter: Any, mod: Modality, out: Any, cap: Any) -> list[ItemMeta]:
     """One item per row of a [T, n, C] pooler output, square (s, s) grid, scores from the tower capture."""
     feats = adapter.family.features(mod, out)
     s = _square(feats[0].shape[0], "tokens")
-    scores = [None] * len(feats)
+    scores = metric = [None] * len(feats)
     if cap is not None and cap.q is not None:
-        sc, _ = tower_scores(cap, feats[0].shape[0])
+        sc, _, m = tower_scores(cap, feats[0].shape[0], adapter.encoder_needs)
         scores = list(sc)
-    return [ItemMeta(grid=(s, s), scores=sc) for sc in scores]
+        metric = metric if m is None else list(m)
+    return [ItemMeta(grid=(s, s), scores=sc, metric=m) for sc, m in zip(scores, metric, strict=True)]
 
 
 # --- README example: the whole description of a family (tests/test_readme_family.py runs it) -------------------
@@ -120,7 +127,7 @@ class InternVLFamily(Family):
     def score_capture(self, adapter: Any, mod: Modality, args: dict[str, Any]) -> QKCapture:
         layer = args.get("vision_feature_layer")
         layer = adapter.model.config.vision_feature_layer if layer is None else layer
-        return vision_scores_capture(adapter.core.vision_tower, layer)
+        return vision_scores_capture(adapter.core.vision_tower, layer, adapter.encoder_needs)
 
     def describe(self, adapter: Any, mod: Modality, args: dict[str, Any], out: Any, cap: Any) -> list[ItemMeta]:
         return _square_items(adapter, mod, out, cap)
@@ -171,7 +178,7 @@ class Mistral3Family(Family):
     def score_capture(self, adapter: Any, mod: Modality, args: dict[str, Any]) -> QKCapture:
         layer = args.get("vision_feature_layer")
         layer = adapter.model.config.vision_feature_layer if layer is None else layer
-        return vision_scores_capture(adapter.core.vision_tower, layer)
+        return vision_scores_capture(adapter.core.vision_tower, layer, adapter.encoder_needs)
 
     def describe(self, adapter: Any, mod: Modality, args: dict[str, Any], out: Any, cap: Any) -> list[ItemMeta]:
         merge = adapter.model.config.spatial_merge_size
@@ -199,7 +206,7 @@ class LlavaNextVideoFamily(Family):
     def score_capture(self, adapter: Any, mod: Modality, args: dict[str, Any]) -> QKCapture:
         layer = args.get("vision_feature_layer")
         layer = adapter.model.config.vision_feature_layer if layer is None else layer
-        return vision_scores_capture(adapter.core.vision_tower, layer)
+        return vision_scores_capture(adapter.core.vision_tower, layer, adapter.encoder_needs)
 
     def describe(self, adapter: Any, mod: Modality, args: dict[str, Any], out: Any, cap: Any) -> list[ItemMeta]:
         B, T = args["pixel_values_videos"].shape[:2]
@@ -207,7 +214,7 @@ class LlavaNextVideoFamily(Family):
         s = _square(n, "tokens per frame")
         scores: list[torch.Tensor | None] = [None] * B
         if cap is not None and cap.q is not None:
-            sc, _ = tower_scores(cap, n)  # [B*T, n]
+            sc, _, _ = tower_scores(cap, n, adapter.encoder_needs)  # [B*T, n]
             scores = list(sc.reshape(B, T * n))
         return [ItemMeta(grid=(T, s, s), scores=x) for x in scores]
 

@@ -11,8 +11,11 @@ What differs from the other families (`placeholder.py` owns the plumbing):
   the newline tokens removed, in ONE 1-D sequence (grid None; a single-tile image keeps its (h, w) grid), followed by
   one image_newline once compressed; a OneVision video is its frames' 2x-pooled tokens as one (T, h', w') grid, one
   image_newline after it. Compressed items shorten their placeholder run to its first M' columns.
-* Scores (attention-based methods): q/k of the selected vision layer (`QKCapture`): the CLS row, or the mean
-  attention each token receives without a CLS; no eager attention.
+* Scores and metric (attention-based methods), as the compressor's `EncoderNeeds` declares them: q/k of the selected
+  vision layer or of the last one (`QKCapture`), the CLS row (or, without a CLS, the mean attention each token
+  receives), heads averaged or one all-channel head, keys as `metric`; no eager attention. A compressor that declares
+  `cls_prefix` gets the CLS of the selected hidden state ahead of the patches (`prefix=1`) when the "default" strategy
+  drops it (plain `llava` only), projected like the patches.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from mmcompress.compressors.attention_scores import QKCapture
+from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.integrations.placeholder import Family, ItemMeta, Modality, register_family
 
 __all__ = ["LlavaFamily", "vision_layers", "vision_scores_capture"]
@@ -42,23 +46,36 @@ def vision_layers(tower: nn.Module) -> nn.ModuleList:
     raise ValueError(f"model: cannot find the transformer blocks of vision tower {type(tower).__name__}")
 
 
-def vision_scores_capture(tower: nn.Module, feature_layer: int | list[int]) -> QKCapture:
-    """A `QKCapture` on the vision block whose OUTPUT is `hidden_states[feature_layer]` (last one if a list)."""
-    layers = vision_layers(tower)
+def feature_block(tower: nn.Module, feature_layer: int | list[int]) -> int:
+    """Index (negative or not) of the vision block whose OUTPUT is `hidden_states[feature_layer]` (last if a list)."""
     j = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else int(feature_layer)
-    idx = j if j < 0 else max(j - 1, 0)  # hidden_states[j] = output of layers[j - 1] (j > 0) / layers[j] (j < 0)
+    return j if j < 0 else max(j - 1, 0)  # hidden_states[j] = output of layers[j - 1] (j > 0) / layers[j] (j < 0)
+
+
+def vision_scores_capture(tower: nn.Module, feature_layer: int | list[int],
+                          needs: EncoderNeeds | None = None) -> QKCapture:
+    """A `QKCapture` on the vision block `needs.layer` names: "feature" (default) is the block whose OUTPUT is
+    `hidden_states[feature_layer]`, "last" the tower's last block, an int that block."""
+    layers = vision_layers(tower)
+    layer = "feature" if needs is None else needs.layer
+    idx = feature_block(tower, feature_layer) if layer == "feature" else -1 if layer == "last" else int(layer)
+    if not -len(layers) <= idx < len(layers):
+        raise ValueError(f"layer: block {idx} asked but the vision tower has {len(layers)} blocks")
     return QKCapture(layers[idx])
 
 
-def _row_scores(cap: QKCapture, n_patches: int) -> tuple[torch.Tensor, int]:
-    """[tiles, N_total] attention scores and the number of extra (CLS + register) tokens.
+def _row_scores(cap: QKCapture, n_patches: int, needs: EncoderNeeds | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """[tiles, N_total] attention scores, [tiles, N_total, d] metric (or None) and the number of extra (CLS +
+    register) tokens, as `needs` declares them (default: head-averaged rows, no metric).
 
     With a CLS token (N_total > n_patches) the CLS row is used; without one, the mean attention each token receives.
     """
     n_total = cap.q.shape[1]
     extra = n_total - n_patches
     rows = 0 if extra >= 1 else torch.arange(n_total, device=cap.q.device)
-    return cap.scores(rows=rows), extra
+    scores, metric = cap.signals(needs or EncoderNeeds(), rows)
+    return scores, metric, extra
 
 
 @contextlib.contextmanager
@@ -78,15 +95,24 @@ def _capture(module: nn.Module, want_input: bool) -> Iterator[list[torch.Tensor]
 class _Capture:
     """What LLaVA's encoders need captured: the projector's input (stage vision) or output, and q/k for scores."""
 
-    def __init__(self, projector: nn.Module, want_input: bool, qk: QKCapture | None):
-        self.projector, self.want_input, self.qk = projector, want_input, qk
+    def __init__(self, projector: nn.Module, want_input: bool, qk: QKCapture | None,
+                 cls_block: nn.Module | None = None):
+        self.projector, self.want_input, self.qk, self.cls_block = projector, want_input, qk, cls_block
         self.stack = contextlib.ExitStack()
         self.got: list[torch.Tensor] = []
+        self.cls: list[torch.Tensor] = []  # [tiles, 1, C'] CLS of the selected hidden state (cls_prefix)
 
     def __enter__(self) -> _Capture:
         self.got = self.stack.enter_context(_capture(self.projector, self.want_input))
+        self.cls = []
         if self.qk is not None:
             self.stack.enter_context(self.qk)
+        if self.cls_block is not None:
+            def grab(_m, _a, out):
+                h = out[0] if isinstance(out, (tuple, list)) else out
+                self.cls.append(h[:, :1].detach())
+
+            self.stack.callback(self.cls_block.register_forward_hook(grab).remove)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -128,15 +154,20 @@ class LlavaFamily(Family):
         for n in self._selection:  # the encoder's None arguments mean the config's values
             if args.get(n) is None and hasattr(cfg, n):
                 args[n] = getattr(cfg, n)
-        qk = None
-        if "scores" in adapter._needs:
-            qk = vision_scores_capture(adapter.core.vision_tower, args["vision_feature_layer"])
-        return _Capture(adapter.core.multi_modal_projector, adapter.opts["stage"] == "vision", qk)
+        qk = cls_block = None
+        enc = adapter.encoder_needs
+        tower = adapter.core.vision_tower
+        if "scores" in adapter._needs or enc.metric is not None:
+            qk = vision_scores_capture(tower, args["vision_feature_layer"], enc)
+        if (enc.cls_prefix and adapter.model.config.model_type == "llava" and mod.name == "image"
+                and args["vision_feature_select_strategy"] == "default"):
+            cls_block = vision_layers(tower)[feature_block(tower, args["vision_feature_layer"])]
+        return _Capture(adapter.core.multi_modal_projector, adapter.opts["stage"] == "vision", qk, cls_block)
 
     def describe(self, adapter: Any, mod: Modality, args: dict[str, Any], out: Any, cap: Any) -> list[ItemMeta]:
         feats = cap.got[0]  # [tiles or frames, N, C'] projector input (stage vision) or output (stage projector)
         if mod.name == "image":
-            return _items_images(adapter, args, out, feats, cap.qk)
+            return _items_images(adapter, args, out, feats, cap)
         return _items_videos(adapter, args, out, feats, cap.qk)
 
     def project(self, adapter: Any, x: torch.Tensor) -> torch.Tensor:
@@ -155,16 +186,22 @@ def _newline(adapter: Any) -> torch.Tensor:
     return adapter.core.image_newline[None]  # [1, C]
 
 
-def _items_images(adapter: Any, a: dict[str, Any], out: Any, feats: torch.Tensor,
-                  cap: QKCapture | None) -> list[ItemMeta]:
+def _items_images(adapter: Any, a: dict[str, Any], out: Any, feats: torch.Tensor, capture: _Capture) -> list[ItemMeta]:
     kind = adapter.model.config.model_type
     pv = a["pixel_values"]
     h, w = _tile_grid(adapter, pv)
-    scores = None
-    if cap is not None:
-        scores, _ = _row_scores(cap, h * w)  # [tiles, N_total]
-        if a["vision_feature_select_strategy"] == "default":
+    scores = metric = None
+    cls_prefix = bool(capture.cls)
+    if capture.qk is not None:
+        scores, metric, _ = _row_scores(capture.qk, h * w, adapter.encoder_needs)  # [tiles, N_total(, d)]
+        if a["vision_feature_select_strategy"] == "default" and not cls_prefix:
             scores = scores[:, 1:]
+            metric = None if metric is None else metric[:, 1:]
+    if cls_prefix:  # the CLS of the same hidden state, ahead of the patches (projected like them at stage projector)
+        cls = capture.cls[-1].to(feats.dtype)  # [tiles, 1, C']
+        if adapter.opts["stage"] == "projector":
+            cls = adapter.core.multi_modal_projector(cls)
+        feats = torch.cat([cls, feats], 1)
     prefix = feats.shape[1] - h * w
     if prefix < 0:
         raise ValueError(f"model: {feats.shape[1]} vision tokens per tile but a {h}x{w} patch grid")
@@ -172,8 +209,8 @@ def _items_images(adapter: Any, a: dict[str, Any], out: Any, feats: torch.Tensor
         if a.get("image_sizes") is not None:
             raise ValueError("image_sizes: variable-size (Pixtral-style) llava inputs are not supported; "
                              "Mistral 3 models use the mistral3 family")
-        return [ItemMeta(grid=(h, w), scores=None if scores is None else scores[i], x=feats[i], prefix=prefix)
-                for i in range(feats.shape[0])]
+        return [ItemMeta(grid=(h, w), scores=None if scores is None else scores[i], x=feats[i], prefix=prefix,
+                         metric=None if metric is None else metric[i]) for i in range(feats.shape[0])]
     if prefix:
         raise ValueError(f"model: {kind} with {prefix} extra (register) tokens per tile is not supported")
     return _anyres_items(adapter, a, feats, scores, (h, w))
@@ -226,7 +263,7 @@ def _items_videos(adapter: Any, a: dict[str, Any], out: Any, feats: torch.Tensor
     hp, wp = math.ceil(h / 2), math.ceil(w / 2)
     scores = None
     if cap is not None:
-        s, _ = _row_scores(cap, h * w)
+        s, _, _ = _row_scores(cap, h * w, adapter.encoder_needs)
         if a["vision_feature_select_strategy"] == "default":
             s = s[:, 1:]
         scores = core.apply_pooling(s.unsqueeze(-1))[..., 0].reshape(Bv, T * hp * wp)

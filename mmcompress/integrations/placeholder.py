@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.integrations.base import Adapter, register_adapter
 from mmcompress.integrations.fastv import FastV
 from mmcompress.integrations.inllm import InLLM, find_decoder
@@ -91,6 +92,8 @@ class ItemMeta:
     Attributes:
         grid: (H, W) or (T, H, W) of the item's compressible tokens, or None (1-D sequence).
         scores: [N] importance of each of its tokens (attention-based methods), or None.
+        metric: [N, d] similarity features of its tokens (what the compressor's `EncoderNeeds.metric` asks for, e.g.
+            the scoring block's keys), or None (the compressor then compares the tokens themselves).
         fixed: [N] bool, structural tokens kept untouched at their columns (newline rows), or None.
         x: [N', C'] the tokens to compress when they are not the features themselves (e.g. before the projector:
             `Family.project` maps the compressed ones to features); the item's placeholder run is then shortened
@@ -101,6 +104,7 @@ class ItemMeta:
 
     grid: tuple[int, ...] | None = None
     scores: torch.Tensor | None = None
+    metric: torch.Tensor | None = None
     fixed: torch.Tensor | None = None
     x: torch.Tensor | None = None
     prefix: int = 0
@@ -193,8 +197,9 @@ class Family:
 
     def capture(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any]) -> Any:
         """A context manager active while the encoder runs, handed to `describe` (default: `score_capture` when
-        the compressor needs scores)."""
-        return self.score_capture(adapter, mod, args) if "scores" in adapter._needs else None
+        the compressor needs scores or declares a metric, `adapter.encoder_needs`)."""
+        wants = "scores" in adapter._needs or adapter.encoder_needs.metric is not None
+        return self.score_capture(adapter, mod, args) if wants else None
 
     def score_capture(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any]) -> Any:
         """A context manager recording what `describe` needs to score tokens, or None (no scores available)."""
@@ -269,6 +274,8 @@ class PlaceholderAdapter(Adapter):
                 raise TypeError(f"model: {type(model).__name__} has no {m.encoder_name} for {m.name}")
         self.tokens = {m.name: self._token_id(m) for m in self.mods}
         self._needs = tuple(getattr(compressor, "needs", ()))
+        #: what the compressor declared it needs from the encoder (families provide it; see `EncoderNeeds`)
+        self.encoder_needs: EncoderNeeds = getattr(compressor, "encoder_needs", None) or EncoderNeeds()
         fam.check(self)
         if self.opts["fastv_k"] is None and "fastv_r" in options:
             raise ValueError("fastv_r: FastV is off; pass fastv_k= (the layer K) as well")
@@ -423,18 +430,26 @@ class PlaceholderAdapter(Adapter):
         return question_embeddings(self.model.get_input_embeddings(), ids, qm)
 
     def _compress(self, items: list[dict[str, Any]]) -> None:
-        """Compress items in groups of equal (N, grid, prefix, text length); sets it["x_out"] ([M', C] features)
-        and it["kept"] ([M] representatives; None when nothing was removed)."""
+        """Compress items in groups of equal (N, grid, prefix, text length, metric width); sets it["x_out"]
+        ([M', C] features) and it["kept"] ([M] representatives; None when nothing was removed).
+
+        Items compressed in another space (`project`: their run keeps its first M' columns) get their outputs in the
+        order the method declares (`CompressOutput.order`, e.g. VisionZip's dominant-then-contextual); items whose
+        outputs sit at their representatives' columns keep source order."""
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for it in items:
-            t = it["text"]
-            key = (tuple(it["x"].shape), it["grid"], it["prefix"], it["project"], None if t is None else t.shape[0])
+            t, mt = it["text"], it["metric"]
+            key = (tuple(it["x"].shape), it["grid"], it["prefix"], it["project"], None if t is None else t.shape[0],
+                   None if mt is None else mt.shape[-1])
             groups.setdefault(key, []).append(it)
-        for (_, grid, prefix, project, _), group in groups.items():
+        for (_, grid, prefix, project, _, _), group in groups.items():
             x = torch.stack([it["x"] for it in group])  # [G, N, C']
             sc = None if group[0]["scores"] is None else torch.stack([it["scores"] for it in group]).to(x.device)
             tx = None if group[0]["text"] is None else torch.stack([it["text"] for it in group]).to(x.dtype)
-            res = self.compressor(x, grid=grid, prefix=prefix, scores=sc, text=tx)
+            mt = None if group[0]["metric"] is None else torch.stack([it["metric"] for it in group]).to(x.device)
+            res = self.compressor(x, grid=grid, prefix=prefix, scores=sc, text=tx, metric=mt)
+            if project and res.order is not None:
+                res.x = res.ordered()  # the 1-D run reads the tokens in the method's order
             counts = res.counts.tolist()
             feats = self.family.project(self, res.x) if project else res.x  # [G, M, C]
             for j, it in enumerate(group):
@@ -469,9 +484,11 @@ class PlaceholderAdapter(Adapter):
             sel = None if mt.fixed is None else (~mt.fixed.to(f.device)).nonzero().squeeze(1)  # [N_c]
             x = mt.x if mt.x is not None else f if sel is None else f[sel]
             sc = mt.scores if sel is None or mt.x is not None else mt.scores[sel]
+            me = mt.metric if sel is None or mt.x is not None or mt.metric is None else mt.metric[sel]
             items.append({"mod": mod, "sample": b, "cols": cols, "orig": f, "sel": sel, "grid": mt.grid, "x": x,
                           "prefix": mt.prefix, "project": mt.x is not None, "tail": mt.tail, "text": texts[b],
-                          "scores": sc, "skip": getattr(out, META_ATTR, None) is None and fam.requires_meta})
+                          "scores": sc, "metric": me,
+                          "skip": getattr(out, META_ATTR, None) is None and fam.requires_meta})
         return items
 
     def _prefill(self, kw: dict[str, Any], present: list[Modality]) -> Any:
