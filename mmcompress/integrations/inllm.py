@@ -32,6 +32,7 @@ H (Hk) query (key) heads, D head dim, t decode tokens.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import weakref
@@ -208,6 +209,8 @@ class InLLM:
             self._score[p] = (c, attn, q_lin, k_lin, rp)
         rot = getattr(decoder, "rotary_emb", None) if decoder is not None else None
         self.rotary = rot if callable(rot) else None
+        self._layer_types = getattr(getattr(decoder, "config", None), "layer_types", None)
+        self._typed_rope = self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
         self._handles: list = []
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._plans: list[_Plan] = []  # plans of the prefill in flight, one per prune point reached
@@ -319,7 +322,7 @@ class InLLM:
             layer = self.layers[i]
             norm = getattr(layer, "input_layernorm", None)
             x = h if norm is None else norm(h)
-            pe = self._gathered(kwargs, prev).get("position_embeddings")
+            pe = self._gathered(kwargs, prev, i).get("position_embeddings")
         ctx = PruneContext(point=i, stage=self.points.index(i), h=h, x=x, pe=pe, valid=valid, img=img,
                            n_img0=(image_mask.to(h.device) & valid0).sum(1), positions=positions, owner=self)
         drop = self.method.drop(ctx)
@@ -338,14 +341,22 @@ class InLLM:
         plan = _Plan(point=i, keep_idx=keep_idx, key_valid=key_valid, orig_len=L0, dead=dead,
                      shift=(dead & valid0).sum(1), new_pos=None)
         if self.method.compact_positions:
-            plan.new_pos = self._compact(plan, kwargs, valid0)
+            plan.new_pos = self._compact(plan, kwargs, valid0, h, i)
         self._plans.append(plan)
         return _gather_seq(h, keep_rel, 1)
 
-    def _compact(self, plan: _Plan, kwargs: dict[str, Any], valid0: torch.Tensor) -> torch.Tensor | None:
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the decoder's rotary embedding at `pos` for layer i (Gemma 3: per layer type)."""
+        if self._typed_rope and self._layer_types is not None:
+            return tuple(self.rotary(x, pos, self._layer_types[i]))
+        return tuple(self.rotary(x, pos))
+
+    def _compact(self, plan: _Plan, kwargs: dict[str, Any], valid0: torch.Tensor, h: torch.Tensor,
+                 i: int) -> torch.Tensor | None:
         """[B, L'] position ids of the kept columns renumbered without the dropped ones (1-D RoPE), or None."""
-        pid = kwargs.get("position_ids")
-        if self.rotary is None or (pid is not None and (not isinstance(pid, torch.Tensor) or pid.dim() != 2)):
+        pid, pe = kwargs.get("position_ids"), kwargs.get("position_embeddings")
+        if self.rotary is None or (pid is not None and (not isinstance(pid, torch.Tensor) or pid.dim() != 2)) \
+                or not (isinstance(pe, tuple) and len(pe) == 2 and pe[0].dim() == 3):
             return None  # M-RoPE or no rotary module: original positions are kept (documented)
         B, L0 = plan.dead.shape
         if pid is None:
@@ -376,7 +387,7 @@ class InLLM:
             if not self._plans:
                 return None
             kwargs = dict(kwargs)
-            kwargs.update(self._gathered(kwargs, self._plans[-1]))
+            kwargs.update(self._gathered(kwargs, self._plans[-1], i))
         else:
             plan = self._decode_plan(cache, i)
             if plan is None:
@@ -384,7 +395,7 @@ class InLLM:
             kwargs = dict(kwargs)
             kwargs["attention_mask"] = self._decode_mask(kwargs.get("attention_mask"), plan, h.shape[1], cache, i)
             if plan.new_pos is not None:
-                kwargs.update(self._decode_positions(kwargs, plan, h))
+                kwargs.update(self._decode_positions(kwargs, plan, h, i))
         if args:
             args = (h, *args[1:])
         else:
@@ -406,7 +417,7 @@ class InLLM:
                 cur = p
         return cur
 
-    def _gathered(self, kwargs: dict[str, Any], plan: _Plan | None) -> dict[str, Any]:
+    def _gathered(self, kwargs: dict[str, Any], plan: _Plan | None, i: int) -> dict[str, Any]:
         """attention_mask / position_embeddings / position_ids of the plan's columns, computed once per forward."""
         names = ("attention_mask", "position_embeddings", "position_ids")
         src = {k: kwargs.get(k) for k in names}  # the decoder passes every layer the full-length originals
@@ -424,7 +435,7 @@ class InLLM:
                 new = self._prefill_mask(v, plan)
             elif name == "position_embeddings" and v is not None:
                 if plan.new_pos is not None:
-                    new = tuple(self.rotary(v[0], plan.new_pos.to(v[0].device)))
+                    new = self._rope(v[0], plan.new_pos.to(v[0].device), i)
                 else:
                     new = tuple(_gather_seq(t, idx.to(t.device), 1) for t in v)
             elif name == "position_ids" and isinstance(v, torch.Tensor):
@@ -440,7 +451,7 @@ class InLLM:
             out[name] = new
         return out
 
-    def _decode_positions(self, kwargs: dict[str, Any], plan: _Plan, h: torch.Tensor) -> dict[str, Any]:
+    def _decode_positions(self, kwargs: dict[str, Any], plan: _Plan, h: torch.Tensor, i: int) -> dict[str, Any]:
         """Decode steps of a compacted stage: positions moved down by the columns dropped before it."""
         pid = kwargs.get("position_ids")
         B = plan.shift.shape[0]
@@ -449,7 +460,7 @@ class InLLM:
             past = int(cache.layers[0].get_seq_length()) if cache is not None else 0
             pid = torch.arange(past, past + h.shape[1], device=h.device).expand(B, -1)
         new = pid.expand(B, -1) - plan.shift.to(pid.device).unsqueeze(1)
-        return {"position_ids": new, "position_embeddings": tuple(self.rotary(h, new))}
+        return {"position_ids": new, "position_embeddings": self._rope(h, new, i)}
 
     @staticmethod
     def _prefill_mask(m: torch.Tensor | None, plan: _Plan) -> torch.Tensor | None:
