@@ -17,13 +17,15 @@ from mmcompress._version import __version__
 def _cmd_list(args: argparse.Namespace) -> int:
     from importlib.metadata import entry_points
 
-    from mmcompress.catalog import BUILTINS
+    from mmcompress.catalog import BUILTINS, IN_LLM
     from mmcompress.registry import ENTRY_POINT_GROUP, _builtin_available
 
     rows = [("name", "family", "modality", "needs", "method")]
     for name, (_, family, modality, needs, summary) in sorted(BUILTINS.items()):
         if _builtin_available(name):
             rows.append((name, family, modality, ",".join(needs) or "-", summary))
+    for name, (_, family, modality, needs, summary) in sorted(IN_LLM.items()):  # through mmc.apply only
+        rows.append((name, family, modality, ",".join(needs) or "-", summary))
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         rows.append((ep.name, "third-party", "?", "?", ep.value))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

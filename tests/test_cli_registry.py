@@ -22,9 +22,23 @@ def test_list_prints_every_compressor_without_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     names = [line.split()[0] for line in r.stdout.splitlines()[1:]]
     assert set(names) >= {"random", "uniform", "pool", "tome"}
-    assert set(names) == set(mmc.available())
+    from mmcompress.catalog import IN_LLM
+    assert set(names) == set(mmc.available()) | set(IN_LLM)
     header = r.stdout.splitlines()[0].split()
     assert header[:4] == ["name", "family", "modality", "needs"]
+
+
+def test_list_prints_the_in_llm_methods_as_their_own_family():
+    """fastv, pdrop, dart prune inside the LLM (through `mmc.apply` only): listed with family "in-LLM"."""
+    r = subprocess.run([sys.executable, "-m", "mmcompress", "list"], capture_output=True, text=True, check=True)
+    fam = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
+    for name in ("fastv", "pdrop", "dart"):
+        assert fam[name] == "in-LLM", r.stdout
+    from mmcompress.catalog import IN_LLM
+    from mmcompress.integrations import IN_LLM as DISPATCHED
+
+    assert set(IN_LLM) == set(DISPATCHED)  # every listed in-LLM name is accepted by mmc.apply, and only those
+    assert not set(IN_LLM) & set(mmc.available())  # not compressors: mmc.create does not take them
 
 
 def test_module_entry_point_and_version():
