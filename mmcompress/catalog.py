@@ -18,6 +18,10 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "text_recovery": ("text_recovery", "query", "image/video", ("scores", "text"), "keep, recover by text, merge"),
     "temporal": ("temporal", "similarity", "video", ("grid",), "merge similar tokens across frames, then spatial"),
     "audio_merge": ("audio_merge", "similarity", "audio", (), "neighbour-only merging along time"),
+    "cdpruner": ("cdpruner", "diversity", "image", ("text",), "conditional DPP: similarity x text relevance"),
+    "vispruner": ("vispruner", "attention, diversity", "image", ("scores",), "top [CLS]-attention + de-duplicated rest"),
+    "holov": ("holov", "attention, coverage", "image", ("scores",), "budget spread over crops, top scores within"),
+    "scope": ("scope", "attention, coverage", "image", ("scores",), "greedy coverage gain x saliency"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 
