@@ -9,7 +9,8 @@ standardised per channel for training and the standardisation is folded into the
 export, so the exported model is a plain ``LlavaForConditionalGeneration`` fed raw tower features.
 
     python scripts/train_ref_mini.py --steps 3000 --out-dir ~/.cache/mmcompress/train_mini   # add --resume
-    python scripts/train_ref_mini.py --out-dir ~/.cache/mmcompress/train_mini --export-only --assets mmcompress/zoo/assets
+    python scripts/train_ref_mini.py --out-dir ~/.cache/mmcompress/train_mini --export-only \
+        --assets mmcompress/zoo/assets
 
 Checkpoints (``ckpt.pt``, atomic) every ``--ckpt-every`` steps; ``--resume`` continues exactly (same data order).
 The log (``train_log.tsv``) records the loss and, every ``--eval-every`` steps, the first-turn greedy accuracy on
@@ -36,6 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mmcompress.evals import detail, easyvqa  # noqa: E402
+
 from mmcompress.zoo import refvlm_mini as mini  # noqa: E402
 
 DEFAULT_TYPES = ("colour", "shape", "exist", "count")
@@ -161,7 +163,7 @@ def evaluate(model, proc, evalsets, bs: int = 64) -> dict[str, float]:
             pred = model(ids, mask, feats).argmax(-1)  # [B, L]
             tgt_pos = labels[:, 1:] != -100
             ok = ((pred[:, :-1] == labels[:, 1:]) | ~tgt_pos).all(1)
-            for (_, t, _), o in zip(chunk, ok.tolist()):
+            for (_, t, _), o in zip(chunk, ok.tolist(), strict=False):
                 hits.setdefault(t, []).append(float(o))
         allv = [v for vs in hits.values() for v in vs]
         out[f"{name}_acc"] = sum(allv) / len(allv)

@@ -85,10 +85,10 @@ def test_training_sequence_is_the_multiturn_template(proc):
     assert proc.encode_text(proc.apply_chat_template(msgs, add_generation_prompt=False)) == ids
     shuffled, _ = train.sequence(proc, conv, random.Random(3))
     assert sorted(shuffled) == sorted(ids) and shuffled[1] == proc.image_token_id
-    answer_ids = [t for t, lab in zip(ids, labels) if lab != -100]
+    answer_ids = [t for t, lab in zip(ids, labels, strict=False) if lab != -100]
     eos = proc.tokenizer.eos_token_id
     assert sorted(answer_ids) == sorted(proc.tokenizer.convert_tokens_to_ids(["red", "2"]) + [eos, eos])
-    assert all(lab in (-100, t) for t, lab in zip(ids, labels))
+    assert all(lab in (-100, t) for t, lab in zip(ids, labels, strict=False))
 
 
 def test_export_is_the_trained_computation(proc):
