@@ -13,8 +13,9 @@ single-word questions whose answer lives in one or two objects:
 | count | how many {shape}s are there? | 1-4 (balanced: the scene is built around the count) |
 | relation | where is the {color} {shape} relative to the {color} {shape}? | left / right / above / below (balanced) |
 
-Splits use disjoint seeds (train 0.., val 1,000,000.., test 2,000,000..); the default test split has 500 scenes
-and 2,322 questions (a type is skipped where a scene cannot ask it unambiguously). Answers are correct by
+Splits use disjoint seeds (train 0.., val 1,000,000.., test 2,000,000..); the test split has 500 scenes and 2,322
+questions (a type is skipped where a scene cannot ask it unambiguously): 1,898 of the default types (task `detail`:
+colour 414, shape 484, exist 500, count 500) and 424 relation questions (tasks `detail_all`, `detail_relation`). Answers are correct by
 construction and re-derivable from `Scene.objects`.
 """
 
@@ -29,13 +30,16 @@ from typing import Any
 from mmcompress.evals.tasks import Sample, Task, register_task, seeded_subset
 
 __all__ = ["Obj", "Scene", "make_scene", "questions", "render", "split_questions", "answer_balance", "DetailTask",
-           "SHAPES", "COLORS", "QUESTION_TYPES", "image_features"]
+           "SHAPES", "COLORS", "QUESTION_TYPES", "DEFAULT_TYPES", "image_features"]
 
 SIDE = 112
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 230), "yellow": (240, 220, 20),
           "purple": (150, 40, 190), "orange": (250, 130, 10), "white": (250, 250, 250)}
 QUESTION_TYPES = ("colour", "shape", "exist", "count", "relation")
+# The default mix leaves out relation: from 112-px DINOv2-S tokens it stays at chance even for a readout given token
+# coordinates and 20,000 scenes (docs/reference-models.md); `detail_all` and `detail_relation` ask it on request.
+DEFAULT_TYPES = ("colour", "shape", "exist", "count")
 SPLIT_SEEDS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 SPLIT_SCENES = {"train": 20_000, "val": 500, "test": 500}
 
@@ -207,16 +211,18 @@ def image_features(split: str, n_scenes: int, vision_tower: object, image_proces
 
 @register_task("detail")
 class DetailTask(Task):
-    """The detail benchmark (see the module docstring); accuracy per question type in the summary's metrics."""
+    """The detail benchmark (see the module docstring) on the default question types (colour, shape, exist,
+    count); accuracy per question type in the summary's metrics."""
 
     modality = "image"
     default_split = "test"
     max_new_tokens = 5
+    types: tuple[str, ...] = DEFAULT_TYPES
 
     def samples(self, data=None, split=None, limit=None, seed=0, skip_bad=False) -> list[Sample]:
         if data is not None:
             raise ValueError("data: detail scenes are generated; do not pass --data")
-        rows = split_questions(split or self.default_split)
+        rows = [r for r in split_questions(split or self.default_split) if r[2] in self.types]
         samples = [Sample(id=i, prompt=q, answer=a, image=lambda s=scene: render(s), meta={"type": t})
                    for i, scene, t, q, a in rows]
         return seeded_subset(samples, limit, seed)
@@ -233,3 +239,17 @@ class DetailTask(Task):
             by.setdefault(r["meta"]["type"], []).append(float(r["score"]))
         out.update({f"{t}_accuracy": sum(v) / len(v) for t, v in sorted(by.items())})
         return out
+
+
+@register_task("detail_all")
+class DetailAllTask(DetailTask):
+    """`detail` with every question type, relation included."""
+
+    types = QUESTION_TYPES
+
+
+@register_task("detail_relation")
+class DetailRelationTask(DetailTask):
+    """`detail`'s relation questions only (left / right / above / below)."""
+
+    types = ("relation",)

@@ -37,6 +37,8 @@ __all__ = [
 BUILTIN_TASKS: dict[str, str] = {
     "easyvqa": "easyvqa",
     "detail": "detail",
+    "detail_all": "detail",
+    "detail_relation": "detail",
     "vqav2": "benchmarks",
     "textvqa": "benchmarks",
     "gqa": "benchmarks",

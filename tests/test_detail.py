@@ -113,3 +113,14 @@ def test_train_projector_unfold_inverts_fold():
     back = P()
     back.load_state_dict(std.folded_state_dict())
     assert torch.allclose(back(x), raw(x), atol=1e-5)
+
+
+def test_question_types_default_all_relation():
+    """`detail` asks the default types (no relation); `detail_all` every type; `detail_relation` relation only."""
+    types = {name: {s.meta["type"] for s in get_task(name).samples(None, None, None, seed=0)}
+             for name in ("detail", "detail_all", "detail_relation")}
+    assert types["detail"] == set(D.DEFAULT_TYPES) and "relation" not in types["detail"]
+    assert types["detail_all"] == set(D.QUESTION_TYPES)
+    assert types["detail_relation"] == {"relation"}
+    n = {name: len(get_task(name).samples(None, None, None, seed=0)) for name in types}
+    assert n["detail"] + n["detail_relation"] == n["detail_all"] == len(D.split_questions("test"))

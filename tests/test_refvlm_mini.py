@@ -61,7 +61,8 @@ def test_task_vocabulary_covers_every_answer():
 def test_prompt_is_the_chat_template(proc):
     """The processor's prompt of a bare question = the chat template of one user turn with the image first."""
     q = "what color is the circle?"
-    via_template = proc.apply_chat_template([{"role": "user", "content": f"{mini.IMAGE_TOKEN} {q}"}])
+    via_template = proc.tokenizer.apply_chat_template([{"role": "user", "content": f"{mini.IMAGE_TOKEN} {q}"}],
+                                                      add_generation_prompt=True, tokenize=False)
     assert proc.encode_text(proc.prompt(q)) == proc.encode_text(via_template)
     ids = proc.encode_text(proc.prompt(q))
     assert ids.count(proc.image_token_id) == 64 and ids[0] == proc.tokenizer.convert_tokens_to_ids(mini.USER)
@@ -82,7 +83,7 @@ def test_training_sequence_is_the_multiturn_template(proc):
     for i, (_, _, q, a) in enumerate(conv):
         msgs.append({"role": "user", "content": (f"{mini.IMAGE_TOKEN} " if i == 0 else "") + proc.tokenizer.decode(q)})
         msgs.append({"role": "assistant", "content": proc.tokenizer.decode(a, skip_special_tokens=True)})
-    assert proc.encode_text(proc.apply_chat_template(msgs, add_generation_prompt=False)) == ids
+    assert proc.encode_text(proc.tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)) == ids
     shuffled, _ = train.sequence(proc, conv, random.Random(3))
     assert sorted(shuffled) == sorted(ids) and shuffled[1] == proc.image_token_id
     answer_ids = [t for t, lab in zip(ids, labels, strict=False) if lab != -100]

