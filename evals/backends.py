@@ -24,7 +24,7 @@ from mmcompress.evals.tasks import Sample
 __all__ = ["VLMBackend", "load_backend", "model_fingerprint", "peak_memory", "timed_generate", "BUILTIN_MODELS"]
 
 # Built-in names of `--model` and the modality they serve.
-BUILTIN_MODELS = {"ref-vlm": "image", "whisper-tiny.en": "audio", "dinov2-s14": "encoder"}
+BUILTIN_MODELS = {"ref-vlm": "image", "ref-vlm-mini": "image", "whisper-tiny.en": "audio", "dinov2-s14": "encoder"}
 _MODALITY_MODULES = {"audio": "mmcompress.evals.asr", "encoder": "mmcompress.evals.knn"}
 _VISION_ATTRS = ("vision_tower", "visual", "vision_model", "vision_encoder")
 
@@ -55,7 +55,7 @@ def load_backend(model: str, modality: str, device: str = "cpu", dtype: str = "f
         raise ValueError(f"modality: expected image, audio or encoder, got {modality!r}")
     if model in BUILTIN_MODELS and BUILTIN_MODELS[model] != "image":
         raise ValueError(f"model: {model!r} is a {BUILTIN_MODELS[model]} model; image tasks need a VLM "
-                         f"(ref-vlm or a local HF VLM directory)")
+                         f"(ref-vlm, ref-vlm-mini or a local HF VLM directory)")
     _dtype(dtype)
     return VLMBackend.load(model, device=device, dtype=dtype)
 
@@ -70,8 +70,17 @@ def model_fingerprint(model: str) -> str:
 
         h = hashlib.sha256()
         for f in sorted(projector_asset_path().parent.glob("refvlm_*.safetensors")):  # projector (+ any adapter)
+            if f.name.startswith("refvlm_mini"):
+                continue  # ref-vlm-mini's weights, not ref-vlm's
             h.update(f.name.encode() + f.read_bytes())
         return "ref-vlm:" + h.hexdigest()[:16]
+    if model == "ref-vlm-mini":
+        from mmcompress.zoo.refvlm_mini import tokenizer_asset_path, weights_asset_path
+
+        h = hashlib.sha256()
+        for f in (weights_asset_path(), tokenizer_asset_path()):
+            h.update(f.name.encode() + (f.read_bytes() if f.is_file() else b"missing"))
+        return "ref-vlm-mini:" + h.hexdigest()[:16]
     path = Path(model)
     if path.is_dir():
         h = hashlib.sha256()
@@ -224,10 +233,10 @@ class VLMBackend:
     @classmethod
     def load(cls, model: str, device: str = "cpu", dtype: str = "float32") -> VLMBackend:
         """Load a built-in or local/hub HF VLM (see `load_backend`)."""
-        if model == "ref-vlm":
+        if model in ("ref-vlm", "ref-vlm-mini"):
             from mmcompress import zoo
 
-            m, proc = zoo.load("ref-vlm")
+            m, proc = zoo.load(model)
         else:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
