@@ -1,0 +1,159 @@
+"""vLLM plugin entry point and settings: which compressor and budget a server (or a request) uses.
+
+vLLM calls `register()` (entry point group `vllm.general_plugins`) in its engine and in every worker it spawns, so
+it is idempotent and imports nothing heavy: the model classes in `vllm_models` are registered by "module:Class"
+strings and imported only when vLLM loads one of the supported architectures.
+
+Settings, the first one found wins:
+
+1. per request: `mm_processor_kwargs={"mmcompress_method": "tome", "mmcompress_keep": 0.25}`;
+2. per server: `--hf-overrides '{"mmcompress": {"method": "tome", "keep": 0.25}}'`;
+3. per server: environment `MMCOMPRESS_METHOD=tome MMCOMPRESS_KEEP=0.25`.
+
+No setting (or keep 1.0) leaves the model's features untouched. `MMCOMPRESS_VLLM=0` skips registration altogether
+(plain vLLM). Budgets are fixed before the encoder runs, because vLLM sizes each item's placeholder run in its
+processor: the count is `budget(n, keep)`, a pure function of the item's token count. `keep="auto"` and other
+data-dependent budgets are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["register", "Setting", "resolve", "budget", "SUPPORTED", "method_code", "method_name"]
+
+#: vLLM architecture name -> "module:Class" of its compressing subclass.
+SUPPORTED = {
+    "Qwen2VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2_5_VLForConditionalGeneration",
+    "LlavaForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCLlavaForConditionalGeneration",
+}
+#: Multimodal architectures of vLLM that the plugin refuses to compress (it says so instead of silently serving them
+#: uncompressed when a compressor is configured).
+REFUSED = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+           "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+REQUEST_KEYS = ("mmcompress_method", "mmcompress_keep")
+_registered = False
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A resolved compressor choice. `method` None means no compression."""
+
+    method: str | None = None
+    keep: int | float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.method is not None and self.keep != 1.0
+
+
+def supported_text() -> str:
+    return ", ".join(sorted(SUPPORTED))
+
+
+def register() -> None:
+    """Register the compressing model classes with vLLM's `ModelRegistry` (idempotent; imports vLLM's registry
+    module only)."""
+    global _registered
+    if _registered or os.environ.get("MMCOMPRESS_VLLM", "1").strip().lower() in ("0", "false", "off", "no"):
+        return
+    from vllm import ModelRegistry
+
+    for arch, target in SUPPORTED.items():
+        ModelRegistry.register_model(arch, target)
+    _registered = True
+
+
+def _check_keep(keep: Any, where: str) -> int | float:
+    if isinstance(keep, str):
+        s = keep.strip()
+        if s == "auto":
+            raise ValueError(f"{where}: keep='auto' is a data-dependent budget; vLLM fixes each item's token count in "
+                             "its processor before the encoder runs, so give an int (tokens per item) or a fraction "
+                             "in (0, 1]")
+        try:
+            keep = int(s) if s.isdigit() else float(s)
+        except ValueError:
+            raise ValueError(f"{where}: keep must be an int >= 1 or a float in (0, 1], got {keep!r}") from None
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"{where}: keep must be an int >= 1 or a float in (0, 1], got {type(keep).__name__}")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"{where}: an int keep is tokens per item and must be >= 1, got {keep}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"{where}: a float keep is a fraction in (0, 1], got {keep}")
+    return keep
+
+
+def _check_method(method: Any, where: str) -> str | None:
+    if method is None or (isinstance(method, str) and method.strip().lower() in ("", "none")):
+        return None
+    if not isinstance(method, str):
+        raise TypeError(f"{where}: method must be a compressor name (str), got {type(method).__name__}")
+    import mmcompress as mmc
+
+    cls = mmc.get(method)  # ValueError naming the close matches for an unknown name
+    needs = tuple(n for n in getattr(cls, "needs", ()) if n in ("scores", "text"))
+    if needs:
+        ok = [n for n in mmc.available() if not set(getattr(mmc.get(n), "needs", ())) & {"scores", "text"}]
+        raise ValueError(f"{where}: compressor {method!r} needs {' and '.join(needs)}, which the vLLM path does not "
+                         f"provide; usable with vLLM: {', '.join(ok)}")
+    return method
+
+
+def resolve(hf_config: Any = None, request: dict[str, Any] | None = None) -> Setting:
+    """The setting for one request: per-request kwargs, else `hf_config.mmcompress`, else the environment.
+
+    Args:
+        hf_config: the model's Hugging Face config (carries `mmcompress` when set by `--hf-overrides`).
+        request: the request's `mm_processor_kwargs` (keys `mmcompress_method`, `mmcompress_keep`).
+    """
+    request = request or {}
+    server = getattr(hf_config, "mmcompress", None) if hf_config is not None else None
+    if server is not None and not isinstance(server, dict):
+        raise TypeError(f"hf_overrides mmcompress: expected a dict with 'method' and 'keep', got {server!r}")
+    if server:
+        unknown = set(server) - {"method", "keep"}
+        if unknown:
+            raise ValueError(f"hf_overrides mmcompress: unknown keys {sorted(unknown)}; expected 'method' and 'keep'")
+    env_m, env_k = os.environ.get("MMCOMPRESS_METHOD"), os.environ.get("MMCOMPRESS_KEEP")
+    if "mmcompress_method" in request or "mmcompress_keep" in request:
+        where = "mm_processor_kwargs"
+        method = request.get("mmcompress_method", (server or {}).get("method", env_m))
+        keep = request.get("mmcompress_keep", (server or {}).get("keep", env_k if env_k is not None else 1.0))
+    elif server:
+        where, method, keep = "hf_overrides mmcompress", server.get("method"), server.get("keep", 1.0)
+    else:
+        where, method, keep = "MMCOMPRESS_METHOD/MMCOMPRESS_KEEP", env_m, env_k if env_k is not None else 1.0
+    keep = _check_keep(keep, where)
+    method = _check_method(method, where)
+    if method is None and keep != 1.0:
+        raise ValueError(f"{where}: keep={keep!r} given without a compressor method")
+    return Setting(method, keep)
+
+
+def budget(n: int, keep: int | float) -> int:
+    """Tokens kept of an item of `n` tokens: the compressors' own rule (int: that many, at most n; float: round(keep *
+    n), at least 1). A pure function of (n, keep), so vLLM can size the placeholder run before the encoder runs."""
+    if n < 1:
+        return n
+    if isinstance(keep, int):
+        return min(keep, n)
+    return max(1, min(n, round(keep * n)))
+
+
+def method_code(method: str | None) -> int:
+    """A compressor name as an int that travels with an item's tensors from vLLM's processor to its model (-1: none)."""
+    if method is None:
+        return -1
+    import mmcompress as mmc
+
+    return mmc.available().index(method)
+
+
+def method_name(code: int) -> str | None:
+    import mmcompress as mmc
+
+    return None if code < 0 else mmc.available()[code]

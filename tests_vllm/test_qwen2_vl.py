@@ -1,0 +1,106 @@
+"""The plugin on vLLM's (CPU) engine with a tiny random Qwen2-VL: identity, shortened prompts, agreement with
+`mmc.apply` in transformers, mixed batches, refusals. One plugin engine and one plain-vLLM engine for the module."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny
+from conftest import run_engine
+
+A = {"prompt": tiny.prompt(seed=0), "images": [[0, 112, 112]]}  # 8 x 8 patches -> 16 tokens
+B = {"prompt": tiny.prompt(seed=1, n_words=9), "images": [[1, 168, 112]]}  # 12 x 8 patches -> 24 tokens
+TEXT = {"prompt": "<|im_start|>user w5 w9 w13 <|im_end|> <|im_start|>assistant"}
+N_A, N_B = 16, 24
+
+
+def kw(method, keep):
+    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+
+
+CALLS = {
+    "none": [A, B],
+    "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tome", 1.0))],
+    "tome": [dict(A, **kw("tome", 0.25)), dict(B, **kw("tome", 0.25))],
+    "divprune_int": [dict(A, **kw("divprune", 6)), dict(B, **kw("divprune", 6))],
+    "pool": [dict(A, **kw("pool", 0.25))],
+    "single_text": [TEXT],
+    "single_B_div": [dict(B, **kw("divprune", 6))],
+    "mixed": [dict(A, **kw("tome", 0.25)), TEXT, dict(B, **kw("divprune", 6)), A],
+    "auto": [dict(A, **kw("tome", "auto"))],
+    "scores": [dict(A, **kw("visionzip", 0.5))],
+    "unknown": [dict(A, **kw("tomee", 0.5))],
+}
+NAMES = list(CALLS)
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory):
+    plug = run_engine(tmp_path_factory.mktemp("plug"), models["qwen2_vl"], [CALLS[n] for n in NAMES])
+    plain = run_engine(tmp_path_factory.mktemp("plain"), models["qwen2_vl"], [CALLS["none"]],
+                       env={"MMCOMPRESS_VLLM": "0"})
+    return dict(zip(NAMES, plug["results"], strict=True)), plain["results"][0]
+
+
+def test_keep1_and_no_setting_equal_plain_vllm(runs):
+    got, plain = runs
+    for name in ("none", "keep1"):
+        for r, p in zip(got[name], plain, strict=True):
+            assert r["prompt_token_ids"] == p["prompt_token_ids"]
+            assert r["token_ids"] == p["token_ids"], name
+            assert r["first_logprobs"] == p["first_logprobs"], name  # same kernels, same inputs: bit-identical
+
+
+@pytest.mark.parametrize("name,kept", [("tome", (4, 6)), ("divprune_int", (6, 6)), ("pool", (4,))])
+def test_prompt_shorter_by_removed_tokens(runs, name, kept):
+    got, plain = runs
+    for r, p, n, m in zip(got[name], plain, (N_A, N_B), kept, strict=False):
+        assert len(r["prompt_token_ids"]) == len(p["prompt_token_ids"]) - (n - m)
+        assert r["prompt_token_ids"].count(tiny.token_id("<|image_pad|>")) == m
+        assert len(r["token_ids"]) == 5
+
+
+def test_mixed_batch_equals_single_runs(runs):
+    got, _ = runs
+    mixed = got["mixed"]
+    singles = [got["tome"][0], got["single_text"][0], got["single_B_div"][0], got["none"][0]]
+    for m, s in zip(mixed, singles, strict=True):
+        assert m["prompt_token_ids"] == s["prompt_token_ids"]
+        assert m["token_ids"] == s["token_ids"]
+        for k, v in s["first_logprobs"].items():
+            assert math.isclose(m["first_logprobs"][k], v, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("name,words", [("auto", "data-dependent"), ("scores", "needs scores"),
+                                        ("unknown", "unknown compressor")])
+def test_refused_with_a_clear_error(runs, name, words):
+    got, _ = runs
+    assert "error" in got[name] and words in got[name]["error"], got[name]
+
+
+@pytest.mark.parametrize("name,method,keep", [("tome", "tome", 0.25), ("divprune_int", "divprune", 6),
+                                              ("pool", "pool", 0.25)])
+def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep):
+    """Same weights, same compressor, same inputs: greedy ids equal and first-token log-probs within fp32 noise."""
+    import torch
+    import transformers as T
+
+    import mmcompress as mmc
+
+    got, _ = runs
+    model = T.AutoModelForImageTextToText.from_pretrained(models["qwen2_vl"], dtype=torch.float32).eval()
+    proc = T.AutoProcessor.from_pretrained(models["qwen2_vl"])
+    mmc.apply(model, method, keep=keep)
+    for req, r in zip(CALLS[name], got[name], strict=True):
+        (seed, w, h), = req["images"]
+        inp = proc(text=[req["prompt"]], images=[tiny.image(seed, (w, h))], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inp, max_new_tokens=5, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        ids = out.sequences[0, inp["input_ids"].shape[1]:].tolist()
+        assert ids == r["token_ids"]
+        lp = torch.log_softmax(out.logits[0][0].float(), -1)
+        for k, v in r["first_logprobs"].items():
+            assert abs(lp[int(k)].item() - v) < 1e-4, (k, lp[int(k)].item(), v)
+    mmc.remove(model)

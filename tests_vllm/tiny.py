@@ -1,0 +1,137 @@
+"""Tiny random VLMs saved as local Hugging Face directories that vLLM can serve (config, weights, tokenizer, processor).
+
+vLLM's CPU attention backend needs a text head_dim >= 32, and the vision merger's output width must equal the text
+hidden size. The tokenizer is word-level (whitespace split, special tokens split out), with a chat template that
+renders image parts as the family's placeholder, so `vllm serve` answers OpenAI chat requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|image_pad|>", "<|video_pad|>", "<image>", "<s>", "</s>"]
+VOCAB = 256
+_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=2048, head_dim=32, rms_norm_eps=1e-6,
+             tie_word_embeddings=False)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] in ('image', 'image_url') %}{{ IMG }}{% elif c['type'] in ('video', 'video_url') %}{{ VID }}"
+    "{% else %}{{ c['text'] }}{% endif %} {% endfor %}{% endif %} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def words() -> list[str]:
+    """The plain words of the vocabulary (ids after the special tokens)."""
+    return [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+
+
+def _tokenizer(image: str, video: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + words())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   unk_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    fast.chat_template = CHAT_TEMPLATE.replace("{{ IMG }}", image).replace("{{ VID }}", video)
+    return fast
+
+
+def token_id(name: str) -> int:
+    return SPECIALS.index(name)
+
+
+def build_qwen2_vl(out: str | os.PathLike, seed: int = 0, family: str = "qwen2_vl") -> Path:
+    """Save a tiny random Qwen2-VL (or Qwen2.5-VL with family="qwen2_5_vl") with its processor under `out`.
+
+    Images of 112 x 112 px give an 8 x 8 patch grid: 16 tokens after the 2 x 2 merger.
+    """
+    import transformers as T
+
+    torch.manual_seed(seed)
+    ids = dict(image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+               vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
+               bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
+               pad_token_id=token_id("<pad>"))
+    text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                **{k: v for k, v in ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    if family == "qwen2_vl":
+        vc = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        cfg = T.Qwen2VLConfig(vision_config=vc, text_config=dict(text, model_type="qwen2_vl_text"), **ids)
+        model = T.Qwen2VLForConditionalGeneration(cfg)
+    elif family == "qwen2_5_vl":
+        vc = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+        cfg = T.Qwen2_5_VLConfig(vision_config=vc, text_config=dict(text, model_type="qwen2_5_vl_text"), **ids)
+        model = T.Qwen2_5_VLForConditionalGeneration(cfg)
+    else:
+        raise ValueError(f"family: expected 'qwen2_vl' or 'qwen2_5_vl', got {family!r}")
+    out = Path(out)
+    model.eval().save_pretrained(out)
+    tok = _tokenizer("<|vision_start|> <|image_pad|> <|vision_end|>", "<|vision_start|> <|video_pad|> <|vision_end|>")
+    size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
+    ip = T.Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    vp = T.Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    proc = T.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
+    proc.save_pretrained(out)
+    tok.save_pretrained(out)
+    _gen_config(out, ids["eos_token_id"])
+    return out
+
+
+def build_llava(out: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a tiny random LLaVA-1.5 (CLIP tower, 112 px, 14 px patches: 64 image tokens) with its processor."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    img = token_id("<image>")
+    vc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=112,
+              patch_size=14, projection_dim=64)
+    text = dict(_TEXT, model_type="llama", bos_token_id=token_id("<s>"), eos_token_id=token_id("<|im_end|>"),
+                pad_token_id=token_id("<pad>"))
+    cfg = T.LlavaConfig(vision_config=dict(vc, model_type="clip_vision_model"), text_config=text,
+                        image_token_index=img, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                        projector_hidden_act="gelu", image_seq_length=64)
+    model = T.LlavaForConditionalGeneration(cfg)
+    out = Path(out)
+    model.eval().save_pretrained(out)
+    tok = _tokenizer("<image>", "<image>")
+    ip = T.CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    proc = T.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                            chat_template=tok.chat_template, num_additional_image_tokens=1)
+    proc.save_pretrained(out)
+    tok.save_pretrained(out)
+    _gen_config(out, text["eos_token_id"])
+    return out
+
+
+def _gen_config(out: Path, eos: int) -> None:
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "do_sample": False}))
+
+
+def image(seed: int, size: tuple[int, int] = (112, 112)):
+    """A random RGB PIL image."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+def prompt(n_words: int = 6, seed: int = 0, placeholder: str = "<|vision_start|> <|image_pad|> <|vision_end|>") -> str:
+    """A chat-formatted prompt with one image and `n_words` random words."""
+    g = torch.Generator().manual_seed(seed)
+    w = words()
+    q = " ".join(w[int(i)] for i in torch.randint(0, len(w), (n_words,), generator=g))
+    return f"<|im_start|>user {placeholder} {q} <|im_end|> <|im_start|>assistant"
