@@ -19,9 +19,10 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "temporal": ("temporal", "similarity", "video", ("grid",), "merge similar tokens across frames, then spatial"),
     "audio_merge": ("audio_merge", "similarity", "audio", (), "neighbour-only merging along time"),
     "cdpruner": ("cdpruner", "diversity", "image", ("text",), "conditional DPP: similarity x text relevance"),
-    "vispruner": ("vispruner", "attention, diversity", "image", ("scores",), "top [CLS]-attention + de-duplicated rest"),
+    "vispruner": ("vispruner", "attention, diversity", "image", ("scores",), "top CLS attention + de-duplicated rest"),
     "holov": ("holov", "attention, coverage", "image", ("scores",), "budget spread over crops, top scores within"),
     "scope": ("scope", "attention, coverage", "image", ("scores",), "greedy coverage gain x saliency"),
+    "holitom": ("holitom", "similarity", "video", ("grid", "scores"), "global temporal windows + DPC merge + top"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 
