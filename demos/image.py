@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .overlay import overlay_token_map
+from .safety import keep_fraction
 
 VIEW_SIDE = 224  # the overlay is upscaled (nearest) to about this side, so small grids stay readable
 
@@ -70,14 +71,25 @@ def token_map(view: np.ndarray, assign: np.ndarray, grid: tuple[int, int]) -> np
     return overlay_token_map(img, assign, (gh, gw))
 
 
+def image_grid(grid: Any, n: int) -> tuple[int, int] | None:
+    """The (h, w) patch grid of one image's `n` tokens from the grid its compressor got: ``(h, w)`` (LLaVA), or
+    ``(1, h, w)`` (Qwen2-VL and other M-RoPE families record images as one frame); None when the tokens are not one
+    2-D grid (several frames, tiles, audio)."""
+    if grid is None:
+        return None
+    g = tuple(int(v) for v in grid)
+    while len(g) > 2 and g[0] == 1:
+        g = g[1:]
+    return g if len(g) == 2 and g[0] * g[1] == n else None
+
+
 def _first_assign(rec: CompressorRecorder | None, st: dict[str, Any]) -> tuple[np.ndarray | None, Any]:
     """([N] assign of the first image item, its (gh, gw) grid or None): from the recorded compressor call (exact
     grid), else from ``mmcompress.stats(model)["assign"]`` (placeholder families) with a square grid."""
     if rec is not None and rec.calls:
         grid, prefix, out = rec.calls[0]  # the first (prefill) call: [1, prefix + N] assign
         assign = out.assign[0, prefix:].cpu().numpy()
-        ok = grid is not None and len(grid) == 2 and grid[0] * grid[1] == assign.size
-        return assign, tuple(grid) if ok else None
+        return assign, image_grid(grid, assign.size)
     for mod, _, a in st.get("assign", []):
         if mod == "image" and a is not None:
             assign = a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a)  # [N]
@@ -99,13 +111,41 @@ class ImageBackend:
         self.max_new_tokens = max_new_tokens
         self.lock = threading.Lock()
         self._vlm: Any = None
+        self.warm_ups = 0  # how many times a loaded model was warmed up (once per load)
 
     def _load(self) -> Any:
         if self._vlm is None:
             from mmcompress.evals.backends import VLMBackend
 
-            self._vlm = VLMBackend.load(self.model_name)
+            vlm = VLMBackend.load(self.model_name)
+            self._warm_up(vlm)
+            self._vlm = vlm
         return self._vlm
+
+    def load(self) -> None:
+        """Load (and warm up) the model now rather than on the first request."""
+        with self.lock:
+            self._load()
+
+    def _warm_up(self, vlm: Any) -> None:
+        """One uncompressed and one compressed answer on a grey image, not shown: the first calls of a process pay
+        one-time costs (allocations, the first run of each kernel, hooks) that would land on the first table row."""
+        import torch
+        from PIL import Image
+
+        import mmcompress as mmc
+
+        inputs = vlm._inputs([Image.new("RGB", (64, 64), (128, 128, 128))], ["what is in the image?"])
+        with torch.inference_mode():
+            vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            try:
+                mmc.apply(vlm.model, "tome", keep=0.5)
+                vlm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            except (ValueError, TypeError):
+                pass  # a model tome cannot wrap: the uncompressed warm-up is still done
+            finally:
+                mmc.remove(vlm.model)
+        self.warm_ups += 1
 
     def answer(self, image: np.ndarray, question: str, method: str | None, keep: float | str) -> dict[str, Any]:
         """Answer a question, compressed by ``method`` (None = uncompressed).
@@ -125,8 +165,8 @@ class ImageBackend:
 
         import mmcompress as mmc
 
-        if keep != "auto" and (isinstance(keep, str) or not 0 < keep <= 1):
-            raise ValueError(f"keep must be a fraction in (0, 1] or 'auto', got {keep!r}")
+        if keep != "auto":
+            keep = keep_fraction(keep, "image tokens")  # an int 1 from the UI means all tokens, not one
         with self.lock, torch.inference_mode():
             vlm = self._load()
             model = vlm.model

@@ -39,7 +39,8 @@ def read_summary(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_summary(rows: list[dict[str, Any]], task: str | None = None) -> Any:
-    """Two panels: accuracy vs tokens and accuracy vs prefill ms, one line per method.
+    """The figure of ``pareto.png`` (`mmcompress.evals.report.pareto_figure`) for one task: accuracy vs tokens
+    entering the LLM and vs LLM prefill ms, one legend, methods dodged sideways so that equal budgets stay visible.
 
     Args:
         rows: output of :func:`read_summary`.
@@ -48,31 +49,24 @@ def plot_summary(rows: list[dict[str, Any]], task: str | None = None) -> Any:
     Returns:
         A matplotlib Figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mmcompress.evals.report import pareto_figure
 
     if not rows:
         raise ValueError("rows is empty")
     task = task or rows[0]["task"]
-    sel = [r for r in rows if r["task"] == task]
-    if not sel:
+    if not any(r["task"] == task for r in rows):
         raise ValueError(f"task {task!r} not in the summary")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    methods = sorted({r["method"] for r in sel})
-    for m in methods:
-        pts = sorted((r for r in sel if r["method"] == m), key=lambda r: r["tokens"])
-        for ax, x in zip(axes, ("tokens", "prefill_ms"), strict=True):
-            style = "k*" if m == "none" else "o-"
-            ax.errorbar([p[x] for p in pts], [p["accuracy"] for p in pts], yerr=[p["stderr"] for p in pts],
-                        fmt=style, label=m, capsize=2)
-    axes[0].set_xlabel("visual tokens")
-    axes[1].set_xlabel("prefill ms")
-    for ax in axes:
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(task)
-    fig.tight_layout()
-    return fig
+    return pareto_figure(rows, [task])
+
+
+TABLE_HEADERS = ["task", "method", "keep", "accuracy ± s.e.", "tokens", "prefill ms", "compress ms"]
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """Rows for the Results tab's table (`TABLE_HEADERS`): accuracy with its standard error, times rounded."""
+
+    def num(x: float, nd: int) -> str:
+        return "n/a" if x != x else f"{x:.{nd}f}"  # NaN: a column the run did not fill
+
+    return [[r["task"], r["method"], r["keep"], f"{num(r['accuracy'], 3)} ± {num(r['stderr'], 3)}",
+             num(r["tokens"], 1), num(r["prefill_ms"], 1), num(r["compress_ms"], 2)] for r in rows]

@@ -1,8 +1,10 @@
-"""Input checks for the demo: images and audio files only, pixel cap (decompression bombs), audio length cap."""
+"""Input checks for the demo: images and audio files only, pixel cap (decompression bombs), audio length cap, keep
+fractions."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,3 +133,28 @@ def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     t = torch.from_numpy(x)[None, None, None]  # [1, 1, 1, T]: interpolate's antialias needs 2-D
     y = torch.nn.functional.interpolate(t, size=(1, n), mode="bilinear", antialias=True, align_corners=False)
     return y[0, 0, 0].numpy()
+
+
+def keep_fraction(keep: Any, what: str = "tokens") -> float:
+    """A keep value from the UI as a fraction: Gradio sends a whole number (``1``) as an int, which
+    `mmcompress.apply` would read as ONE token, so the demo turns it into the float it means.
+
+    Args:
+        keep: the value of the keep field (int, float or numeric string).
+        what: what is kept, for the message (e.g. "image tokens").
+
+    Returns:
+        float in (0, 1]; 1.0 keeps every token.
+
+    Raises:
+        ValueError: not a number, or outside (0, 1].
+    """
+    if isinstance(keep, bool) or keep is None:
+        raise ValueError(f"keep: expected the fraction of {what} kept, in (0, 1], got {keep!r}")
+    try:
+        value = float(keep)
+    except (TypeError, ValueError):
+        raise ValueError(f"keep: expected the fraction of {what} kept, in (0, 1], got {keep!r}") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise ValueError(f"keep: the fraction of {what} kept must be in (0, 1] (1 keeps all of them), got {keep!r}")
+    return value

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["keep_label", "summarize", "write_reports", "COLUMNS"]
+__all__ = ["keep_label", "summarize", "write_reports", "pareto_figure", "COLUMNS", "X_LABELS", "Y_LABEL"]
 
 COLUMNS = [
     "task", "method", "keep", "n", "complete", "accuracy", "stderr", "metric", "value", "pct_of_none",
@@ -113,38 +113,80 @@ def _markdown(rows: list[dict[str, Any]], skipped: dict[str, str], bad_rows: dic
     return "\n".join(out)
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+X_LABELS = {"tokens": "tokens entering the LLM", "prefill_ms": "LLM prefill ms per sample"}
+Y_LABEL = "accuracy"
+_MARKERS = "osD^vP<>Xhp*"
+DODGE = 0.015  # horizontal offset between methods on the tokens axis, as a share of the axis width
+
+
+def pareto_figure(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = None) -> Any:
+    """Accuracy vs tokens and vs prefill ms, one row of two panels per task, one legend for the figure.
+
+    The same figure is ``pareto.png`` and the demo's Results tab. Methods share budgets, so on the tokens panel
+    their points would sit on top of each other: each method is dodged sideways by a fixed step (`DODGE` of the
+    axis width, the same for every budget), and every marker has its own shape and a white outline.
+
+    Args:
+        rows: summary rows (``task``, ``method``, ``accuracy``, ``stderr``, ``tokens``, ``prefill_ms``; ``n`` and
+            ``metric`` when present).
+        tasks: the tasks to draw (default: every task, in order of first appearance).
+
+    Returns:
+        A matplotlib Figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if not rows:
+        raise ValueError("rows: expected at least one summary row")
+    tasks = list(tasks) if tasks else list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.2 * len(tasks)), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
-    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    palette = [plt.cm.tab10(i) for i in range(10) if i != 7] + [plt.cm.Dark2(i) for i in range(8)]  # no grey:
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(m for m in methods if m != "random")}  # random's
+    handles: dict[str, Any] = {}
     for ti, task in enumerate(tasks):
         trs = [r for r in rows if r["task"] == task]
+        if not trs:
+            raise ValueError(f"tasks: {task!r} has no rows")
         base = next((r for r in trs if r["method"] == "none"), None)
         for ci, xkey in enumerate(("tokens", "prefill_ms")):
             ax = axes[ti][ci]
-            for m in methods:
-                pts = sorted((r for r in trs if r["method"] == m), key=lambda r: r[xkey])
+            xs = [float(r[xkey]) for r in trs]
+            span = (max(xs) - min(xs)) or 1.0
+            for mi, m in enumerate(methods):
+                pts = sorted((r for r in trs if r["method"] == m), key=lambda r: float(r[xkey]))
                 if not pts:
                     continue
-                ax.errorbar([p[xkey] for p in pts], [p["accuracy"] for p in pts], yerr=[p["stderr"] for p in pts],
-                            label=m, color="0.45" if m == "random" else colors[m],
-                            linestyle="--" if m == "random" else "-", marker="o", ms=4, capsize=2, lw=1.4)
+                shift = DODGE * span * (mi - (len(methods) - 1) / 2) if xkey == "tokens" else 0.0
+                h = ax.errorbar([float(p[xkey]) + shift for p in pts], [float(p["accuracy"]) for p in pts],
+                                yerr=[float(p["stderr"]) for p in pts], label=m,
+                                color="0.45" if m == "random" else colors[m],
+                                linestyle="--" if m == "random" else "-", marker=_MARKERS[mi % len(_MARKERS)],
+                                ms=6, mec="white", mew=0.8, capsize=2, lw=1.2, alpha=0.9)
+                handles.setdefault(m, h)
             if base is not None:
-                ax.errorbar([base[xkey]], [base["accuracy"]], yerr=[base["stderr"]], color="black", marker="*",
-                            ms=14, capsize=2, label="uncompressed", zorder=5)
-                ax.axhline(base["accuracy"], color="black", lw=0.6, alpha=0.4)
-            ax.set_xlabel("tokens entering the LLM" if xkey == "tokens" else "prefill ms per sample")
-            ax.set_ylabel(trs[0]["metric"] if trs[0]["metric"] == "accuracy" else "accuracy")
-            ax.set_title(f"{task} (n = {trs[0]['n']})")
+                h = ax.errorbar([float(base[xkey])], [float(base["accuracy"])], yerr=[float(base["stderr"])],
+                                color="black", marker="*", ms=14, mec="white", mew=0.8, capsize=2, zorder=5,
+                                linestyle="none", label="none (uncompressed)")
+                handles.setdefault("none (uncompressed)", h)
+                ax.axhline(float(base["accuracy"]), color="black", lw=0.6, alpha=0.4)
+            ax.set_xlabel(X_LABELS[xkey])
+            ax.set_ylabel(Y_LABEL)
+            n = trs[0].get("n")
+            ax.set_title(f"{task} (n = {int(float(n))})" if n not in (None, "") else task)
             ax.grid(alpha=0.3)
-        axes[ti][1].legend(fontsize=7, loc="lower right", ncol=2)
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    return fig
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -174,6 +174,11 @@ def read_records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
 
 
 def _check_out(cfg: BenchConfig, rank: int) -> None:
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise ValueError(f"out: {cfg.out} is a file; --out takes a folder (new, or a run's folder with --resume)")
+    for parent in cfg.out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"out: {parent} is a file, so {cfg.out} cannot be created; --out takes a folder")
     path = cfg.out / "config.json"
     ident = cfg.identity()
     if path.is_file():
@@ -226,6 +231,7 @@ def _run_setting(cfg: BenchConfig, task: Task, samples: list[Sample], backend: A
         return
     backend.configure(method, keep, cfg.options.get(method, {}))
     max_new = cfg.max_new_tokens or task.max_new_tokens
+    backend.predict(todo[0][1][:1], max_new)  # warm-up, not recorded: a setting's first call pays one-time costs
     scores: list[float] = []
     t_start = time.perf_counter()
     part.parent.mkdir(parents=True, exist_ok=True)

@@ -49,26 +49,101 @@ def _parse_option(text: str) -> tuple[str, str, object]:
     return method, key, parsed
 
 
+def _listed_methods() -> list[str]:
+    """The names `mmcompress list` prints (its first column), so that bench accepts exactly what list shows."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _cmd_list(argparse.Namespace())
+    lines = [ln.split()[0] for ln in buf.getvalue().splitlines() if ln.strip()]
+    return [n for n in lines if n != "name"]
+
+
+def _adapter_options() -> set[str]:
+    """Option names that some model adapter accepts (which adapter applies is known only once the model loads)."""
+    from mmcompress.integrations import base, supported_model_types
+
+    supported_model_types()  # imports the built-in adapters
+    return {k for cls in set(base._ADAPTERS.values()) for k in getattr(cls, "options", {})}
+
+
+def check_methods(methods: list[str], options: dict[str, dict[str, object]]) -> None:
+    """Check method names and ``--option`` keys before any model loads.
+
+    A name must be one that `mmcompress list` prints, ``none``, or ``fastv``; an option key must be a parameter of
+    the method's compressor or an option of some model adapter (whether this model's adapter takes it is checked
+    when the setting runs: a setting it cannot run is reported under "Skipped settings").
+
+    Raises:
+        ValueError: an unknown method (with the closest names), an option for a method not in ``methods``, or an
+            unknown option key (with the accepted ones).
+    """
+    import difflib
+    import inspect
+
+    import mmcompress as mmc
+
+    known = list(dict.fromkeys(["none", "fastv", *_listed_methods(), *mmc.available()]))
+    for m in methods:
+        if m not in known:
+            close = difflib.get_close_matches(m, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"methods: unknown method {m!r}{hint} (`mmcompress list` shows them all)")
+    adapter_keys: set[str] | None = None
+    for m, opts in options.items():
+        if m not in methods and m not in ("none", "random"):
+            raise ValueError(f"option: {m!r} is not among --methods ({','.join(methods)})")
+        if m == "none" or (m != "fastv" and m not in mmc.available()):
+            continue  # no compressor class to read its parameters from (in-LLM methods: checked when they run)
+        comp = mmc.get("uniform" if m == "fastv" else m)
+        params = set(inspect.signature(comp.__init__).parameters) - {"self", "keep", "args", "kwargs"}
+        if adapter_keys is None:
+            adapter_keys = _adapter_options()
+        accepted = params | adapter_keys
+        for key in opts:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, sorted(accepted), n=3, cutoff=0.6)
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"option: {m} has no option {key!r}{hint} (its own: "
+                                 f"{', '.join(sorted(params)) or 'none'}; model adapters: "
+                                 f"{', '.join(sorted(adapter_keys))})")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    """`mmcompress bench`; Ctrl-C ends it with one line saying how to continue."""
+    try:
+        return _bench(args)
+    except KeyboardInterrupt:
+        again = "run the same command (with --resume) again" if args.resume else "add --resume to the same command"
+        print(f"\nmmcompress bench: interrupted; the finished samples are kept in {args.out}; {again} to continue",
+              file=sys.stderr)
+        return 130
+
+
+def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mmcompress.evals.runner import BenchConfig, parse_keeps, run
 
+    try:
+        keeps = parse_keeps(args.keep)
+        methods = [m for m in args.methods.split(",") if m]
+        options: dict[str, dict[str, object]] = {}
+        for method, key, value in args.option:
+            options.setdefault(method, {})[key] = value
+        check_methods(methods, options)
+    except ValueError as e:
+        print(f"mmcompress bench: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    options: dict[str, dict[str, object]] = {}
-    for method, key, value in args.option:
-        options.setdefault(method, {})[key] = value
-    try:
-        keeps = parse_keeps(args.keep)
-    except ValueError as e:
-        print(f"mmcompress bench: {e}", file=sys.stderr)
-        return 2
     cfg = BenchConfig(
         model=args.model, tasks=[t for t in args.task.split(",") if t], keeps=keeps,
-        methods=[m for m in args.methods.split(",") if m], limit=args.limit or None, seed=args.seed,
+        methods=methods, limit=args.limit or None, seed=args.seed,
         batch_size=args.batch_size, out=Path(args.out), data=Path(args.data) if args.data else None,
         split=args.split, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
         resume=args.resume, skip_bad=args.skip_bad, options=options, progress=not args.no_progress,
@@ -84,24 +159,38 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, where it has one worth saying (not None, False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or d == [] or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="accuracy vs tokens vs time of compressors on VQA/ASR/kNN tasks",
+                       formatter_class=_DefaultsFormatter,
                        description="Run tasks x methods x budgets; per-sample JSONL (resumable), summary CSV/markdown "
-                                   "and a Pareto plot. `none` (uncompressed) and `random` are always included.")
+                                   "and a Pareto plot. `none` (uncompressed) and `random` are always included. "
+                                   "Method names and options are checked before the model loads.")
     b.add_argument("--model", default="ref-vlm", help="ref-vlm | whisper-tiny.en | dinov2-s14 | local HF dir | hub id")
     b.add_argument("--task", default="easyvqa", help="comma list: easyvqa, detail, vqav2, textvqa, gqa, pope, mme, "
-                                                     "scienceqa_img, mmbench, asr, knn")
-    b.add_argument("--methods", default="none,random,tome,visionzip", help="comma list of compressors, fastv, none")
-    b.add_argument("--keep", default="0.5,0.25,0.125", help="fractions, token counts (64,128) or auto")
+                                                     "scienceqa_img, mmbench, asr, knn, or package.module:TaskClass")
+    b.add_argument("--methods", default="none,random,tome,visionzip",
+                   help="comma list of names from `mmcompress list`, fastv, none")
+    b.add_argument("--keep", default="0.5,0.25,0.125", help="comma list: fractions in (0, 1], token counts, auto")
     b.add_argument("--limit", type=int, default=500, help="samples per task, a seeded subset (0: all)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--seed", type=int, default=0, help="seed of the subset")
+    b.add_argument("--batch-size", type=int, default=16, help="samples per model call (fixed batches: resumable)")
+    b.add_argument("--out", default="runs/bench", help="output folder")
     b.add_argument("--data", default=None, help="dataset folder (lmms-lab parquet export or original layout)")
     b.add_argument("--split", default=None, help="split (default: the one lmms-eval scores)")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    b.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
+    b.add_argument("--device", default="cpu", help="torch device")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    b.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: each task's own)")
     b.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished samples")
     b.add_argument("--skip-bad", action="store_true", help="skip malformed dataset rows (counted) instead of failing")
     b.add_argument("--option", type=_parse_option, action="append", default=[], metavar="METHOD:KEY=VALUE",

@@ -156,3 +156,43 @@ def test_unrunnable_setting_is_reported_not_hidden(tiny_dir, tmp_path):
                           progress=False))
     assert "toy fastv@8" in res["skipped"] and "fraction" in res["skipped"]["toy fastv@8"]
     assert "Skipped settings" in (out / "summary.md").read_text()
+
+
+class _ColdStartBackend:
+    """A backend whose first call after `configure` is slow (as a setting's first forward through new hooks is)."""
+
+    def __init__(self) -> None:
+        self.cold, self.calls = True, []
+
+    def configure(self, method, keep, options) -> None:
+        self.cold, self.method = True, method
+
+    def predict(self, samples, max_new_tokens):
+        ms = 1000.0 if self.cold else 1.0
+        self.cold = False
+        self.calls.append((self.method, len(samples)))
+        return [{"prediction": "red", "tokens": 16, "encode_ms": ms, "compress_ms": ms, "prefill_ms": ms,
+                 "decode_ms": ms, "peak_mem_mb": 0.0} for _ in samples]
+
+
+def test_every_setting_is_warmed_up_before_it_is_timed(tiny_dir, tmp_path, monkeypatch):
+    import mmcompress.evals.backends as backends
+
+    fake = _ColdStartBackend()
+    monkeypatch.setattr(backends, "load_backend", lambda *a, **k: fake)
+    res = run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["tome"], keeps=[0.5], batch_size=8,
+                          out=tmp_path / "w", progress=False))
+    recs = [json.loads(x) for x in (tmp_path / "w" / "samples.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 * 23 and {r["prefill_ms"] for r in recs} == {1.0}  # no cold call was recorded
+    assert {r["prefill_ratio"] for r in res["summary"]} == {1.0}
+    # one untimed call of one sample before each setting (besides the warm-up batch at load)
+    assert [c for c in fake.calls if c[1] == 1] == [("none", 1), ("random", 1), ("tome", 1)]
+
+
+def test_out_pointing_at_a_file_is_one_line(tiny_dir, tmp_path):
+    f = tmp_path / "results.txt"
+    f.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file; --out takes a folder"):
+        run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["tome"], out=f, progress=False))
+    with pytest.raises(ValueError, match="is a file, so .* cannot be created"):
+        run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["tome"], out=f / "sub", progress=False))

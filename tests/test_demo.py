@@ -76,9 +76,51 @@ def test_results_read_and_plot(tmp_path):
     assert len(rows) == 3 and rows[1]["accuracy"] == 0.85 and rows[2]["tokens"] == 16.0
     fig = plot_summary(rows)
     ax0, ax1 = fig.axes[:2]
-    labels = ax1.get_legend_handles_labels()[1]
-    assert sorted(labels) == ["none", "tome"]
-    assert ax0.get_xlabel() == "visual tokens" and ax1.get_xlabel() == "prefill ms"
+    assert len(fig.legends) == 1 and not ax0.get_legend() and not ax1.get_legend()  # one legend for the figure
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["tome", "none (uncompressed)"]
+    assert ax0.get_xlabel() == "tokens entering the LLM" and ax1.get_xlabel() == "LLM prefill ms per sample"
+
+
+def _pareto_rows(methods=("random", "tome", "pool", "divprune")):
+    rows = [{"task": "easyvqa", "method": "none", "keep": "1", "n": 50, "accuracy": 0.9, "stderr": 0.03,
+             "tokens": 64.0, "prefill_ms": 10.0, "compress_ms": 0.0}]
+    for m in methods:
+        for k, tok in (("0.5", 32.0), ("0.25", 16.0)):
+            rows.append({"task": "easyvqa", "method": m, "keep": k, "n": 50, "accuracy": 0.8, "stderr": 0.03,
+                         "tokens": tok, "prefill_ms": tok / 6, "compress_ms": 0.2})
+    return rows
+
+
+def test_pareto_png_and_results_tab_draw_the_same_figure_with_visible_overlaps(tmp_path):
+    """Equal points of different methods stay visible (dodged sideways, outlined markers of their own shape), one
+    legend, and pareto.png and the Results tab use the same axis names."""
+    from mmcompress.evals.report import pareto_figure
+
+    rows = _pareto_rows()
+    demo, png = plot_summary(rows), pareto_figure(rows)
+    for fig in (demo, png):
+        ax = fig.axes[0]
+        assert len(fig.legends) == 1 and all(a.get_legend() is None for a in fig.axes)
+        bars = [c for c in ax.containers if c.get_label() in ("random", "tome", "pool", "divprune")]
+        lines = [c.lines[0] for c in bars]  # the data line of each errorbar, points sorted by tokens
+        xs = {c.get_label(): tuple(c.lines[0].get_xdata()) for c in bars}
+        assert len(xs) == 4
+        assert len({x[0] for x in xs.values()}) == 4  # all four at 16 tokens, at four distinct x positions
+        assert max(abs(x[0] - 16) for x in xs.values()) < 0.05 * 48  # close to their true token count
+        assert len({ln.get_marker() for ln in lines}) == 4
+        assert all(ln.get_markeredgecolor() == "white" for ln in lines)
+    assert [(a.get_xlabel(), a.get_ylabel()) for a in demo.axes] == [(a.get_xlabel(), a.get_ylabel())
+                                                                     for a in png.axes]
+
+
+def test_results_table_shows_stderr_and_rounded_times(tmp_path):
+    from demos.app import results_view
+
+    _write_summary(tmp_path, ["easyvqa,none,1,100,0.9,0.0301,64,10.123456,0.0",
+                              "easyvqa,tome,0.5,100,0.85,0.035,32,6.0,0.41234"])
+    fig, table, msg = results_view(str(tmp_path))
+    assert table[0] == ["easyvqa", "none", "1", "0.900 ± 0.030", "64.0", "10.1", "0.00"]
+    assert table[1][3:] == ["0.850 ± 0.035", "32.0", "6.0", "0.41"] and "2 rows" in msg
 
 
 def test_results_errors(tmp_path):

@@ -242,10 +242,13 @@ def test_run_audio_rows_and_timelines(backend, tmp_path):
     img = gallery[0][0]  # [28, 40 * 22, 3]: the 0.3 s clip covers 12 of the 40 frames
     assert img.shape == (28, 880, 3) and (img[-1, :12 * 22] == 255).all() and (img[-1, 12 * 22:] == 0).all()
     assert "clip 0.30 s: 12 frames" in gallery[0][1]
-    # an upload wins over the clip; without a reference there is no WER
+    # an upload and a clip at once are refused (the UI clears one when the other is chosen); an upload without a
+    # reference has no WER
     up = tmp_path / "up.wav"
     write_wav(up, tone(0.5))
-    rows, _ = run_audio(backend, clips, "c1", str(up), "", ["pool"], 0.5)
+    with pytest.raises(ValueError, match="two clips given"):
+        run_audio(backend, clips, "c1", str(up), "", ["pool"], 0.5)
+    rows, _ = run_audio(backend, clips, None, str(up), "", ["pool"], 0.5)
     assert rows[0][2] is None and rows[1][4] == 20
     rows, _ = run_audio(backend, clips, None, str(up), "hello world", [], 0.5)
     assert len(rows) == 1 and rows[0][2] is not None
@@ -268,6 +271,26 @@ def test_run_audio_errors(backend, tmp_path):
     write_wav(up, tone(0.2))
     with pytest.raises(ValueError, match="keep"):
         run_audio(backend, {}, None, str(up), "", ["pool"], 0.0)
+
+
+def test_keep_one_from_the_ui_keeps_every_frame(backend, tmp_path):
+    """Gradio sends keep 1.0 as the int 1, which `mmc.apply` reads as ONE frame: the tab keeps all of them."""
+    up = tmp_path / "one.wav"
+    write_wav(up, tone(0.3))
+    for keep in (1, 1.0, "1"):
+        rows, _ = run_audio(backend, {}, None, str(up), "", ["audio_merge", "pool"], keep)
+        assert [r[3:5] for r in rows] == [[40, 40]] * 3, keep
+    for bad in (0, 2, 2.0, -0.5, float("nan"), "lots", None):
+        with pytest.raises(ValueError, match=r"keep: .*\(0, 1\]"):
+            run_audio(backend, {}, None, str(up), "", ["pool"], bad)
+
+
+def test_backend_warms_up_once_before_the_first_timed_call():
+    b = AudioBackend(model=tiny_whisper(), processor=TinyProcessor(), max_new_tokens=3)
+    assert b.warm_ups == 0
+    b.transcribe(tone(0.3), None, 1.0)
+    b.transcribe(tone(0.3), "pool", 0.5)
+    assert b.warm_ups == 1  # the first request loaded and warmed up the model before its timed call; once only
 
 
 def test_build_app_with_audio_tab(backend):
