@@ -173,6 +173,36 @@ def evaluate(model, proc, evalsets, bs: int = 64) -> dict[str, float]:
     return out
 
 
+def plot_log(log_path: Path, out: Path) -> None:
+    """Validation accuracy (detail per type, easy-VQA) against question presentations, from the training log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ev = [], []
+    for line in log_path.read_text().splitlines()[1:]:
+        cols = line.split("\t")
+        if len(cols) > 6 and cols[6].strip():
+            xs.append(int(cols[2]) / 1000)
+            ev.append(json.loads(cols[6]))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    for key, label, style in [("detail_val_acc", "detail (all default types)", "-o"), ("easyvqa_val_acc", "easy-VQA",
+                              "-s")] + [(f"detail_val_{t}", f"detail: {t}", ":") for t in DEFAULT_TYPES]:
+        if ev and key in ev[0]:
+            ax.plot(xs, [e[key] for e in ev], style, label=label, markersize=3)
+    ax.set_xlabel("question presentations (thousands)")
+    ax.set_ylabel("validation accuracy (greedy, first turn)")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("ref-vlm-mini training (scripts/train_ref_mini.py)", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default %(default)s)")
@@ -190,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-only", action="store_true", help="only export the checkpoint to --assets")
     p.add_argument("--assets", type=Path, default=None, help="export the result here (e.g. mmcompress/zoo/assets)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", type=Path, default=None, help="with --assets: also draw the learning curve to this PNG")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -249,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
     step, presented, elapsed = 0, 0, 0.0
+    train_cmd = "python scripts/train_ref_mini.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log_path = a.out_dir / "train_log.tsv"
     if (a.resume or a.export_only) and ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, presented, elapsed = ck["step"], ck["presented"], ck["elapsed"]
+        train_cmd = ck.get("command", train_cmd)
         print(f"resumed at step {step} ({presented} question presentations, {elapsed:.0f} s)", flush=True)
     elif a.export_only:
         p.error(f"--export-only: no checkpoint at {ckpt_path}")
@@ -264,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "presented": presented,
-                    "elapsed": elapsed, "args": vars(a) | {"out_dir": str(a.out_dir), "assets": str(a.assets)}}, tmp)
+                    "elapsed": elapsed, "command": train_cmd}, tmp)
         tmp.replace(ckpt_path)
 
     header = ["step", "epoch", "presentations", "loss", "lr", "seconds"]
@@ -322,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                 "parameters_trained": n_params, "train_questions": n_q, "detail_types": list(types),
                 "detail_scenes": a.detail_scenes, "batch_size": a.batch_size, "turns": a.turns, "lr": a.lr,
                 "validation": {k: round(v, 4) for k, v in final.items()},
-                "command": "python scripts/train_ref_mini.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                "command": train_cmd}
         (a.assets / "refvlm_mini.json").write_text(json.dumps(info, indent=1) + "\n")
+        if a.plot is not None:
+            plot_log(log_path, a.plot)
         print(f"exported to {a.assets}: {info}", flush=True)
     return 0
 

@@ -21,6 +21,7 @@ and the training log ship in ``mmcompress/zoo/assets/``; nothing is downloaded.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,27 @@ PROMPT_TEMPLATE = USER + " " + IMAGE_TOKEN + " {question} " + ASSISTANT
 HIDDEN, LAYERS, HEADS, FFN = 192, 4, 6, 512
 
 
+def _assets() -> Path:
+    """The committed assets folder, or the folder named by ``MMCOMPRESS_REFVLM_MINI`` (an export of
+    ``scripts/train_ref_mini.py --assets DIR``, to evaluate a candidate before it replaces the committed weights;
+    `mmcompress bench` fingerprints whichever files are used)."""
+    override = os.environ.get("MMCOMPRESS_REFVLM_MINI")
+    if override:
+        path = Path(override).expanduser()
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"MMCOMPRESS_REFVLM_MINI: no {WEIGHTS_FILE} in {path}")
+        return path
+    return ASSETS
+
+
 def weights_asset_path() -> Path:
-    """The committed trained weights (projector + language model)."""
-    return ASSETS / WEIGHTS_FILE
+    """The trained weights (projector + language model): committed, or from ``MMCOMPRESS_REFVLM_MINI``."""
+    return _assets() / WEIGHTS_FILE
 
 
 def tokenizer_asset_path() -> Path:
-    """The committed tokenizer (``tokenizers`` JSON): its vocabulary fixes the rows of the trained embedding."""
-    return ASSETS / TOKENIZER_FILE
+    """The tokenizer (``tokenizers`` JSON) next to the weights: its vocabulary fixes the rows of the embedding."""
+    return _assets() / TOKENIZER_FILE
 
 
 def _words(text: str) -> list[str]:
@@ -244,5 +258,5 @@ def load() -> tuple[Any, RefVLMMiniProcessor]:
 
 def training_info() -> dict[str, Any]:
     """The metadata JSON written next to the weights (steps, presentations, accuracies), or ``{}``."""
-    p = ASSETS / "refvlm_mini.json"
+    p = _assets() / "refvlm_mini.json"
     return json.loads(p.read_text()) if p.is_file() else {}
