@@ -3,6 +3,7 @@
     python scripts/readme_tables.py                      # catalogue from `mmcompress list`, headline from docs
     python scripts/readme_tables.py --bench runs/bench   # also: docs/benchmark.md's table and plot from a bench run
     python scripts/readme_tables.py --check              # exit 1 when a generated block differs (what the tests do)
+    python scripts/readme_tables.py --replot             # docs/bench_easyvqa.png redrawn from docs/benchmark.md
 
 Blocks sit between ``<!-- BEGIN <name> ... -->`` and ``<!-- END <name> -->`` markers:
 
@@ -142,6 +143,33 @@ def headline_markdown(table: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def table_rows(table: str, task: str = "easyvqa") -> list[dict[str, object]]:
+    """Summary rows (method, keep, tokens, accuracy, stderr, prefill_ms, compress_ms) read back from a bench table,
+    enough for `mmcompress.evals.report.pareto_figure`."""
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    col = {h: i for i, h in enumerate(_cells(lines[0]))}
+    rows = []
+    for cells in map(_cells, lines[2:]):
+        acc, _, se = cells[col["accuracy"]].partition("±")
+        rows.append({"task": task, "method": cells[col["method"]].split(" (")[0], "keep": cells[col["keep"]],
+                     "tokens": float(cells[col["tokens"]]), "accuracy": float(acc), "stderr": float(se),
+                     "prefill_ms": float(cells[col["prefill ms"]]), "compress_ms": float(cells[col["compress ms"]])})
+    return rows
+
+
+def replot(bench_doc: str, path: Path, n: int = 500) -> None:
+    """Draw ``pareto.png``'s figure from docs/benchmark.md's make-bench table into `path`."""
+    import matplotlib.pyplot as plt
+    from mmcompress.evals.report import pareto_figure
+
+    rows = table_rows(get_block(bench_doc, "make-bench table"))
+    for r in rows:
+        r["n"] = n
+    fig = pareto_figure(rows)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def render(readme: str, bench_doc: str, list_output: str, summary_md: str | None = None) -> tuple[str, str]:
     """(README, docs/benchmark.md) with every generated block rewritten."""
     if summary_md is not None:
@@ -155,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bench", type=Path, default=None, help="a `mmcompress bench` --out folder (e.g. runs/bench)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block is out of date")
+    p.add_argument("--replot", action="store_true",
+                   help="draw docs/bench_easyvqa.png from docs/benchmark.md's table (when no run folder is at hand)")
     args = p.parse_args(argv)
     summary = None
     if args.bench is not None:
@@ -170,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     BENCH_DOC.write_text(new_doc)
     if args.bench is not None and (args.bench / "pareto.png").exists():
         shutil.copyfile(args.bench / "pareto.png", PLOT)
+    elif args.replot:
+        replot(new_doc, PLOT)
     print("rewrote: " + ", ".join(stale) if stale else "already up to date")
     return 0
 
