@@ -2,9 +2,10 @@
 """Train ref-vlm-mini (projector + a compact Llama decoder, from scratch) on cached DINOv2 features, on CPU.
 
 Data: easy-VQA train (4,000 images, 38,575 questions; 200 images held out for validation) and the 20,000 `detail`
-train scenes with the default question types (colour, shape, exist, count; ~80,000 questions). Each training
-sequence is one image and several of its questions as a multi-turn chat (as LLaVA trains), so the 64 image tokens
-are paid once for several answers; the loss covers each answer word and its ``</s>``. The DINOv2 features are
+train scenes with the default question types (colour, shape, exist, count; ~75,000 questions). By default each
+training sequence is one question, its image and its answer (``--turns N`` packs up to N questions of an image as a
+multi-turn chat; the image tokens then see only the first question); the loss covers the answer word and its
+``</s>``. The DINOv2 features are
 standardised per channel for training and the standardisation is folded into the projector's first layer at
 export, so the exported model is a plain ``LlavaForConditionalGeneration`` fed raw tower features.
 
@@ -90,13 +91,13 @@ def sequence(proc, conv: list[tuple], rng: random.Random) -> tuple[list[int], li
 
 
 def encode_turns(proc, turns: list[tuple]) -> tuple[list[int], list[int]]:
-    """Token ids of the turns as the chat template renders them (the image in the first user turn) and labels:
+    """Token ids of the turns as the chat template renders them (the image after the first question) and labels:
     each answer's ids and its ``</s>``, -100 elsewhere."""
     user, asst = (proc.tokenizer.convert_tokens_to_ids(t) for t in (mini.USER, mini.ASSISTANT))
     ids: list[int] = []
     labels: list[int] = []
     for i, (_, _, q, a) in enumerate(turns):
-        head = [user] + ([proc.image_token_id] * proc.num_image_tokens if i == 0 else []) + q + [asst]
+        head = [user] + q + ([proc.image_token_id] * proc.num_image_tokens if i == 0 else []) + [asst]
         ids += head + a
         labels += [-100] * len(head) + a
     return ids, labels
@@ -206,10 +207,11 @@ def plot_log(log_path: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=48, help="conversations per step (default %(default)s)")
-    p.add_argument("--turns", type=int, default=4, help="questions per conversation at most (default %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="conversations per step (default %(default)s)")
+    p.add_argument("--turns", type=int, default=1,
+                   help="questions per conversation at most; 1: every question its own sequence (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default %(default)s)")
     p.add_argument("--detail-scenes", type=int, default=20000, help="detail train scenes (default %(default)s)")
     p.add_argument("--types", default=",".join(DEFAULT_TYPES), help="detail question types (default %(default)s)")
     p.add_argument("--eval-every", type=int, default=200, help="(default %(default)s)")

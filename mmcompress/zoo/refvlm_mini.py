@@ -10,7 +10,7 @@ trained from scratch, with the projector, on easy-VQA train and the 20,000 `deta
 Tokenizer: a word-level ``PreTrainedTokenizerFast`` (lower-cased; ``?`` and other punctuation split off) whose
 vocabulary is fixed by the committed ``refvlm_mini_tokenizer.json``, with a chat template::
 
-    <|user|> <image> what color is the circle ? <|assistant|> red </s>
+    <|user|> what color is the circle ? <image> <|assistant|> red </s>
 
 The processor (`RefVLMMiniProcessor`) applies that template around a bare question (the tokenizer's
 ``apply_chat_template`` renders the same text) and expands ``<image>`` into
@@ -43,7 +43,9 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
-PROMPT_TEMPLATE = USER + " " + IMAGE_TOKEN + " {question} " + ASSISTANT
+# The question comes BEFORE the image, so that the image tokens (causal attention) can read it: trained image-first,
+# the same decoder stayed at chance on detail's colour questions after 280k presentations (docs/reference-models.md).
+PROMPT_TEMPLATE = USER + " {question} " + IMAGE_TOKEN + " " + ASSISTANT
 # Language model shape (see the module docstring); chosen so ~120k question presentations fit in an hour here.
 HIDDEN, LAYERS, HEADS, FFN = 192, 4, 6, 512
 
