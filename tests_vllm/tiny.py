@@ -51,10 +51,12 @@ def token_id(name: str) -> int:
     return SPECIALS.index(name)
 
 
-def build_qwen2_vl(out: str | os.PathLike, seed: int = 0, family: str = "qwen2_vl") -> Path:
+def build_qwen2_vl(out: str | os.PathLike, seed: int = 0, family: str = "qwen2_vl", text_kw: dict | None = None,
+                   vision_kw: dict | None = None, max_side: int = 224) -> Path:
     """Save a tiny random Qwen2-VL (or Qwen2.5-VL with family="qwen2_5_vl") with its processor under `out`.
 
-    Images of 112 x 112 px give an 8 x 8 patch grid: 16 tokens after the 2 x 2 merger.
+    Images of 112 x 112 px give an 8 x 8 patch grid: 16 tokens after the 2 x 2 merger. `text_kw` / `vision_kw` override
+    config fields (larger models for benchmarks); images are resized to at most `max_side`^2 pixels.
     """
     import transformers as T
 
@@ -65,14 +67,17 @@ def build_qwen2_vl(out: str | os.PathLike, seed: int = 0, family: str = "qwen2_v
                pad_token_id=token_id("<pad>"))
     text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
                 **{k: v for k, v in ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    text.update(text_kw or {})
     if family == "qwen2_vl":
         vc = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        vc.update(vision_kw or {})
         cfg = T.Qwen2VLConfig(vision_config=vc, text_config=dict(text, model_type="qwen2_vl_text"), **ids)
         model = T.Qwen2VLForConditionalGeneration(cfg)
     elif family == "qwen2_5_vl":
         vc = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+        vc.update(vision_kw or {})
         cfg = T.Qwen2_5_VLConfig(vision_config=vc, text_config=dict(text, model_type="qwen2_5_vl_text"), **ids)
         model = T.Qwen2_5_VLForConditionalGeneration(cfg)
     else:
@@ -80,7 +85,7 @@ def build_qwen2_vl(out: str | os.PathLike, seed: int = 0, family: str = "qwen2_v
     out = Path(out)
     model.eval().save_pretrained(out)
     tok = _tokenizer("<|vision_start|> <|image_pad|> <|vision_end|>", "<|vision_start|> <|video_pad|> <|vision_end|>")
-    size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
+    size = {"shortest_edge": 56 * 56, "longest_edge": max_side * max_side}
     ip = T.Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
     vp = T.Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
     proc = T.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
@@ -106,6 +111,7 @@ def build_llava(out: str | os.PathLike, seed: int = 0) -> Path:
     model = T.LlavaForConditionalGeneration(cfg)
     out = Path(out)
     model.eval().save_pretrained(out)
+    _clip_layout(out / "model.safetensors")
     tok = _tokenizer("<image>", "<image>")
     ip = T.CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
     proc = T.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
@@ -114,6 +120,18 @@ def build_llava(out: str | os.PathLike, seed: int = 0) -> Path:
     tok.save_pretrained(out)
     _gen_config(out, text["eos_token_id"])
     return out
+
+
+def _clip_layout(path: Path) -> None:
+    """Checkpoint keys as llava-hf's checkpoints name them (`vision_tower.vision_model.*`): transformers 5 saves the
+    CLIP tower without `vision_model.`, which vLLM's weight loader does not map; transformers reads both."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path)
+    fixed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+              if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+             for k, v in sd.items()}
+    save_file(fixed, path, metadata={"format": "pt"})
 
 
 def _gen_config(out: Path, eos: int) -> None:

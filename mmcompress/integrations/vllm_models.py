@@ -302,6 +302,10 @@ class MMCQwen2_5_VLForConditionalGeneration(_QwenMixin, Qwen2_5_VLForConditional
     """vLLM's Qwen2.5-VL with mmcompress between the vision tower and the LLM (EVS off: this plugin owns pruning)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
+        rate = getattr(vllm_config.model_config.multimodal_config, "video_pruning_rate", None)
+        if rate:
+            raise ValueError(f"video_pruning_rate: {rate} turns on vLLM's EVS video pruning, which the mmcompress "
+                             "plugin replaces on this model; drop --video-pruning-rate or set MMCOMPRESS_VLLM=0")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.is_multimodal_pruning_enabled = False  # vLLM's own EVS post-processing stays off
 

@@ -94,7 +94,10 @@ def _check_method(method: Any, where: str) -> str | None:
         raise TypeError(f"{where}: method must be a compressor name (str), got {type(method).__name__}")
     import mmcompress as mmc
 
-    cls = mmc.get(method)  # ValueError naming the close matches for an unknown name
+    try:
+        cls = mmc.get(method)
+    except ValueError as e:  # names the close matches and what is available
+        raise ValueError(f"{where}: {e}") from None
     needs = tuple(n for n in getattr(cls, "needs", ()) if n in ("scores", "text"))
     if needs:
         ok = [n for n in mmc.available() if not set(getattr(mmc.get(n), "needs", ())) & {"scores", "text"}]

@@ -1,0 +1,80 @@
+"""The plugin on vLLM's (CPU) engine with a tiny random LLaVA-1.5 (64 image tokens), server setting through
+`--hf-overrides`: shortened prompts, per-request override, agreement with `mmc.apply` in transformers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny
+from conftest import run_engine
+
+A = {"prompt": tiny.prompt(seed=0, placeholder="<image>"), "images": [[0, 112, 112]]}
+B = {"prompt": tiny.prompt(seed=1, n_words=9, placeholder="<image>"), "images": [[1, 150, 120]]}
+TEXT = {"prompt": "<|im_start|>user w5 w9 w13 <|im_end|> <|im_start|>assistant"}
+N = 64
+SERVER = {"method": "divprune", "keep": 0.25}  # server-wide, through hf_overrides
+
+
+def kw(method, keep):
+    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+
+
+CALLS = {
+    "server": [A, B],
+    "tome": [dict(A, **kw("tome", 0.5)), dict(B, **kw("tome", 0.5))],
+    "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tome", 1.0))],
+    "mixed": [dict(B, **kw("tome", 0.5)), TEXT, A],
+    "text": [TEXT],
+}
+NAMES = list(CALLS)
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory):
+    out = run_engine(tmp_path_factory.mktemp("llava"), models["llava"], [CALLS[n] for n in NAMES],
+                     engine={"hf_overrides": {"mmcompress": SERVER}})
+    return dict(zip(NAMES, out["results"], strict=True))
+
+
+def test_server_setting_and_request_override(runs):
+    img = tiny.token_id("<image>")
+    for r in runs["server"]:
+        assert r["prompt_token_ids"].count(img) == 16 and len(r["token_ids"]) == 5
+    for r in runs["tome"]:
+        assert r["prompt_token_ids"].count(img) == 32
+    for r, s in zip(runs["keep1"], runs["server"], strict=True):
+        assert r["prompt_token_ids"].count(img) == N
+        assert len(r["prompt_token_ids"]) == len(s["prompt_token_ids"]) + N - 16
+
+
+def test_mixed_batch_equals_single_runs(runs):
+    for m, s in zip(runs["mixed"], [runs["tome"][1], runs["text"][0], runs["server"][0]], strict=True):
+        assert m["prompt_token_ids"] == s["prompt_token_ids"]
+        assert m["token_ids"] == s["token_ids"]
+        for k, v in s["first_logprobs"].items():
+            assert math.isclose(m["first_logprobs"][k], v, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("name,method,keep", [("server", "divprune", 0.25), ("tome", "tome", 0.5),
+                                              ("keep1", None, 1.0)])
+def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep):
+    import torch
+    import transformers as T
+
+    import mmcompress as mmc
+
+    model = T.AutoModelForImageTextToText.from_pretrained(models["llava"], dtype=torch.float32).eval()
+    proc = T.AutoProcessor.from_pretrained(models["llava"])
+    if method:
+        mmc.apply(model, method, keep=keep)
+    for req, r in zip(CALLS[name], runs[name], strict=True):
+        (seed, w, h), = req["images"]
+        inp = proc(text=[req["prompt"]], images=[tiny.image(seed, (w, h))], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inp, max_new_tokens=5, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        assert out.sequences[0, inp["input_ids"].shape[1]:].tolist() == r["token_ids"]
+        lp = torch.log_softmax(out.logits[0][0].float(), -1)
+        for k, v in r["first_logprobs"].items():
+            assert abs(lp[int(k)].item() - v) < 1e-4, (k, lp[int(k)].item(), v)

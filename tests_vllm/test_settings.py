@@ -1,0 +1,66 @@
+"""The plugin's settings and budgets (no engine): precedence, refusals, and the budget equal to the compressors' own
+output count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmcompress as mmc
+from mmcompress.integrations import vllm_plugin as vp
+
+
+@pytest.mark.parametrize("keep", [1, 3, 7, 0.1, 0.25, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("n", [1, 5, 16, 37])
+def test_budget_is_the_compressors_count(n, keep):
+    if isinstance(keep, int) and keep > n:
+        assert vp.budget(n, keep) == n
+        return
+    out = mmc.create("uniform", keep=keep)(torch.randn(1, n, 4))
+    assert vp.budget(n, keep) == out.x.shape[1]
+
+
+def test_precedence(monkeypatch):
+    class Cfg:
+        mmcompress = {"method": "divprune", "keep": 0.5}
+
+    monkeypatch.setenv("MMCOMPRESS_METHOD", "tome")
+    monkeypatch.setenv("MMCOMPRESS_KEEP", "8")
+    assert vp.resolve(None) == vp.Setting("tome", 8)
+    assert vp.resolve(Cfg()) == vp.Setting("divprune", 0.5)
+    assert vp.resolve(Cfg(), {"mmcompress_keep": 0.25}) == vp.Setting("divprune", 0.25)
+    assert vp.resolve(Cfg(), {"mmcompress_method": "pool", "mmcompress_keep": 0.25}) == vp.Setting("pool", 0.25)
+    assert not vp.resolve(None, {"mmcompress_method": None, "mmcompress_keep": 1.0}).active
+    monkeypatch.delenv("MMCOMPRESS_METHOD")
+    monkeypatch.delenv("MMCOMPRESS_KEEP")
+    assert not vp.resolve(None).active
+
+
+@pytest.mark.parametrize("req,err,words", [
+    ({"mmcompress_method": "tome", "mmcompress_keep": "auto"}, ValueError, "data-dependent"),
+    ({"mmcompress_method": "tome", "mmcompress_keep": 0}, ValueError, ">= 1"),
+    ({"mmcompress_method": "tome", "mmcompress_keep": 1.5}, ValueError, "(0, 1]"),
+    ({"mmcompress_method": "tome", "mmcompress_keep": [1]}, TypeError, "keep"),
+    ({"mmcompress_method": "visionzip", "mmcompress_keep": 0.5}, ValueError, "needs scores"),
+    ({"mmcompress_method": "text_recovery", "mmcompress_keep": 0.5}, ValueError, "needs scores and text"),
+    ({"mmcompress_method": "tomee", "mmcompress_keep": 0.5}, ValueError, "did you mean"),
+    ({"mmcompress_keep": 0.5}, ValueError, "without a compressor"),
+])
+def test_refusals_name_the_setting(req, err, words):
+    with pytest.raises(err, match="mm_processor_kwargs") as e:
+        vp.resolve(None, req)
+    assert words in str(e.value)
+
+
+def test_hf_overrides_checked():
+    class Bad:
+        mmcompress = {"method": "tome", "kepp": 0.5}
+
+    with pytest.raises(ValueError, match="unknown keys"):
+        vp.resolve(Bad())
+
+
+def test_method_codes_round_trip():
+    for name in mmc.available():
+        assert vp.method_name(vp.method_code(name)) == name
+    assert vp.method_code(None) == -1 and vp.method_name(-1) is None
