@@ -42,7 +42,8 @@ def _split_options(adapter_cls: type[Adapter], comp_cls: type, options: dict[str
 
 
 FASTV = "fastv"  # in-LLM baseline: an adapter option (fastv_k, fastv_r), not an encoder-side compressor
-IN_LLM = ("fastv", "pdrop", "dart")  # methods that prune inside the LLM, on the shared stage (integrations/inllm.py)
+# methods that prune inside the LLM, on the shared stage (integrations/inllm.py)
+IN_LLM = ("fastv", "pdrop", "dart", "sparsevlm")
 
 
 def _fastv_options(adapter_cls: type[Adapter], keep: Any, options: dict[str, Any]):
@@ -112,7 +113,40 @@ def _dart_builder(keep: Any, own: dict[str, Any]):
     return build
 
 
-_BUILDERS = {"pdrop": _pdrop_builder, "dart": _dart_builder}
+def _sparsevlm_builder(keep: Any, own: dict[str, Any]):
+    from mmcompress.integrations.sparsevlm import SPARSEVLM_COUNTS, SparseVLMRule, sparsevlm_default_layers
+
+    layers, counts = own.pop("sparsevlm_layers", None), own.pop("sparsevlm_counts", None)
+    recycle = own.pop("sparsevlm_recycle", True)
+    if counts is not None:
+        if keep is not None:
+            raise ValueError("sparsevlm_counts: sets the per-layer counts itself; pass keep=None with it")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise ValueError(f"sparsevlm_counts: expected ints >= 0, got {counts!r}")
+    elif isinstance(keep, int) and not isinstance(keep, bool):
+        if keep not in SPARSEVLM_COUNTS:
+            raise ValueError(f"keep: 'sparsevlm' takes one of the release's budgets {sorted(SPARSEVLM_COUNTS)} "
+                             f"(per-layer counts from its table) or an average fraction in (0, 1], got {keep!r}")
+        counts = SPARSEVLM_COUNTS[keep]
+    elif isinstance(keep, bool) or not isinstance(keep, float) or not 0 < keep <= 1:
+        raise ValueError(f"keep: 'sparsevlm' takes one of the release's budgets {sorted(SPARSEVLM_COUNTS)} or the "
+                         f"average fraction of image tokens over the LLM's layers in (0, 1], got {keep!r}")
+
+    def build(n_layers: int) -> SparseVLMRule:
+        lay = sparsevlm_default_layers(n_layers) if layers is None else tuple(layers)
+        if not lay or any(isinstance(v, bool) or not isinstance(v, int) for v in lay) \
+                or list(lay) != sorted(set(lay)) or not all(0 <= v < n_layers - 1 for v in lay):
+            raise ValueError(f"sparsevlm_layers: expected increasing ints in [0, {n_layers - 1}), got {layers!r}")
+        cts = None if counts is None else tuple(counts)[: len(lay)]
+        if cts is not None and len(cts) != len(lay):
+            raise ValueError(f"sparsevlm_counts: expected one count per layer {list(lay)}, got {counts!r}")
+        return SparseVLMRule(lay, counts=cts, keep=None if cts is not None else float(keep), n_layers=n_layers,
+                             recycle=bool(recycle))
+
+    return build
+
+
+_BUILDERS = {"pdrop": _pdrop_builder, "dart": _dart_builder, "sparsevlm": _sparsevlm_builder}
 
 
 def _inllm_options(adapter_cls: type[Adapter], name: str, keep: Any, options: dict[str, Any]):
@@ -125,7 +159,8 @@ def _inllm_options(adapter_cls: type[Adapter], name: str, keep: Any, options: di
         if o in options:
             raise TypeError(f"{o}: is FastV's option; {name!r} is another in-LLM method (use its {name}_* options)")
     own = {k: options.pop(k) for k in list(options) if k.startswith(name + "_")}
-    known = {"pdrop": {"pdrop_layers", "pdrop_lambda"}, "dart": {"dart_k", "dart_pivot_image", "dart_pivot_text"}}
+    known = {"pdrop": {"pdrop_layers", "pdrop_lambda"}, "dart": {"dart_k", "dart_pivot_image", "dart_pivot_text"},
+             "sparsevlm": {"sparsevlm_layers", "sparsevlm_counts", "sparsevlm_recycle"}}
     unknown = set(own) - known[name]
     if unknown:
         raise TypeError(f"options: unknown option(s) {sorted(unknown)} for {name!r} (accepts {sorted(known[name])})")
@@ -139,6 +174,9 @@ def _default_stage(adapter_cls: type[Adapter], comp_cls: type, adapter_opts: dic
         return adapter_opts
     if "text" in tuple(getattr(comp_cls, "needs", ())):
         return {**adapter_opts, "stage": "projector"}
+    stage = getattr(getattr(comp_cls, "encoder_needs", None), "stage", None)  # declared (DyCoke: "projector")
+    if stage is not None:
+        return {**adapter_opts, "stage": stage}
     return adapter_opts
 
 
@@ -163,6 +201,9 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
       solved from it), or `keep=None, pdrop_lambda=0.5` (the release); `pdrop_layers=` (default: the quarters).
     - `"dart"` (EMNLP'25): `keep` is the release's token budget (int, e.g. 128: 4 + 8 * 16 = 132 kept) or the
       fraction kept (float); `dart_k=` (default 2), `dart_pivot_image=`, `dart_pivot_text=` (default 4 each).
+    - `"sparsevlm"` (ICML'25, release v1.5): `keep` is one of the release's budgets (192, 128, 96, 64: its per-layer
+      counts) or the average fraction of image tokens over the layers; `sparsevlm_layers=` (default 2, 6, 15 of
+      32), `sparsevlm_counts=` (with keep=None), `sparsevlm_recycle=` (default True).
 
     Returns:
         The same model object.

@@ -68,8 +68,10 @@ class InLLMMethod(Protocol):
     def score_layer(self, point: int) -> int:
         """Layer whose attention (its normed input, q/k, RoPE) scores prune point `point`: `point - 1` or `point`."""
 
-    def drop(self, ctx: PruneContext) -> torch.Tensor:
-        """[B, L] bool tokens to drop at `ctx.point`, a subset of `ctx.img`."""
+    def drop(self, ctx: PruneContext) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] bool tokens to drop at `ctx.point`, a subset of `ctx.img`; or (drop, h') where h' [B, L, C] are
+        the hidden states entering the point with some image columns rewritten (token recycling: merged tokens
+        written into image columns that are then kept)."""
 
 
 def drop_lowest(scores: torch.Tensor, img: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -107,6 +109,10 @@ class PruneContext:
         img: [B, L] bool live image tokens.
         n_img0: [B] int64 image tokens of each sample before any pruning.
         positions: [B, L] int64 original positions (column indices in the prefill input) of the current columns.
+        h_in: [B, L0, C] the hidden states entering layer 0 (the LLM's input embeddings) when the method asks for
+            them (`wants_input = True`), else None.
+        valid0: [B, L0] bool non-padding columns of the prefill input.
+        image0: [B, L0] bool image columns of the prefill input.
     """
 
     point: int
@@ -119,6 +125,9 @@ class PruneContext:
     n_img0: torch.Tensor
     positions: torch.Tensor
     owner: InLLM
+    h_in: torch.Tensor | None = None
+    valid0: torch.Tensor | None = None
+    image0: torch.Tensor | None = None
     _qk: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -233,6 +242,8 @@ class InLLM:
         for p, (c, attn, *_ ) in self._score.items():
             if c < p:
                 self._handles.append(attn.register_forward_pre_hook(self._make_capture(p), with_kwargs=True))
+        if getattr(self.method, "wants_input", False):
+            self._handles.append(self.layers[0].register_forward_pre_hook(self._input_hook, with_kwargs=True))
         for i in range(self.points[0], len(self.layers)):
             self._handles.append(self.layers[i].register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
 
@@ -268,6 +279,11 @@ class InLLM:
     # ---- scoring --------------------------------------------------------------------------------
     def _attn(self, point: int) -> nn.Module:
         return self._score[point][1]
+
+    def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._pending is not None:
+            self._captured[-1] = (args[0] if args else kwargs["hidden_states"], None)
+        return None
 
     def _make_capture(self, point: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -324,8 +340,13 @@ class InLLM:
             x = h if norm is None else norm(h)
             pe = self._gathered(kwargs, prev, i).get("position_embeddings")
         ctx = PruneContext(point=i, stage=self.points.index(i), h=h, x=x, pe=pe, valid=valid, img=img,
-                           n_img0=(image_mask.to(h.device) & valid0).sum(1), positions=positions, owner=self)
+                           n_img0=(image_mask.to(h.device) & valid0).sum(1), positions=positions, owner=self,
+                           h_in=self._captured.get(-1, (None,))[0], valid0=valid0, image0=image_mask.to(h.device))
         drop = self.method.drop(ctx)
+        if isinstance(drop, tuple):  # (drop, hidden states with some image columns rewritten: token recycling)
+            drop, h = drop
+            if h.shape != ctx.h.shape:
+                raise RuntimeError(f"{self.method.name}: rewritten hidden states must keep shape {tuple(ctx.h.shape)}")
         if drop.shape != (B, L) or drop.dtype != torch.bool:
             raise RuntimeError(f"{self.method.name}: drop must be a [B, L] bool mask, got {tuple(drop.shape)}")
         drop = drop & img
