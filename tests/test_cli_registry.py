@@ -29,10 +29,10 @@ def test_list_prints_every_compressor_without_torch():
 
 
 def test_list_prints_the_in_llm_methods_as_their_own_family():
-    """fastv, pdrop, dart prune inside the LLM (through `mmc.apply` only): listed with family "in-LLM"."""
+    """fastv, pdrop, dart, sparsevlm prune inside the LLM (through `mmc.apply` only): listed with family "in-LLM"."""
     r = subprocess.run([sys.executable, "-m", "mmcompress", "list"], capture_output=True, text=True, check=True)
     fam = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
-    for name in ("fastv", "pdrop", "dart"):
+    for name in ("fastv", "pdrop", "dart", "sparsevlm"):
         assert fam[name] == "in-LLM", r.stdout
     from mmcompress.catalog import IN_LLM
     from mmcompress.integrations import IN_LLM as DISPATCHED
