@@ -17,12 +17,13 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "prumerge+": ("prumerge", "attention, adaptive", "image", ("scores",), "prumerge + spatially uniform samples"),
     "text_recovery": ("text_recovery", "query", "image/video", ("scores", "text"), "keep, recover by text, merge"),
     "temporal": ("temporal", "similarity", "video", ("grid",), "merge similar tokens across frames, then spatial"),
+    "dycoke": ("dycoke", "similarity", "video", ("grid",), "DyCoke TTM: paired frames, fixed per-frame quota, drop"),
     "audio_merge": ("audio_merge", "similarity", "audio", (), "neighbour-only merging along time"),
     "cdpruner": ("cdpruner", "diversity", "image", ("text",), "conditional DPP: similarity x text relevance"),
     "vispruner": ("vispruner", "attention, diversity", "image", ("scores",), "top CLS attention + de-duplicated rest"),
     "holov": ("holov", "attention, coverage", "image", ("scores",), "budget spread over crops, top scores within"),
     "scope": ("scope", "attention, coverage", "image", ("scores",), "greedy coverage gain x saliency"),
-    "holitom": ("holitom", "similarity", "video", ("grid", "scores"), "global temporal windows + DPC merge + top"),
+    "holitom": ("holitom", "similarity", "video", ("grid", "scores"), "temporal windows, DPC-merged static + top dynamic"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 
