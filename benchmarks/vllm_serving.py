@@ -22,6 +22,7 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def main() -> None:
            "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0", "--max-num-seqs", str(max(concs))]
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         import urllib.request
 
@@ -124,7 +125,7 @@ def main() -> None:
                 urllib.request.urlopen(url + "/health", timeout=5)
                 break
             except OSError:
-                if proc.poll() is not None or time.time() - t0 > 900:
+                if proc.poll() is not None or time.time() - t0 > 2400:
                     sys.exit(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
                 time.sleep(2)
         print(f"server up in {time.time() - t0:.0f} s", flush=True)
@@ -161,7 +162,7 @@ def main() -> None:
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
     import torch
     import vllm

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +20,22 @@ if not HAVE_VLLM:
 
 
 def run_engine(tmp: Path, model: str, calls: list, env: dict | None = None, engine: dict | None = None,
-               timeout: int = 600) -> dict:
+               timeout: int = 2400) -> dict:
     """One vLLM engine (tests_vllm/engine.py in a subprocess) over `calls`; returns its JSON output."""
     job, out = tmp / "job.json", tmp / "out.json"
     job.write_text(json.dumps({"model": model, "engine": engine or {}, "calls": calls}))
     e = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
-    p = subprocess.run([sys.executable, str(HERE / "engine.py"), str(job), str(out)], env=e, capture_output=True,
-                       text=True, timeout=timeout)
+    # own session, so a timeout ends the engine's spawned processes too
+    p = subprocess.Popen([sys.executable, str(HERE / "engine.py"), str(job), str(out)], env=e, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
     if p.returncode != 0:
-        raise RuntimeError(f"engine failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+        raise RuntimeError(f"engine failed (rc {p.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
     return json.loads(out.read_text())
 
 

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,10 +36,11 @@ def server(models, tmp_path_factory):
     with open(log, "w") as f:
         proc = subprocess.Popen([str(vllm), "serve", models["qwen2_vl"], "--host", "127.0.0.1", "--port", str(port),
                                  "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-                                 "--served-model-name", "tiny"], env=env, stdout=f, stderr=subprocess.STDOUT)
+                                 "--served-model-name", "tiny"], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 2400
         while True:
             try:
                 urllib.request.urlopen(url + "/health", timeout=5)
@@ -53,7 +55,7 @@ def server(models, tmp_path_factory):
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _image_url(seed: int) -> str:
