@@ -21,7 +21,8 @@ from typing import Any
 
 from mmcompress.evals.tasks import Sample
 
-__all__ = ["VLMBackend", "load_backend", "model_fingerprint", "peak_memory", "timed_generate", "BUILTIN_MODELS"]
+__all__ = ["VLMBackend", "llm_media_tokens", "load_backend", "model_fingerprint", "peak_memory", "timed_generate",
+           "BUILTIN_MODELS"]
 
 # Built-in names of `--model` and the modality they serve.
 BUILTIN_MODELS = {"ref-vlm": "image", "ref-vlm-mini": "image", "whisper-tiny.en": "audio", "dinov2-s14": "encoder"}
@@ -212,6 +213,25 @@ def _find_vision(model: Any) -> Any:
     return None
 
 
+def llm_media_tokens(st: dict[str, Any], input_ids: Any, image_token_id: int | None, B: int) -> list[float]:
+    """Media tokens the LLM processed per sample, from the wrapper's stats of the last call (`mmc.stats`; empty for
+    an unwrapped model): tokens entering the LLM for encoder-side compressors, and for in-LLM methods (FastV,
+    PyramidDrop, SparseVLM, DART) their AVERAGE over the LLM's layers (``inllm_layer_tokens``), the budget those
+    methods' papers compare at. Without stats: the image placeholders of `input_ids` [B, L]. Several media items per
+    sample: the batch mean."""
+    if st.get("inllm_layer_tokens"):
+        tokens = [round(sum(per) / len(per), 2) for per in st["inllm_layer_tokens"]]
+    elif st.get("tokens_out") is not None:
+        tokens = [float(o) for o in st["tokens_out"]]
+    elif image_token_id is not None:
+        tokens = [float(n) for n in input_ids.eq(image_token_id).sum(1).tolist()]
+    else:
+        tokens = [0.0] * B
+    if len(tokens) != B:  # adapters count per media item; with several items per sample, record the batch mean
+        tokens = [round(sum(tokens) / B, 2)] * B
+    return tokens
+
+
 class VLMBackend:
     """A Hugging Face VLM (ref-vlm or any model `mmcompress.apply` supports) answering image questions greedily.
 
@@ -300,13 +320,6 @@ class VLMBackend:
         texts = self._decode(out[:, inputs["input_ids"].shape[1]:])
         wrapped = self.method != "none"
         st = mmc.stats(self.model) if wrapped else {}
-        if wrapped and "tokens_out" in st:
-            removed = st.get("fastv_removed", [0] * len(st["tokens_out"]))
-            tokens = [int(o) - int(r) for o, r in zip(st["tokens_out"], removed, strict=True)]
-        else:
-            ids = inputs["input_ids"]
-            tokens = ids.eq(self.image_token_id).sum(1).tolist() if self.image_token_id is not None else [0] * B
-        if len(tokens) != B:  # adapters count per media item; with several items per sample, record the batch mean
-            tokens = [sum(tokens) // B] * B
-        return [{"prediction": text, "tokens": int(n), **per_sample(t, B, st)}
+        tokens = llm_media_tokens(st if wrapped else {}, inputs["input_ids"], self.image_token_id, B)
+        return [{"prediction": text, "tokens": n, **per_sample(t, B, st)}
                 for text, n in zip(texts, tokens, strict=True)]
