@@ -23,7 +23,7 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "vispruner": ("vispruner", "attention, diversity", "image", ("scores",), "top CLS attention + de-duplicated rest"),
     "holov": ("holov", "attention, coverage", "image", ("scores",), "budget spread over crops, top scores within"),
     "scope": ("scope", "attention, coverage", "image", ("scores",), "greedy coverage gain x saliency"),
-    "holitom": ("holitom", "similarity", "video", ("grid", "scores"), "temporal windows, DPC-merged static + top dynamic"),
+    "holitom": ("holitom", "similarity", "video", ("grid", "scores"), "temporal windows, static DPC merge, top rest"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 
