@@ -74,7 +74,8 @@ def setup(tmp_path_factory):
     if WRITE_SCREENSHOT:
         from mmcompress.evals import easyvqa
 
-        q = next(s for s in easyvqa.load_split("test") if s.question.startswith("what is the color"))
+        # an image other than the picked sample (easy-VQA test image 0), so the upload visibly replaces it
+        q = next(s for s in easyvqa.load_split("test") if s.question.startswith("what is the color") and s.image_id)
         model, image, question = "ref-vlm", Path(q.image_path), q.question
     else:
         sys.path.insert(0, str(ROOT))
@@ -93,7 +94,7 @@ def setup(tmp_path_factory):
                                 cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_http(url, proc, log)
+        wait_http(url, proc, log, timeout=600.0 if WRITE_SCREENSHOT else 180.0)  # the model loads first
         yield model, image, question, url, tmp
     finally:
         proc.terminate()
