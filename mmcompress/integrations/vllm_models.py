@@ -100,12 +100,17 @@ class _PlanProcessor:
         """Tokens n of every item of the processed batch, per modality."""
         raise NotImplementedError
 
+    def _prefix_tokens(self) -> int:
+        """Leading tokens of every item passed through untouched and not counted in keep (LLaVA's CLS, "full")."""
+        return 0
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
         setting = resolve(self.info.get_hf_config(), dict(hf_kwargs))
         out = super()._call_hf_processor(hf_data, _strip(hf_kwargs))
         code = method_code(setting.method) if setting.active else -1
+        p = self._prefix_tokens()
         for modality, ns in self._item_tokens(out).items():
-            ms = [budget(n, setting.keep) if code >= 0 else n for n in ns]
+            ms = [p + budget(n - p, setting.keep) if code >= 0 else n for n in ns]
             out[_plan_key(modality)] = torch.tensor([[m, code] for m in ms], dtype=torch.long).reshape(-1, 2)
         return out
 
@@ -181,6 +186,9 @@ class MMCLlavaProcessingInfo(LlavaProcessingInfo):
 
 
 class MMCLlavaMultiModalProcessor(_PlanProcessor, LlavaMultiModalProcessor):
+    def _prefix_tokens(self) -> int:
+        return 1 if self.info.get_hf_config().vision_feature_select_strategy == "full" else 0
+
     def _item_tokens(self, out: Any) -> dict[str, list[int]]:
         pv = out.get("pixel_values")
         if pv is None:
@@ -213,6 +221,13 @@ class _QwenMixin:
     """Compression in `embed_multimodal` plus the M-RoPE bookkeeping (see the module docstring)."""
 
     _mmc_pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def _mmc_check(vllm_config: Any) -> None:
+        pp = vllm_config.parallel_config.pipeline_parallel_size
+        if pp > 1:  # the kept tokens' positions are added on the rank that embeds them (the first stage) only
+            raise ValueError(f"pipeline_parallel_size: {pp}; the mmcompress plugin serves M-RoPE models with pipeline "
+                             "parallel size 1 (tensor parallel works); or set MMCOMPRESS_VLLM=0")
 
     def _t_factors(self, modality: str, inp: Any, n_items: int) -> list[float]:
         if modality == "image":
@@ -294,6 +309,9 @@ class _QwenMixin:
 class MMCQwen2VLForConditionalGeneration(_QwenMixin, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL with mmcompress between the vision tower and the LLM."""
 
+    def __init__(self, *, vllm_config: Any, prefix: str = ""):
+        self._mmc_check(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
 
 
 @MULTIMODAL_REGISTRY.register_processor(MMCQwen2_5_VLMultiModalProcessor, info=MMCQwen2_5_VLProcessingInfo,
@@ -302,6 +320,7 @@ class MMCQwen2_5_VLForConditionalGeneration(_QwenMixin, Qwen2_5_VLForConditional
     """vLLM's Qwen2.5-VL with mmcompress between the vision tower and the LLM (EVS off: this plugin owns pruning)."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
+        self._mmc_check(vllm_config)
         rate = getattr(vllm_config.model_config.multimodal_config, "video_pruning_rate", None)
         if rate:
             raise ValueError(f"video_pruning_rate: {rate} turns on vLLM's EVS video pruning, which the mmcompress "
@@ -330,6 +349,6 @@ class MMCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for x, (m, code) in zip(feats, plans, strict=True):
             side = int(round((x.shape[0] - prefix) ** 0.5))
             grid = (side, side) if side * side == x.shape[0] - prefix else None
-            y, _ = compress_item(x, grid, m - prefix if prefix else m, code, prefix=prefix)
+            y, _ = compress_item(x, grid, m - prefix, code, prefix=prefix)
             out.append(self.multi_modal_projector(y))
         return tuple(out)
