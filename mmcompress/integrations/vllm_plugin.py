@@ -30,10 +30,6 @@ SUPPORTED = {
     "Qwen2_5_VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2_5_VLForConditionalGeneration",
     "LlavaForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCLlavaForConditionalGeneration",
 }
-#: Multimodal architectures of vLLM that the plugin refuses to compress (it says so instead of silently serving them
-#: uncompressed when a compressor is configured).
-REFUSED = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
-           "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 REQUEST_KEYS = ("mmcompress_method", "mmcompress_keep")
 _registered = False
 
