@@ -181,7 +181,7 @@ def test_bad_rules_are_refused():
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "internvl"])
-@pytest.mark.parametrize("name,keep,opts", [("pdrop", 0.6, {}), ("dart", 0.5, {"dart_k": 1})])
+@pytest.mark.parametrize("name,keep,opts", [("pdrop", 0.6, {}), ("dart", 0.5, {"dart_k": 1}), ("sparsevlm", 0.6, {})])
 def test_methods_run_on_families_through_apply(family, name, keep, opts):
     spec = SPECS[family]
     model = build_family(family)
