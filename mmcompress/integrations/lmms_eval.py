@@ -21,7 +21,8 @@ Model arguments (``--model_args k=v,...``):
     anything else: an option of the method, passed to ``mmcompress.apply`` (``metric_dim=64``, ``fastv_k=2``, ...).
 
 Generation: greedy unless the task's (or ``--gen_kwargs``) ``temperature`` > 0 / ``do_sample`` asks for sampling;
-``max_new_tokens``, ``top_p``, ``num_beams`` and ``until`` (the answer is cut at the first stop string) are honoured.
+``max_new_tokens``, ``top_p``, ``num_beams`` (uncompressed only, for now) and ``until`` (the answer is cut at the
+first stop string) are honoured.
 Greedy requests run through the same code as ``mmcompress bench`` (`mmcompress.evals.backends.VLMBackend.predict`),
 so the same batches give the same answers. Requests are answered in lmms-eval's document order, in consecutive
 batches of ``batch_size``: the batches of ``mmcompress bench`` over the same questions, in the same order.
@@ -233,6 +234,9 @@ class MMCompressLMM(lmms):
         do_sample = bool(gen.pop("do_sample", False)) or temperature > 0
         top_p = gen.pop("top_p", None)
         num_beams = int(gen.pop("num_beams", 1) or 1)
+        if num_beams != 1 and self.method != "none":
+            raise ValueError(f"num_beams: beam search ({num_beams} beams) of a compressed model is not supported: "
+                             "generate() hands the adapter each image once per beam (use num_beams=1, or method=none)")
         if do_sample or num_beams != 1:
             extra: dict[str, Any] = {"num_beams": num_beams, "do_sample": do_sample}
             if do_sample:
@@ -276,7 +280,7 @@ class MMCompressLMM(lmms):
             tokens = inputs["input_ids"].eq(b.image_token_id).sum(1).tolist()
         else:
             tokens = [0] * B
-        if len(tokens) != B:
+        if len(tokens) != B:  # several media items per sample: the batch mean, as bench records it
             tokens = [sum(tokens) // B] * B
         return [{"prediction": text, "tokens": int(n), **per_sample(t, B, st)}
                 for text, n in zip(texts, tokens, strict=True)]
