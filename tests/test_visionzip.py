@@ -1,4 +1,5 @@
-"""visionzip: dominant tokens by scores + contextual tokens merged from the rest (Yang et al., CVPR'25)."""
+"""visionzip: the release's rules on small hand-computed cases (CLS in the dominant budget, stride targets,
+target + mean, dominant-then-contextual order), the former behaviour behind named options, bad input."""
 
 from __future__ import annotations
 
@@ -9,42 +10,71 @@ import mmcompress as mmc
 from mmcompress.compressors.merge_ops import segment_mean
 
 
-def test_keeps_top_scores_as_dominant_tokens():
+def _two_directions(labels: list[int]) -> torch.Tensor:
+    """[1, N, 2] metric: token i points along axis labels[i] (cosine 1 within a direction, 0 across)."""
+    m = torch.zeros(1, len(labels), 2)
+    m[0, torch.arange(len(labels)), torch.tensor(labels)] = 1.0
+    return m
+
+
+def test_cls_counts_in_the_dominant_budget():
+    # keep 8 with a CLS prefix: round(0.5 * 8) = 4 dominant = CLS + 3 patches, 4 contextual; 8 tokens out in all
     g = torch.Generator().manual_seed(0)
-    B, N, C, k = 2, 64, 8, 16
-    x = torch.randn(B, N, C, generator=g)
-    scores = torch.rand(B, N, generator=g)
-    comp = mmc.create("visionzip", keep=k)
-    kd, kc = comp.split(k)
-    assert (kd, kc) == (round(54 / 64 * 16), 16 - round(54 / 64 * 16))
-    out = comp(x, scores=scores)
-    for b in range(B):
-        top = scores[b].topk(kd).indices
-        # every dominant token sits alone in its slot and is copied exactly
-        slots = out.assign[b, top]
-        assert len(set(slots.tolist())) == kd
-        members = torch.bincount(out.assign[b], minlength=k)
-        assert (members[slots] == 1).all()
-        torch.testing.assert_close(out.x[b, slots], x[b, top])
-    assert (out.assign >= 0).all()  # nothing dropped: the rest is merged into contextual tokens
-    torch.testing.assert_close(out.x, segment_mean(x, None, out.assign, k))
+    x = torch.randn(1, 1 + 12, 4, generator=g)
+    scores = torch.zeros(1, 13)
+    scores[0, [3, 7, 11, 12]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # patches 2, 6, 10 are the top 3 (12th is 4th)
+    comp = mmc.create("visionzip", keep=8, dominant=0.5)
+    assert comp.split(7, 1) == (3, 4)
+    out = comp(x, prefix=1, scores=scores)
+    assert out.x.shape[1] == 8 and int(out.counts[0]) == 8
+    first = out.rep.gather(1, out.order)[0, :4].tolist()  # CLS, then the dominant patches in source order
+    assert first == [0, 3, 7, 11]
+    torch.testing.assert_close(out.ordered()[0, :4], x[0, [0, 3, 7, 11]])
+    # the paper's split: 64 -> 54 + 10 with the CLS among the 54
+    assert mmc.create("visionzip", keep=64).split(63, 1) == (53, 10)
+    assert mmc.create("visionzip", keep=64).split(64, 0) == (54, 10)
 
 
-def test_contextual_tokens_group_similar_tokens():
-    # remaining tokens come from 2 well separated directions: each contextual token averages one direction only
-    g = torch.Generator().manual_seed(1)
-    N, C = 40, 6
-    d = torch.zeros(2, C)
-    d[0, 0], d[1, 1] = 1, 1
-    lab = (torch.arange(N) >= 22).long()  # two regions; the evenly spread targets fall one in each
-    x = (d[lab] + 0.05 * torch.randn(N, C, generator=g))[None]
-    scores = torch.zeros(1, N)
-    scores[0, :4] = 1.0  # 4 dominant tokens
-    out = mmc.create("visionzip", keep=6, dominant=4 / 6)(x, scores=scores)
-    ctx = [s for s in range(6) if (out.assign[0] == s).sum() > 1]
-    assert len(ctx) == 2
-    for s in ctx:
-        assert lab[out.assign[0] == s].unique().numel() == 1
+def test_contextual_targets_take_the_release_stride():
+    # 20 tokens, keep 6 = 2 dominant (tokens 5, 11) + 4 contextual; R = 18 remaining, stride 18 // 4 = 4:
+    # remaining positions 0, 4, 8, 12 = tokens 0, 4, 9, 14
+    x = torch.randn(1, 20, 3)
+    scores = torch.zeros(1, 20)
+    scores[0, 5], scores[0, 11] = 2.0, 1.0
+    out = mmc.create("visionzip", keep=6, contextual=4)(x, scores=scores)
+    seq = out.rep.gather(1, out.order)[0].tolist()
+    assert seq == [5, 11, 0, 4, 9, 14]
+    centred = mmc.create("visionzip", keep=6, contextual=4, targets="centred")(x, scores=scores)
+    # former: floor((i + 0.5) * 18 / 4) = 2, 6, 11, 15 -> tokens 2, 7, 13, 17
+    assert centred.rep.gather(1, centred.order)[0, 2:].tolist() == [2, 7, 13, 17]
+
+
+def test_contextual_token_is_target_plus_mean_and_order_is_release():
+    # token 5 dominant; remaining 0..4, stride 5 // 2 = 2: targets 0 and 2; by metric 1 joins 0, 3 and 4 join 2
+    x = torch.arange(6 * 2, dtype=torch.float32).view(1, 6, 2)
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    metric = _two_directions([0, 0, 1, 1, 1, 0])
+    out = mmc.create("visionzip", keep=3, contextual=2)(x, scores=scores, metric=metric)
+    assert out.assign[0].tolist() == [0, 0, 1, 1, 1, 2]  # source order: slots headed by tokens 0, 2, 5
+    assert out.size[0].tolist() == [2.0, 3.0, 1.0]
+    want = torch.stack([x[0, 5], x[0, 0] + x[0, 1], x[0, 2] + (x[0, 3] + x[0, 4]) / 2])  # release order
+    assert out.order[0].tolist() == [2, 0, 1]
+    torch.testing.assert_close(out.ordered()[0], want)
+    # a target nobody joins is itself; former merge: the size-weighted mean of the whole group
+    lone = mmc.create("visionzip", keep=3, contextual=2)(x, scores=scores, metric=_two_directions([0, 1, 1, 1, 1, 0]))
+    torch.testing.assert_close(lone.ordered()[0, 1], x[0, 0])
+    mean = mmc.create("visionzip", keep=3, contextual=2, merge="mean", order="source")(x, scores=scores,
+                                                                                     metric=metric)
+    assert mean.order is None
+    torch.testing.assert_close(mean.x, segment_mean(x, None, mean.assign, 3))
+
+
+def test_prefix_outside_the_budget_is_an_option():
+    x = torch.randn(2, 1 + 16, 4)
+    scores = torch.rand(2, 17)
+    assert mmc.create("visionzip", keep=8)(x, prefix=1, scores=scores).x.shape[1] == 8
+    assert mmc.create("visionzip", keep=8, prefix_in_budget=False)(x, prefix=1, scores=scores).x.shape[1] == 9
+    assert mmc.create("visionzip", keep=0.5)(x, prefix=1, scores=scores).x.shape[1] == round(0.5 * 17)
 
 
 def test_dominant_one_is_top_k_selection_and_k1():
@@ -54,16 +84,18 @@ def test_dominant_one_is_top_k_selection_and_k1():
     assert out.rep[0].tolist() == [7, 8, 9] and (out.assign[0, :7] == -1).all()
     one = mmc.create("visionzip", keep=1)(x, scores=scores)
     assert one.rep[0].tolist() == [9]
-    glob = mmc.create("visionzip", keep=1, dominant=0.0)(x, scores=scores)
-    torch.testing.assert_close(glob.x[0, 0], x[0].mean(0))
 
 
 def test_ties_and_bad_inputs():
     x = torch.randn(1, 12, 4)
     out = mmc.create("visionzip", keep=4, dominant=0.5)(x, scores=torch.ones(1, 12))
-    assert out.assign[0, 0] >= 0 and out.assign[0, 1] >= 0
-    assert out.size[0, 0] == 1 and out.size[0, 1] == 1  # equal scores: the lowest indices are dominant
+    assert out.rep.gather(1, out.order)[0, :2].tolist() == [0, 1]  # equal scores: the lowest indices dominate
     with pytest.raises(ValueError, match="scores"):
         mmc.create("visionzip", keep=4)(x)
     with pytest.raises(ValueError, match="dominant"):
         mmc.create("visionzip", keep=4, dominant=1.5)
+    for bad in ({"targets": "grid"}, {"merge": "sum"}, {"order": "random"}, {"contextual": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            mmc.create("visionzip", keep=4, **bad)
+    with pytest.raises(ValueError, match="keep"):
+        mmc.create("visionzip", keep=14)(torch.randn(1, 13, 4), prefix=1, scores=torch.rand(1, 13))
