@@ -110,7 +110,9 @@ def main() -> None:
     model = args.model or str(build_model(tmp / "model", args.image))
     port, log = _port(), tmp / "serve.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+    # the OpenAI server's module, i.e. `vllm serve` (vllm-cpu 0.32.0's `vllm` CLI fails on its distribution name)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port),
            "--dtype", args.dtype, "--enforce-eager", "--max-model-len", "2048", "--served-model-name", "bench",
            "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0", "--max-num-seqs", str(max(concs))]
     url = f"http://127.0.0.1:{port}"

@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import tiny
@@ -32,9 +31,11 @@ def server(models, tmp_path_factory):
     port = _port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = dict(os.environ, MMCOMPRESS_METHOD="tome", MMCOMPRESS_KEEP="0.25", VLLM_CPU_KVCACHE_SPACE="1")
-    vllm = Path(sys.executable).with_name("vllm")
+    # the OpenAI server's module (what `vllm serve` runs): vllm-cpu 0.32.0's `vllm` CLI reads the version of a
+    # distribution named "vllm" and fails, as its distribution is "vllm-cpu"
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(vllm), "serve", models["qwen2_vl"], "--host", "127.0.0.1", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                 models["qwen2_vl"], "--host", "127.0.0.1", "--port", str(port),
                                  "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
                                  "--served-model-name", "tiny"], env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
