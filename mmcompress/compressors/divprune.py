@@ -7,7 +7,8 @@ if given, else x). The exact problem is NP-hard; the paper solves it greedily:
 1. first token: the most isolated one, argmax_i min_{j != i} d(i, j) (largest nearest-neighbour distance);
 2. then repeatedly add argmax_{i not chosen} min_{s chosen} d(i, s) (farthest-point insertion).
 
-The running vector min_{s chosen} d(i, s) is updated with one [N, d] product per step, so the selection costs
+The running vector min_{s chosen} d(i, s) is updated with one [N, d] matrix-vector product per sample and step (as
+the release does), so the selection costs
 O(k·N·d) time and O(N·d) memory; step 1 is an all-pairs nearest-neighbour search done in row chunks, O(N²·d) time
 and O(chunk·N) memory. Ties go to the lowest index (torch.argmax returns the first maximum).
 
@@ -16,6 +17,10 @@ choice is the same under it, and farthest-point insertion is within a factor 2 o
 any metric, whatever the first point: greedy_min_chord >= optimum_min_chord / 2 (equivalently in cosine
 distance: greedy >= optimum / 4). `select_only`: outputs are the chosen input tokens, the rest are dropped.
 
+Fidelity (docs/fidelity.md): the release (vbdi/divprune, `LlavaMetaForCausalLM.DivPrune`) runs the same greedy on
+the image's LLM input embeddings (so `apply` runs this method after the projector by default), keeps
+int(round(ratio * N)) tokens in source order, and handles one sample per call; the kept sets agree.
+
 Letters: B batch, N tokens (prefix removed), k budget, d similarity features.
 """
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from mmcompress.compressors.base import Compressor, Inputs, Plan
+from mmcompress.compressors.base import Compressor, EncoderNeeds, Inputs, Plan
 from mmcompress.compressors.baselines import selection_plan
 from mmcompress.compressors.merge_ops import cosine_normalize
 from mmcompress.registry import register
@@ -53,7 +58,7 @@ def greedy_maxmin(m: torch.Tensor, k: int) -> torch.Tensor:
         [B, k] int64 chosen indices, in selection order.
     """
     B, N, _ = m.shape
-    u = cosine_normalize(m.float())  # [B, N, d]
+    u = cosine_normalize(m.detach().float())  # [B, N, d]; the selection takes no gradient
     ar = torch.arange(B, device=m.device)
     if N == 1:
         return torch.zeros(B, 1, dtype=torch.long, device=m.device)
@@ -63,13 +68,16 @@ def greedy_maxmin(m: torch.Tensor, k: int) -> torch.Tensor:
     taken = torch.zeros(B, N, dtype=torch.bool, device=m.device)
     taken[ar, first] = True
     mind = torch.full((B, N), float("inf"), device=m.device)  # [B, N] min distance to the chosen set
-    last = first
-    for t in range(1, k):
-        d = 1.0 - torch.einsum("bnd,bd->bn", u, u[ar, last])  # [B, N]
-        mind = torch.minimum(mind, d)
-        last = mind.masked_fill(taken, float("-inf")).argmax(dim=1)  # [B]
-        chosen[:, t] = last
-        taken[ar, last] = True
+    # one matrix-vector product per sample and step (u[b] @ u[b, last]): the batched einsum it replaces cost
+    # 0.9-1.7 ms per step at batch 2 on CPU against ~0.07 ms for the two mv (benchmarks/compressor_speed.py)
+    for b in range(B):
+        ub, mb, tb, cb = u[b], mind[b], taken[b], chosen[b]
+        last = first[b]  # 0-d tensors throughout: no host sync per step on GPU
+        for t in range(1, k):
+            torch.minimum(mb, 1.0 - torch.mv(ub, ub[last]), out=mb)
+            last = mb.masked_fill(tb, float("-inf")).argmax()
+            cb[t] = last
+            tb[last] = True
     return chosen
 
 
@@ -84,6 +92,8 @@ class DivPrune(Compressor):
 
     family, modality = "similarity", "any"
     select_only = True
+    #: the release (vbdi/divprune) selects among the LLM's input embeddings of the image, after the projector
+    encoder_needs = EncoderNeeds(stage="projector")
 
     def plan(self, inp: Inputs, k: int) -> Plan:
         idx = greedy_maxmin(inp.sim, k)  # [B, k]
