@@ -35,13 +35,13 @@ def _lines(text: str) -> list[str]:
     (["--methods", "tome", "--option", "visionzip:epsilon=1"], "option: 'visionzip' is not among --methods"),
 ])
 def test_typos_exit_2_before_any_model_loads(tmp_path, args, message):
-    """The model does not even exist: the names are checked first, in one line, and nothing is written."""
-    t0 = time.monotonic()
+    """The model does not even exist: the names are checked first, in one line, and nothing is written (no time
+    bound: importing the adapters to learn their options takes a minute on a loaded 2-core machine)."""
     p = _bench("--model", str(tmp_path / "no_model"), "--task", TASK, "--out", str(tmp_path / "out"), *args)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2, err
     assert len(_lines(err)) == 1 and message in err, err
-    assert not (tmp_path / "out").exists() and time.monotonic() - t0 < 60
+    assert not (tmp_path / "out").exists()  # (a missing model would have been the error had it been loaded first)
 
 
 def test_check_methods_accepts_what_list_shows_and_the_options_that_exist():

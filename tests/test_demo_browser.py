@@ -217,4 +217,4 @@ def test_browser_sample_upload_eight_maps_concurrency_and_bad_upload(setup):
         expect(page.get_by_text("the uploaded file is not an image").first).to_be_visible(timeout=30_000)
         browser.close()
     if not WRITE_SCREENSHOT:
-        assert time.monotonic() - t0 < 120
+        assert time.monotonic() - t0 < 300  # a loaded 2-core machine; unloaded it takes about a minute
