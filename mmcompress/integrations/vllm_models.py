@@ -333,8 +333,9 @@ class MMCQwen2_5_VLForConditionalGeneration(_QwenMixin, Qwen2_5_VLForConditional
 @MULTIMODAL_REGISTRY.register_processor(MMCLlavaMultiModalProcessor, info=MMCLlavaProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class MMCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's LLaVA-1.5 with mmcompress on the selected vision features, before the projector (the default stage of
-    `mmc.apply` on LLaVA): positions are 1-D, so the shortened prompt needs nothing else."""
+    """vLLM's LLaVA-1.5 with mmcompress on the selected vision features before the projector (the default stage of
+    `mmc.apply` on LLaVA), or after it for methods that declare `encoder_needs.stage="projector"` (divprune, as its
+    release); positions are 1-D, so the shortened prompt needs nothing else."""
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         plans = _plans(kwargs.pop(_plan_key("image"), None))
@@ -349,6 +350,16 @@ class MMCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for x, (m, code) in zip(feats, plans, strict=True):
             side = int(round((x.shape[0] - prefix) ** 0.5))
             grid = (side, side) if side * side == x.shape[0] - prefix else None
-            y, _ = compress_item(x, grid, m - prefix, code, prefix=prefix)
-            out.append(self.multi_modal_projector(y))
+            if _stage(code) == "projector":  # as mmc.apply: the method's declared stage (e.g. divprune's release)
+                y, _ = compress_item(self.multi_modal_projector(x), grid, m - prefix, code, prefix=prefix)
+            else:  # default: the selected vision features, then the projector
+                y = self.multi_modal_projector(compress_item(x, grid, m - prefix, code, prefix=prefix)[0])
+            out.append(y)
         return tuple(out)
+
+
+def _stage(code: int) -> str | None:
+    """The stage a compressor declares in its `encoder_needs` (None: the integration's default)."""
+    if code < 0:
+        return None
+    return getattr(getattr(mmc.get(method_name(code)), "encoder_needs", None), "stage", None)

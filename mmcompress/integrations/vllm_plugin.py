@@ -95,8 +95,13 @@ def _check_method(method: Any, where: str) -> str | None:
     except ValueError as e:  # names the close matches and what is available
         raise ValueError(f"{where}: {e}") from None
     needs = tuple(n for n in getattr(cls, "needs", ()) if n in ("scores", "text"))
+    enc = getattr(cls, "encoder_needs", None)
+    if enc is not None and (getattr(enc, "metric", None) or getattr(enc, "cls_prefix", False)):
+        needs += ("the vision keys as metric",) if getattr(enc, "metric", None) else ("the vision CLS",)
     if needs:
-        ok = [n for n in mmc.available() if not set(getattr(mmc.get(n), "needs", ())) & {"scores", "text"}]
+        ok = [n for n in mmc.available() if not set(getattr(mmc.get(n), "needs", ())) & {"scores", "text"}
+              and not getattr(getattr(mmc.get(n), "encoder_needs", None), "metric", None)
+              and not getattr(getattr(mmc.get(n), "encoder_needs", None), "cls_prefix", False)]
         raise ValueError(f"{where}: compressor {method!r} needs {' and '.join(needs)}, which the vLLM path does not "
                          f"provide; usable with vLLM: {', '.join(ok)}")
     return method
