@@ -114,7 +114,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
            "--port", str(port),
            "--dtype", args.dtype, "--enforce-eager", "--max-model-len", "2048", "--served-model-name", "bench",
-           "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0", "--max-num-seqs", str(max(concs))]
+           "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0", "--trust-request-mm-kwargs",
+           "--max-num-seqs", str(max(concs))]
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)

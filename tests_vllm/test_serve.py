@@ -37,7 +37,8 @@ def server(models, tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                                  models["qwen2_vl"], "--host", "127.0.0.1", "--port", str(port),
                                  "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-                                 "--served-model-name", "tiny"], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                 "--served-model-name", "tiny", "--trust-request-mm-kwargs"],
+                                env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
