@@ -15,8 +15,14 @@ finiteness pass over x) are timed too, and every op's ratio to both copies is in
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296 \
         python benchmarks/compressor_speed.py --only tome-peer --out runs/speed/tome_peer_warm_malloc.csv
 
-The second form keeps freed memory mapped (no first-touch page faults for any op, clone included); the rows record
-GLIBC_TUNABLES.
+Fidelity rows (`--only fidelity`): each paper-named method (visionzip, prumerge, dycoke, divprune) against a plain
+per-sample implementation of its release's rules (benchmarks/paper_references.py) on the same input, at batch 1 and
+2, interleaved; each row checks the outputs agree (max abs difference in `agree_max_abs`).
+
+    python benchmarks/compressor_speed.py --only fidelity --out runs/speed/fidelity.csv
+
+The second tome-peer form keeps freed memory mapped (no first-touch page faults for any op, clone included); the
+rows record GLIBC_TUNABLES.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import mmcompress as mmc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from csv_rows import quantiles  # noqa: E402
+from paper_references import divprune_plain, dycoke_plain, prumerge_plain, visionzip_plain  # noqa: E402
 from tome_paper_reference import paper_tome  # noqa: E402
 
 # (label, shape, prefix, grid)
@@ -136,13 +143,66 @@ def bench_peer(repeats: int, inner: int, threads: int) -> list[dict]:
     return rows
 
 
+def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
+    """(label, ours, plain reference) closures on one random input of batch B; each returns [B, M, C]."""
+    g = torch.Generator().manual_seed(B)
+    N, C, d = 576, 384, 64
+    x = torch.randn(B, 1 + N, C, generator=g)
+    sc = torch.rand(B, 1 + N, generator=g)
+    me = torch.randn(B, 1 + N, d, generator=g)
+    vz = mmc.create("visionzip", keep=64)
+    pm = mmc.create("prumerge", keep=64)
+    dv = mmc.create("divprune", keep=64)
+    dy = mmc.create("dycoke", keep="auto")
+    v = torch.randn(B, 16 * 196, 896, generator=g)  # 16 frames of 14 x 14 LLM-space tokens
+    return [
+        ("visionzip", lambda: vz(x, prefix=1, scores=sc, metric=me).ordered(),
+         lambda: torch.stack([visionzip_plain(x[b], sc[b], me[b], 53, 10) for b in range(B)])),
+        ("prumerge", lambda: pm(x[:, 1:], scores=sc[:, 1:], metric=me[:, 1:]).ordered(),
+         lambda: torch.stack([prumerge_plain(x[b, 1:], sc[b, 1:], me[b, 1:], 63) for b in range(B)])),
+        ("divprune", lambda: dv(x[:, 1:]).x,
+         lambda: torch.stack([x[b, 1:][divprune_plain(x[b, 1:], 64).sort().values] for b in range(B)])),
+        ("dycoke", lambda: dy(v, grid=(16, 14, 14)).ordered(),
+         lambda: torch.stack([dycoke_plain(v[b], 16) for b in range(B)])),
+    ]
+
+
+def bench_fidelity(repeats: int, inner: int, threads: int) -> list[dict]:
+    """Ours vs the plain per-sample reference, interleaved per repeat, at batch 1 and 2; one row per op and batch."""
+    rows = []
+    for B in (1, 2):
+        for label, ours, ref in _fidelity_cases(B):
+            diff = (ours() - ref()).abs().max().item()
+            t = {"ours": [], "plain": []}
+            for _ in range(repeats):
+                for k, f in (("ours", ours), ("plain", ref)):
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        f()
+                    t[k].append((time.perf_counter() - t0) / inner * 1e3)
+            speedup = statistics.median(p / o for p, o in zip(t["plain"], t["ours"], strict=True))
+            for k, v in t.items():
+                p20, p50, p80 = quantiles(v)
+                rows.append({"op": f"{label}[{k}]", "provider": "torch", "shape": f"batch {B}", "dtype": "float32",
+                             "p20_ms": f"{p20:.3f}", "p50_ms": f"{p50:.3f}", "p80_ms": f"{p80:.3f}",
+                             "plain_over_ours_p50": f"{speedup:.2f}", "agree_max_abs": f"{diff:.2e}",
+                             "threads": threads, "device": platform.processor() or platform.machine(),
+                             "torch": torch.__version__, "mmcompress": mmc.__version__,
+                             "python": platform.python_version()})
+            print(f"{label:10s} batch {B}: ours {statistics.median(t['ours']):8.2f} ms  plain "
+                  f"{statistics.median(t['plain']):8.2f} ms  plain/ours {speedup:.2f}x  max|diff| {diff:.1e}",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench/speed.csv")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--inner", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--only", choices=["all", "tome-peer"], default="all", help="tome-peer: only the issue-13 rows")
+    ap.add_argument("--only", choices=["all", "tome-peer", "fidelity"], default="all",
+                    help="tome-peer: only the issue-13 rows; fidelity: only the paper-named methods vs plain peers")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -150,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["op", "provider", "shape", "dtype", "keep", "checks", "metric_d", "p20_ms", "p50_ms", "p80_ms",
               "clone_p50_ms", "ratio_to_clone_p50", "copy_p50_ms", "ratio_to_copy_p50", "peer_over_tome_p50",
-              "threads", "glibc_tunables", "device", "torch", "mmcompress", "python"]
-    rows = bench_peer(args.repeats, args.inner, args.threads)
-    total = 0 if args.only == "tome-peer" else len(SHAPES) * len(CASES) * 2
+              "plain_over_ours_p50", "agree_max_abs", "threads", "glibc_tunables", "device", "torch", "mmcompress",
+              "python"]
+    rows = [] if args.only == "fidelity" else bench_peer(args.repeats, args.inner, args.threads)
+    if args.only in ("all", "fidelity"):
+        rows += bench_fidelity(args.repeats, args.inner, args.threads)
+    total = 0 if args.only != "all" else len(SHAPES) * len(CASES) * 2
     i = 0
     for label, shape, prefix, grid in SHAPES if total else []:
         x = torch.randn(*shape)

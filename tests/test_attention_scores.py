@@ -124,3 +124,27 @@ def test_find_qk_errors():
         find_qk_linears(nn.Linear(3, 3))
     with pytest.raises(RuntimeError, match="nothing captured"):
         QKCapture(TinyAttn()).scores()
+
+
+def test_encoder_signals_follow_the_declaration():
+    """heads="single": one softmax over all channels (PruMerge); heads="mean": per-head rows averaged; keys as
+    metric, all channels or averaged over heads (VisionZip)."""
+    from mmcompress.compressors.attention_scores import encoder_signals
+    from mmcompress.compressors.base import EncoderNeeds
+
+    g = torch.Generator().manual_seed(0)
+    B, N, H, D = 2, 7, 3, 4
+    q, k = torch.randn(B, N, H * D, generator=g), torch.randn(B, N, H * D, generator=g)
+    s, m = encoder_signals(q, k, EncoderNeeds(heads="single", metric="keys"), 0, num_heads=H)
+    want = torch.softmax(q[:, :1] @ k.transpose(1, 2) / (H * D) ** 0.5, -1)[:, 0]
+    torch.testing.assert_close(s, want)
+    assert m is k
+    s, m = encoder_signals(q, k, EncoderNeeds(metric="keys_mean"), 0, num_heads=H)
+    qh, kh = q.view(B, N, H, D).transpose(1, 2), k.view(B, N, H, D).transpose(1, 2)
+    torch.testing.assert_close(s, torch.softmax(qh[:, :, :1] @ kh.transpose(-1, -2) / D ** 0.5, -1)[:, :, 0].mean(1))
+    torch.testing.assert_close(m, kh.mean(1))
+    assert encoder_signals(q, k, EncoderNeeds(), 0, num_heads=H)[1] is None
+    with pytest.raises(ValueError, match="heads"):
+        EncoderNeeds(heads="max")
+    with pytest.raises(ValueError, match="metric"):
+        EncoderNeeds(metric="values")

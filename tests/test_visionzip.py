@@ -99,3 +99,56 @@ def test_ties_and_bad_inputs():
             mmc.create("visionzip", keep=4, **bad)
     with pytest.raises(ValueError, match="keep"):
         mmc.create("visionzip", keep=14)(torch.randn(1, 13, 4), prefix=1, scores=torch.rand(1, 13))
+
+
+def _release_rules(hs: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int):
+    """Plain per-sample reference of the release's rules: hs [N+1, C] with CLS, attn [H, N+1, N+1] eager map,
+    keys [N+1, D] head-averaged keys -> [dominant + contextual, C] tokens in the release's order."""
+    cls_row = attn[:, 0, 1:].sum(0)  # heads summed
+    top = (cls_row.topk(dominant - 1).indices + 1).tolist()
+    dom = sorted([0] + top)
+    rest = [i for i in range(hs.shape[0]) if i not in dom]
+    step = max(1, len(rest) // contextual)
+    tgt = rest[::step][:contextual]
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    groups = {t: [] for t in tgt}
+    for i in rest:
+        if i not in tgt:
+            groups[tgt[int((unit[tgt] @ unit[i]).argmax())]].append(i)
+    ctx = [hs[t] + (hs[g].mean(0) if g else 0.0) for t, g in groups.items()]
+    return torch.stack([hs[i] for i in dom] + ctx)
+
+
+def test_through_apply_equals_the_release_rules_on_eager_maps():
+    import llava_tiny as lt
+
+    from mmcompress.integrations.llava import vision_layers
+
+    model = lt.build("llava", seed=3, attn="eager")
+    pv = lt.images(2, seed=3)
+    n = lt.image_tokens(model, pv, None)[0]
+    ids = torch.tensor([lt.prompt([n], [11, 12], [13, 14])] * 2)
+    core = model.model
+    with torch.no_grad():  # the release's inputs: hidden_states[-2] with CLS, attentions[-2], keys of layers[-2]
+        keys = []
+        blk = vision_layers(core.vision_tower)[-2]
+        h = blk.self_attn.k_proj.register_forward_hook(lambda m, a, o: keys.append(o))
+        vo = core.vision_tower(pv, output_hidden_states=True, output_attentions=True)
+        h.remove()
+        heads = model.config.vision_config.num_attention_heads
+        k_mean = keys[0].view(2, n + 1, heads, -1).mean(2)
+        want = [core.multi_modal_projector(_release_rules(vo.hidden_states[-2][b], vo.attentions[-2][b], k_mean[b],
+                                                          4, 2)) for b in range(2)]
+    got = []
+    lm = core.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: got.append(kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        mmc.apply(model, "visionzip", keep=6, dominant=4 / 6)
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pv)
+    finally:
+        hook.remove()
+        mmc.remove(model)
+    emb = got[0]  # [2, L', C]: bos, 2 words, then the 6 image tokens
+    for b in range(2):
+        torch.testing.assert_close(emb[b, 3:9], want[b], rtol=1e-5, atol=1e-5)
