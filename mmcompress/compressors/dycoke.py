@@ -31,7 +31,6 @@ from __future__ import annotations
 import torch
 
 from mmcompress.compressors.base import Compressor, EncoderNeeds, Inputs, Plan
-from mmcompress.compressors.merge_ops import cosine_normalize
 from mmcompress.registry import register
 
 __all__ = ["DyCoke", "dycoke_pairs"]
@@ -111,7 +110,7 @@ class DyCoke(Compressor):
         if quotas is None or sum(quotas) != k:
             quotas = self.quotas(T, P, k)
         pairs = dycoke_pairs(T)
-        u = cosine_normalize(inp.sim).view(B, T, P, -1)  # [B, T, P, d]
+        m = inp.sim.view(B, T, P, -1)  # [B, T, P, d]; only compared frames are read
         parts = []
         for f, q in enumerate(quotas):
             if q == 0:
@@ -119,7 +118,7 @@ class DyCoke(Compressor):
             if q == P:
                 parts.append(torch.arange(P, device=dev).expand(B, P) + f * P)
             elif f in pairs:  # the q places least similar to the partner frame, by ascending similarity
-                sim = (u[:, f] * u[:, pairs[f]]).sum(-1)  # [B, P]
+                sim = torch.nn.functional.cosine_similarity(m[:, f].float(), m[:, pairs[f]].float(), dim=-1)  # [B, P]
                 parts.append(torch.sort(sim, dim=1, stable=True).indices[:, :q] + f * P)
             else:  # a whole frame thinned below the schedule's budget: evenly spaced places
                 pos = ((torch.arange(q, device=dev, dtype=torch.float64) + 0.5) * P / q).floor().long()
