@@ -232,7 +232,7 @@ def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench", audio_
     backend = image_backend or ImageBackend(model_name)
     photos = bundled_photos()
     questions = benchmark_questions()
-    shown = model_name if model_name == "ref-vlm" else Path(model_name).name or model_name
+    shown = model_name if model_name in ("ref-vlm", "ref-vlm-mini") else Path(model_name).name or model_name
 
     def safe_run_image(*args: Any):
         try:

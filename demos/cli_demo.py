@@ -26,23 +26,29 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="bind address (never shared publicly)")
     p.add_argument("--port", type=int, default=7860, help="port")
-    p.add_argument("--model", default="ref-vlm", help="image tab model: ref-vlm or a local HF VLM directory")
+    p.add_argument("--model", default="ref-vlm",
+                   help="image tab model: ref-vlm (free-form questions), ref-vlm-mini (easy-VQA and detail questions "
+                        "only: the benchmark host) or a local HF VLM directory")
     p.add_argument("--bench-dir", default="runs/bench", help="default folder of the results tab")
     p.set_defaults(fn=run_demo)
     return p
 
 
+BUILTIN_VLMS = ("ref-vlm", "ref-vlm-mini")
+
+
 def check_model(model: str) -> None:
-    """Fail at start, not at the first Run: ``model`` must be ref-vlm or a model directory with a config.json.
+    """Fail at start, not at the first Run: ``model`` must be a built-in VLM or a model directory with a config.json.
 
     Raises:
         ValueError: naming the argument and what was expected.
     """
-    if model == "ref-vlm":
+    if model in BUILTIN_VLMS:
         return
     path = Path(model).expanduser()
     if not path.is_dir():
-        raise ValueError(f"--model: {model!r} is neither ref-vlm nor an existing model directory")
+        raise ValueError(f"--model: {model!r} is neither a built-in VLM ({', '.join(BUILTIN_VLMS)}) nor an existing "
+                         f"model directory")
     if not (path / "config.json").is_file():
         raise ValueError(f"--model: {model!r} has no config.json (expected a Hugging Face model directory)")
 

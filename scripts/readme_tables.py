@@ -3,16 +3,16 @@
     python scripts/readme_tables.py                      # catalogue from `mmcompress list`, headline from docs
     python scripts/readme_tables.py --bench runs/bench   # also: docs/benchmark.md's table and plot from a bench run
     python scripts/readme_tables.py --check              # exit 1 when a generated block differs (what the tests do)
-    python scripts/readme_tables.py --replot             # docs/bench_easyvqa.png redrawn from docs/benchmark.md
+    python scripts/readme_tables.py --replot             # docs/bench_pareto.png redrawn from docs/benchmark.md
 
 Blocks sit between ``<!-- BEGIN <name> ... -->`` and ``<!-- END <name> -->`` markers:
 
 - ``catalogue`` (README.md): the rows of ``mmcompress list`` (third-party entry points left out: they depend on what
   is installed), run as a command, so the README shows exactly what the CLI prints.
-- ``make-bench table`` (docs/benchmark.md): the easy-VQA table of ``runs/bench/summary.md``; only ``--bench``
-  rewrites it (and copies ``runs/bench/pareto.png`` to ``docs/bench_easyvqa.png``).
-- ``headline`` (README.md): that table pivoted to method x budget accuracy, so the front page follows the last
-  ``make bench`` whatever its method list.
+- ``make-bench table`` (docs/benchmark.md): every task's table of ``runs/bench/summary.md``; only ``--bench``
+  rewrites it (and copies ``runs/bench/pareto.png`` to ``docs/bench_pareto.png``).
+- ``headline`` (README.md): the first task's table pivoted to method x budget accuracy, so the front page follows the
+  last ``make bench`` whatever its method list.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BENCH_DOC = ROOT / "docs" / "benchmark.md"
-PLOT = ROOT / "docs" / "bench_easyvqa.png"
+PLOT = ROOT / "docs" / "bench_pareto.png"
 
 _BLOCK = r"(<!-- BEGIN {name}\b[^\n]*-->\n)(.*?)(<!-- END {name} -->)"
 
@@ -86,11 +86,25 @@ def _cells(line: str) -> list[str]:
 
 
 def bench_table(summary_md: str) -> str:
-    """The first task's table of a bench ``summary.md`` (header, rule and rows)."""
+    """Every task's table of a bench ``summary.md``, each under its ``### task (n = ...)`` heading, and the skipped
+    settings; a summary with one task and no headings gives its table alone."""
     lines = summary_md.splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.startswith("| method | keep |")), None)
     if start is None:
         raise ValueError("summary.md has no '| method | keep |' table")
+    head = next((i for i in range(start, -1, -1) if lines[i].startswith("## ")), None)
+    if head is None:
+        return first_table("\n".join(lines[start:]))
+    body = [("#" + ln if ln.startswith("## ") else ln) for ln in lines[head:]]
+    return "\n".join(body).strip("\n") + "\n"
+
+
+def first_table(text: str) -> str:
+    """The first markdown table of `text` (header, rule and rows)."""
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("| method | keep |")), None)
+    if start is None:
+        raise ValueError("no '| method | keep |' table")
     end = start
     while end < len(lines) and lines[end].startswith("|"):
         end += 1
@@ -104,7 +118,7 @@ def headline_markdown(table: str) -> str:
     header gives the uncompressed row's accuracy and, per budget, the mean token count and the median prefill ratio
     over the methods at that budget.
     """
-    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    lines = [ln for ln in first_table(table).splitlines() if ln.startswith("|")]
     head = _cells(lines[0])
     col = {h: i for i, h in enumerate(head)}
     need = ("method", "keep", "tokens", "accuracy", "vs random", "prefill ratio")
@@ -143,10 +157,10 @@ def headline_markdown(table: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def table_rows(table: str, task: str = "easyvqa") -> list[dict[str, object]]:
-    """Summary rows (method, keep, tokens, accuracy, stderr, prefill_ms, compress_ms) read back from a bench table,
-    enough for `mmcompress.evals.report.pareto_figure`."""
-    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+def table_rows(table: str, task: str = "detail") -> list[dict[str, object]]:
+    """Summary rows (method, keep, tokens, accuracy, stderr, prefill_ms, compress_ms) read back from the first bench
+    table of `table`, enough for `mmcompress.evals.report.pareto_figure`."""
+    lines = [ln for ln in first_table(table).splitlines() if ln.startswith("|")]
     col = {h: i for i, h in enumerate(_cells(lines[0]))}
     rows = []
     for cells in map(_cells, lines[2:]):
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", type=Path, default=None, help="a `mmcompress bench` --out folder (e.g. runs/bench)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block is out of date")
     p.add_argument("--replot", action="store_true",
-                   help="draw docs/bench_easyvqa.png from docs/benchmark.md's table (when no run folder is at hand)")
+                   help="draw docs/bench_pareto.png from docs/benchmark.md's first table (no run folder at hand)")
     args = p.parse_args(argv)
     summary = None
     if args.bench is not None:

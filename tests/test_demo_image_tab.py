@@ -167,10 +167,17 @@ def test_missing_model_fails_at_start_in_one_line(tmp_path):
     r = _demo("--model", str(tmp_path / "no_such_model"), "--port", "1")
     assert r.returncode == 2 and time.monotonic() - t0 < 120  # before gradio or a model is imported
     assert r.stderr.strip().splitlines() == [f"mmcompress demo: --model: '{tmp_path / 'no_such_model'}' is neither "
-                                             "ref-vlm nor an existing model directory"]
+                                             "a built-in VLM (ref-vlm, ref-vlm-mini) nor an existing model directory"]
     (tmp_path / "empty").mkdir()
     r = _demo("--model", str(tmp_path / "empty"), "--port", "1")
     assert r.returncode == 2 and "has no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_builtin_models_pass_the_start_check():
+    from mmcompress.demos.cli_demo import check_model
+
+    for name in ("ref-vlm", "ref-vlm-mini"):
+        check_model(name)  # no error: both load from the zoo
 
 
 def test_demo_help_describes_the_app():

@@ -255,7 +255,7 @@ class MMCompressLMM(lmms):
         import torch
 
         import mmcompress as mmc
-        from mmcompress.evals.backends import _Clock, peak_memory, per_sample
+        from mmcompress.evals.backends import _Clock, llm_media_tokens, peak_memory, per_sample
 
         b = self.backend
         inputs = b._inputs([s.load_image() for s in samples], [s.prompt for s in samples])
@@ -273,16 +273,11 @@ class MMCompressLMM(lmms):
              "peak_mem_mb": peak_memory(b.device)}
         texts = b._decode(out[:, inputs["input_ids"].shape[1]:])
         st = mmc.stats(b.model) if self.method != "none" else {}
-        if st.get("tokens_out") is not None:
-            removed = st.get("fastv_removed", [0] * len(st["tokens_out"]))
-            tokens = [int(o) - int(r) for o, r in zip(st["tokens_out"], removed, strict=True)]
-        elif b.image_token_id is not None:
-            tokens = inputs["input_ids"].eq(b.image_token_id).sum(1).tolist()
-        else:
-            tokens = [0] * B
-        if len(tokens) != B:  # several media items per sample: the batch mean, as bench records it
-            tokens = [sum(tokens) // B] * B
-        return [{"prediction": text, "tokens": int(n), **per_sample(t, B, st)}
+        if len(st.get("tokens_out") or []) not in (0, B) and len(st["tokens_out"]) % B == 0 \
+                and not st.get("inllm_layer_tokens"):  # beam search runs each sample num_beams times, in a row
+            st = {**st, "tokens_out": st["tokens_out"][:: len(st["tokens_out"]) // B]}
+        tokens = llm_media_tokens(st, inputs["input_ids"], b.image_token_id, B)
+        return [{"prediction": text, "tokens": n, **per_sample(t, B, st)}
                 for text, n in zip(texts, tokens, strict=True)]
 
 
