@@ -84,3 +84,22 @@ def pad(seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
 def images(n: int, seed: int = 0, side: int = SIDE) -> torch.Tensor:
     """[n, 3, side, side] random pixels."""
     return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def module_model_fixtures(kind: str = "llava") -> tuple:
+    """``(model, _unwrap)`` pytest fixtures for a test module: one tiny `kind` model per module, and an autouse
+    fixture that removes any compression after each test. Use as ``model, _unwrap = module_model_fixtures()``."""
+    import pytest
+
+    import mmcompress as mmc
+
+    @pytest.fixture(scope="module")
+    def model() -> torch.nn.Module:
+        return build(kind)
+
+    @pytest.fixture(autouse=True)
+    def _unwrap(model):
+        yield
+        mmc.remove(model)
+
+    return model, _unwrap

@@ -10,18 +10,9 @@ from mmcompress.integrations.dart import DARTRule, dart_quota
 
 pytest.importorskip("transformers")
 
-from llava_tiny import IMG, build, image_tokens, images, pad, prompt  # noqa: E402
+from llava_tiny import IMG, image_tokens, images, module_model_fixtures, pad, prompt  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def model():
-    return build("llava")
-
-
-@pytest.fixture(autouse=True)
-def _unwrap(model):
-    yield
-    mmc.remove(model)
+model, _unwrap = module_model_fixtures()
 
 
 def test_quota_by_hand():

@@ -10,20 +10,12 @@ from mmcompress.integrations.fastv import FastV
 
 transformers = pytest.importorskip("transformers")
 
-from llava_tiny import build, image_tokens, images, pad, prompt  # noqa: E402
+from llava_tiny import build, image_tokens, images, module_model_fixtures, pad, prompt  # noqa: E402
 
 K = 2
 
 
-@pytest.fixture(scope="module")
-def model():
-    return build("llava")
-
-
-@pytest.fixture(autouse=True)
-def _unwrap(model):
-    yield
-    mmc.remove(model)
+model, _unwrap = module_model_fixtures()
 
 
 def one(model, n_images: int = 1, post=(11, 12, 13), seed: int = 0) -> dict:

@@ -10,18 +10,9 @@ from mmcompress.integrations.pdrop import pdrop_average, pdrop_default_layers, p
 
 pytest.importorskip("transformers")
 
-from llava_tiny import build, image_tokens, images, pad, prompt  # noqa: E402
+from llava_tiny import build, image_tokens, images, module_model_fixtures, pad, prompt  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def model():
-    return build("llava")
-
-
-@pytest.fixture(autouse=True)
-def _unwrap(model):
-    yield
-    mmc.remove(model)
+model, _unwrap = module_model_fixtures()
 
 
 def one(model, n_images=1, seed=0, post=(11, 12, 13)):

@@ -16,18 +16,9 @@ from mmcompress.integrations.sparsevlm import (
 
 pytest.importorskip("transformers")
 
-from llava_tiny import IMG, build, image_tokens, images, pad, prompt  # noqa: E402
+from llava_tiny import IMG, build, image_tokens, images, module_model_fixtures, pad, prompt  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def model():
-    return build("llava")
-
-
-@pytest.fixture(autouse=True)
-def _unwrap(model):
-    yield
-    mmc.remove(model)
+model, _unwrap = module_model_fixtures()
 
 
 def two_images(model, seed=0, post=(11, 12, 13, 14, 15)):
