@@ -134,7 +134,8 @@ def headline_markdown(table: str) -> str:
 
     def label(k: str) -> str:
         at = [r for r in rows if r[col["keep"]] == k and r[col["method"]] != "none"]
-        tokens = statistics.fmean(float(r[col["tokens"]]) for r in at)
+        rand = [r for r in at if r[col["method"]] == "random"]  # the budget entering the LLM (in-LLM rows differ)
+        tokens = round(statistics.median(float(r[col["tokens"]]) for r in (rand or at)), 1)
         ratio = statistics.median(float(r[col["prefill ratio"]]) for r in at)
         share = f"{100 * float(k):g}%" if re.fullmatch(r"0?\.\d+", k) else k
         return f"{share}: {tokens:g} tokens, prefill ×{ratio:.2f}"

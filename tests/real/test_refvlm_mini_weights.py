@@ -91,3 +91,16 @@ def test_apply_at_keep_all_is_bit_identical_and_remove_restores(backend) -> None
     assert torch.equal(wrapped, ref)
     assert torch.equal(restored, ref)
     assert short.shape[1] == ref.shape[1] - 48  # 64 -> 16 image tokens entered the LLM
+
+
+def test_docs_example_runs(backend, capsys) -> None:
+    """docs/reference-models.md's ref-vlm-mini example runs as written and prints an answer word."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "reference-models.md").read_text()
+    section = text[text.index("## ref-vlm-mini: the benchmark host"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "docs/reference-models.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "| expected:" in out and "[''" not in out, out
