@@ -15,8 +15,8 @@ single-word questions whose answer lives in one or two objects:
 
 Splits use disjoint seeds (train 0.., val 1,000,000.., test 2,000,000..); the test split has 500 scenes and 2,322
 questions (a type is skipped where a scene cannot ask it unambiguously): 1,898 of the default types (task `detail`:
-colour 414, shape 484, exist 500, count 500) and 424 relation questions (tasks `detail_all`, `detail_relation`). Answers are correct by
-construction and re-derivable from `Scene.objects`.
+colour 414, shape 484, exist 500, count 500) and 424 relation questions (tasks `detail_all`, `detail_relation`).
+Answers are correct by construction and re-derivable from `Scene.objects`.
 """
 
 from __future__ import annotations

@@ -33,5 +33,6 @@ IN_LLM: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "fastv": ("fastv", "in-LLM", "image", ("apply",), "drop at LLM layer K by last-token attention"),
     "pdrop": ("pdrop", "in-LLM", "image", ("apply",), "PyramidDrop: staged drops by last-instruction attention"),
     "dart": ("dart", "in-LLM", "image", ("apply",), "keep tokens least duplicated with pivots, at LLM layer 2"),
-    "sparsevlm": ("sparsevlm", "in-LLM", "image", ("apply",), "text raters' attention per layer, pruned tokens recycled"),
+    "sparsevlm": ("sparsevlm", "in-LLM", "image", ("apply",),
+                  "text raters' attention per layer, pruned tokens recycled"),
 }
