@@ -273,9 +273,6 @@ class MMCompressLMM(lmms):
              "peak_mem_mb": peak_memory(b.device)}
         texts = b._decode(out[:, inputs["input_ids"].shape[1]:])
         st = mmc.stats(b.model) if self.method != "none" else {}
-        if len(st.get("tokens_out") or []) not in (0, B) and len(st["tokens_out"]) % B == 0 \
-                and not st.get("inllm_layer_tokens"):  # beam search runs each sample num_beams times, in a row
-            st = {**st, "tokens_out": st["tokens_out"][:: len(st["tokens_out"]) // B]}
         tokens = llm_media_tokens(st, inputs["input_ids"], b.image_token_id, B)
         return [{"prediction": text, "tokens": n, **per_sample(t, B, st)}
                 for text, n in zip(texts, tokens, strict=True)]

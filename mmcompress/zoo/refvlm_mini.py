@@ -202,12 +202,13 @@ def build_mini(weights: str | Path | dict[str, Any] | None = None, tokenizer: An
     tok = load_tokenizer() if tokenizer is None else tokenizer
     vision = load_dinov2() if vision is None else vision
     cfg = config(len(tok), vision.config)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(cfg)  # (real buffers: rotary inv_freq is not in any state dict)
+    with torch.device("meta"):  # the shell only: every part is replaced by a real module below
+        model = LlavaForConditionalGeneration(cfg)
+    init = fresh_parts(cfg)  # the training script's initialisation (real rotary buffers, lm_head tied)
     model.model.vision_tower = vision
-    init = fresh_parts(cfg)
-    model.model.multi_modal_projector.load_state_dict(init["proj"].state_dict())
-    model.model.language_model.load_state_dict(init["lm"].model.state_dict())
+    model.model.multi_modal_projector = init["proj"]
+    model.model.language_model = init["lm"].model
+    model.lm_head = init["lm"].lm_head
     if weights is not None:
         if isinstance(weights, (str, Path)):
             from safetensors.torch import load_file
