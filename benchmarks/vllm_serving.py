@@ -22,7 +22,6 @@ import io
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -161,11 +160,7 @@ def main() -> None:
                     print(f"round {r} conc {c} keep {keep}: {args.requests / wall:.2f} req/s, "
                           f"TTFT p50 {1e3 * quantiles(t + t)[1]:.0f} ms, prompt {p[0]} tokens", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        tiny.stop(proc)
 
     import torch
     import vllm

@@ -92,15 +92,5 @@ def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep)
     model = T.AutoModelForImageTextToText.from_pretrained(models["qwen2_vl"], dtype=torch.float32).eval()
     proc = T.AutoProcessor.from_pretrained(models["qwen2_vl"])
     mmc.apply(model, method, keep=keep)
-    for req, r in zip(CALLS[name], got[name], strict=True):
-        (seed, w, h), = req["images"]
-        inp = proc(text=[req["prompt"]], images=[tiny.image(seed, (w, h))], return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inp, max_new_tokens=5, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-        ids = out.sequences[0, inp["input_ids"].shape[1]:].tolist()
-        assert ids == r["token_ids"]
-        lp = torch.log_softmax(out.logits[0][0].float(), -1)
-        for k, v in r["first_logprobs"].items():
-            assert abs(lp[int(k)].item() - v) < 1e-4, (k, lp[int(k)].item(), v)
+    tiny.assert_transformers_agree(model, proc, CALLS[name], got[name])
     mmc.remove(model)

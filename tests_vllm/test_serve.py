@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -53,11 +52,7 @@ def server(models, tmp_path_factory):
                 time.sleep(2)
         yield url, models["qwen2_vl"]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        tiny.stop(proc)
 
 
 def _image_url(seed: int) -> str:

@@ -153,3 +153,30 @@ def prompt(n_words: int = 6, seed: int = 0, placeholder: str = "<|vision_start|>
     w = words()
     q = " ".join(w[int(i)] for i in torch.randint(0, len(w), (n_words,), generator=g))
     return f"<|im_start|>user {placeholder} {q} <|im_end|> <|im_start|>assistant"
+
+
+def assert_transformers_agree(model, proc, calls: list[dict], results: list[dict], tol: float = 1e-4) -> None:
+    """Each engine result equals the HF model's greedy generation on the same request: the same token ids, and
+    first-token log-probs within `tol` (fp32 noise). `model` is already wrapped (or not) as the engine ran it."""
+    for req, r in zip(calls, results, strict=True):
+        (seed, w, h), = req["images"]
+        inp = proc(text=[req["prompt"]], images=[image(seed, (w, h))], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inp, max_new_tokens=req.get("max_tokens", 5), do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        assert out.sequences[0, inp["input_ids"].shape[1]:].tolist() == r["token_ids"]
+        lp = torch.log_softmax(out.logits[0][0].float(), -1)
+        for k, v in r["first_logprobs"].items():
+            assert abs(lp[int(k)].item() - v) < tol, (k, lp[int(k)].item(), v)
+
+
+def stop(proc) -> None:
+    """Terminate a server started in its own session; kill its process group if it does not exit within 60 s."""
+    import signal
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
