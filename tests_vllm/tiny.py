@@ -95,6 +95,38 @@ def build_qwen2_vl(out: str | os.PathLike, seed: int = 0, family: str = "qwen2_v
     return out
 
 
+def build_qwen3_vl(out: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a tiny random Qwen3-VL (16 px patches, DeepStack from both vision layers) with its processor.
+
+    Images of 128 x 128 px give an 8 x 8 patch grid: 16 tokens after the 2 x 2 merger.
+    """
+    import transformers as T
+
+    torch.manual_seed(seed)
+    ids = dict(image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+               vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"))
+    special = dict(bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
+                   pad_token_id=token_id("<pad>"))
+    text = dict(_TEXT, model_type="qwen3_vl_text", **special,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                                 "mrope_interleaved": True})
+    vc = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+              temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=256, deepstack_visual_indexes=[0, 1])
+    cfg = T.Qwen3VLConfig(vision_config=vc, text_config=text, **ids)
+    model = T.Qwen3VLForConditionalGeneration(cfg)
+    out = Path(out)
+    model.eval().save_pretrained(out)
+    tok = _tokenizer("<|vision_start|> <|image_pad|> <|vision_end|>", "<|vision_start|> <|video_pad|> <|vision_end|>")
+    size = {"shortest_edge": 64 * 64, "longest_edge": 256 * 256}
+    ip = T.Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2)
+    vp = T.Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2)
+    proc = T.Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
+    proc.save_pretrained(out)
+    tok.save_pretrained(out)
+    _gen_config(out, special["eos_token_id"])
+    return out
+
+
 def build_llava(out: str | os.PathLike, seed: int = 0) -> Path:
     """Save a tiny random LLaVA-1.5 (CLIP tower, 112 px, 14 px patches: 64 image tokens) with its processor."""
     import transformers as T

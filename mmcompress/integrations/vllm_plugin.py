@@ -11,9 +11,13 @@ Settings, the first one found wins:
 3. per server: environment `MMCOMPRESS_METHOD=tome MMCOMPRESS_KEEP=0.25`.
 
 No setting (or keep 1.0) leaves the model's features untouched. `MMCOMPRESS_VLLM=0` skips registration altogether
-(plain vLLM). Budgets are fixed before the encoder runs, because vLLM sizes each item's placeholder run in its
-processor: the count is `budget(n, keep)`, a pure function of the item's token count. `keep="auto"` and other
-data-dependent budgets are refused.
+(plain vLLM). On an architecture not in `SUPPORTED`, an active setting is refused rather than ignored: a server
+setting fails at engine start, a per-request one fails that request (the server keeps serving); both name the
+architecture and list the supported ones.
+
+Budgets are fixed before the encoder runs, because vLLM sizes each item's placeholder run in its processor: the count
+is `budget(n, keep)`, a pure function of the item's token count. `keep="auto"` and other data-dependent
+budgets are refused.
 """
 
 from __future__ import annotations
@@ -60,7 +64,53 @@ def register() -> None:
 
     for arch, target in SUPPORTED.items():
         ModelRegistry.register_model(arch, target)
+    _guard_unsupported()
     _registered = True
+
+
+def refuse_unsupported(arch: str, setting: Setting, where: str) -> None:
+    """Raise ValueError when `setting` is active on an architecture the plugin does not compress."""
+    if setting.active:
+        raise ValueError(f"{where}: mmcompress {setting.method!r} keep={setting.keep!r} was requested, but the "
+                         f"mmcompress vLLM plugin does not support architecture {arch!r}, so its media tokens would "
+                         f"be served uncompressed; supported architectures: {supported_text()}. Drop the setting "
+                         "(or set MMCOMPRESS_VLLM=0) to serve this model uncompressed")
+
+
+def _guard_unsupported() -> None:
+    """Wrap `MULTIMODAL_REGISTRY.create_processor` (on the registry instance, once) so that a multimodal model of an
+    unsupported architecture refuses active settings instead of silently serving uncompressed: the server setting is
+    checked when vLLM builds the processor (engine start), a request's `mm_processor_kwargs` when it is processed."""
+    import dataclasses
+
+    from vllm.multimodal import MULTIMODAL_REGISTRY as reg
+
+    orig = reg.create_processor
+    if getattr(orig, "_mmcompress_guard", False):
+        return
+
+    def create_processor(model_config: Any, *args: Any, **kwargs: Any) -> Any:
+        proc = orig(model_config, *args, **kwargs)
+        arch = getattr(model_config, "architecture", None) or (model_config.architectures or ["?"])[0]
+        if arch in SUPPORTED:
+            return proc
+        hf_config = model_config.hf_config
+        refuse_unsupported(arch, resolve(hf_config), "server setting")
+        apply = proc.apply
+
+        def guarded_apply(inputs: Any, *a: Any, **k: Any) -> Any:
+            req = dict(getattr(inputs, "hf_processor_mm_kwargs", None) or {})
+            if any(key in req for key in REQUEST_KEYS):
+                refuse_unsupported(arch, resolve(hf_config, req), "mm_processor_kwargs")
+                inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={
+                    key: v for key, v in req.items() if key not in REQUEST_KEYS})
+            return apply(inputs, *a, **k)
+
+        proc.apply = guarded_apply
+        return proc
+
+    create_processor._mmcompress_guard = True
+    reg.create_processor = create_processor
 
 
 def _check_keep(keep: Any, where: str) -> int | float:
