@@ -47,6 +47,22 @@ def test_text_raters_by_hand():
     assert text_raters(h, img, valid).nonzero().squeeze(1).tolist() == [3, 4]
 
 
+def test_text_raters_when_all_tie_are_every_token_after_the_image():
+    """One token after the image (a question asked before the image): m = [1], nothing is above its mean, so the
+    one token rates (the release would have no rater); three equal text rows tie the same way; nothing after the
+    image: no rater."""
+    img = torch.tensor([False, True, True, False])
+    valid = torch.ones(4, dtype=torch.bool)
+    h = torch.tensor([[2.0, 0.0], [1, 0], [0, 1], [3, 3]])
+    assert text_raters(h, img, valid).nonzero().squeeze(1).tolist() == [3]
+    h6 = torch.tensor([[2.0, 0.0], [1, 0], [0, 1], [1, 1], [1, 1], [1, 1]])
+    img6 = torch.tensor([False, True, True, False, False, False])
+    assert text_raters(h6, img6, torch.ones(6, dtype=torch.bool)).nonzero().squeeze(1).tolist() == [3, 4, 5]
+    assert not text_raters(h[:3], img[:3], valid[:3]).any()
+    padded = torch.tensor([True, True, True, False])  # the token after the image is padding: no rater
+    assert not text_raters(h, img, padded).any()
+
+
 def test_density_peak_merge_by_hand():
     """Two tight pairs far apart, 2 clusters: each output is its pair's sum times 1 / (2 + 1e-6)."""
     x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.2]])

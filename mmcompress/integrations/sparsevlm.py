@@ -5,6 +5,9 @@ Rule:
 
 1. Text raters, chosen once from the LLM's input embeddings: with V the image tokens and T the tokens after the last
    image token, `m = mean over V of softmax over T of (V T^T)`; the raters are the text tokens with m > mean(m).
+   When no token is above the mean (every m equal: a single token after the image, as on a chat template that puts
+   the question before the image), every token after the image rates; the release then has no rater, its relevance
+   is the mean over an empty set (NaN) and its top-k picks arbitrary tokens (docs/fidelity_inllm.md).
 2. At the release's layers l = 2, 6, 15 (the output of layer l is pruned, so layers l + 1 .. see fewer tokens):
    each image token's relevance is layer l's attention from the raters (softmax over the causal keys, mean over
    heads, then over the raters); the `min(count_s, n_cur - 1)` most relevant image tokens are kept (rank-adaptive
@@ -79,7 +82,8 @@ def sparsevlm_counts_for(keep: float, n: int, layers: Sequence[int], n_layers: i
 
 
 def text_raters(h_in: torch.Tensor, img: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[L0] bool raters of one sample: the tokens after the last image token with above-mean relevance.
+    """[L0] bool raters of one sample: the tokens after the last image token with above-mean relevance (all of
+    them when none is above the mean, i.e. when they all tie).
 
     Args:
         h_in: [L0, C] the LLM's input embeddings. img, valid: [L0] bool image / non-padding columns.
@@ -94,7 +98,8 @@ def text_raters(h_in: torch.Tensor, img: torch.Tensor, valid: torch.Tensor) -> t
     if tcols.numel() == 0:
         return out
     m = (h_in[cols] @ h_in[tcols].T).softmax(1).mean(0)  # [T]
-    out[tcols[m > m.mean()]] = True
+    above = m > m.mean()
+    out[tcols[above] if bool(above.any()) else tcols] = True
     return out
 
 
