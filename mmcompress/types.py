@@ -52,4 +52,8 @@ class CompressOutput:
         """[B, M, C] the output tokens in the order the method hands them to the LLM (`order`; source order if None)."""
         if self.order is None:
             return self.x
-        return torch.gather(self.x, 1, self.order.unsqueeze(-1).expand(*self.order.shape, self.x.shape[-1]))
+        B, M, C = self.x.shape
+        if self.x.is_contiguous():  # row copies through index_select: several times faster on CPU than gather
+            flat = (self.order + torch.arange(B, device=self.order.device).unsqueeze(1) * M).reshape(-1)
+            return self.x.reshape(B * M, C).index_select(0, flat).view(B, M, C)
+        return torch.gather(self.x, 1, self.order.unsqueeze(-1).expand(B, M, C))

@@ -363,7 +363,10 @@ class Compressor:
                 out_x = gather_tokens(x, rep)
             else:
                 out_x = segment_mean(x, inp.size, assign, M)
-        if out_size is None:
+        if out_size is None and self.select_only:  # one member per slot: its own size
+            out_size = (torch.ones(B, M, dtype=torch.float32, device=x.device) if inp.size is None
+                        else inp.size.gather(1, rep))
+        elif out_size is None:
             out_size = segment_sum(inp.sizes(), assign, M).float()
         pos = None
         if inp.coords is not None:

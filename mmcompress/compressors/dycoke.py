@@ -110,20 +110,42 @@ class DyCoke(Compressor):
         if quotas is None or sum(quotas) != k:
             quotas = self.quotas(T, P, k)
         pairs = dycoke_pairs(T)
-        m = inp.sim.view(B, T, P, -1)  # [B, T, P, d]; only compared frames are read
-        parts = []
+        # rank[b, f]: frame f's places in the order they are handed on; the first quotas[f] of them are kept
+        rank = torch.arange(P, device=dev).repeat(T, 1)  # [T, P]: whole frames in place order
         for f, q in enumerate(quotas):
-            if q == 0:
-                continue
-            if q == P:
-                parts.append(torch.arange(P, device=dev).expand(B, P) + f * P)
-            elif f in pairs:  # the q places least similar to the partner frame, by ascending similarity
-                sim = torch.nn.functional.cosine_similarity(m[:, f].float(), m[:, pairs[f]].float(), dim=-1)  # [B, P]
-                parts.append(torch.sort(sim, dim=1, stable=True).indices[:, :q] + f * P)
-            else:  # a whole frame thinned below the schedule's budget: evenly spaced places
+            if 0 < q < P and f not in pairs:  # a whole frame thinned below the schedule: evenly spaced places
                 pos = ((torch.arange(q, device=dev, dtype=torch.float64) + 0.5) * P / q).floor().long()
-                parts.append(pos.expand(B, q) + f * P)
-        seq = torch.cat(parts, dim=1)  # [B, k] token indices in output order
+                rank[f, :q] = pos
+        rank = rank.expand(B, T, P)
+        compared = [f for f in sorted(pairs) if 0 < quotas[f] < P]
+        if compared:  # the places least similar to the partner frame, by ascending similarity
+            rank = rank.clone()
+            fs = torch.tensor(compared, device=dev)
+            rank[:, fs] = torch.sort(self._similarity(inp.sim, T, P, pairs, compared), dim=2, stable=True).indices
+        take = torch.arange(P, device=dev) < torch.tensor(quotas, device=dev).unsqueeze(1)  # [T, P]
+        seq = (rank + torch.arange(0, N, P, device=dev).view(1, T, 1))[:, take]  # [B, k] token ids in output order
+        rep, slot = seq.sort(dim=1)  # source order; seq = rep[slot]
+        order = slot.argsort(dim=1)  # [B, k] the slot of each output
         assign = torch.full((B, N), -1, dtype=torch.long, device=dev)
-        assign.scatter_(1, seq, torch.arange(k, device=dev).expand(B, k))
-        return Plan(assign=assign, rep=seq, order=torch.arange(k, device=dev).expand(B, k))
+        assign.scatter_(1, rep, torch.arange(k, device=dev).expand(B, k))
+        return Plan(assign=assign, rep=rep, order=order)
+
+    @staticmethod
+    def _similarity(m: torch.Tensor, T: int, P: int, pairs: dict[int, int], frames: list[int]) -> torch.Tensor:
+        """[B, len(frames), P] cosine similarity of each listed frame's tokens to its partner's at the same place.
+
+        One norm per token (one pass over the clip) and one dot product per compared place, written through a
+        reused [P, d] buffer: no normalised copies of the frames and no clip-sized temporaries.
+        """
+        B, d = m.shape[0], m.shape[-1]
+        if m.dtype in (torch.float16, torch.bfloat16):
+            m = m.float()
+        u = m.reshape(B, T, P, d)  # [B, T, P, d]
+        norm = torch.linalg.vector_norm(u, dim=-1)  # [B, T, P]
+        partners = [pairs[f] for f in frames]
+        dot = torch.empty(B, len(frames), P, dtype=u.dtype, device=u.device)
+        buf = torch.empty(P, d, dtype=u.dtype, device=u.device)
+        for b in range(B):
+            for j, (f, g) in enumerate(zip(frames, partners, strict=True)):
+                torch.sum(torch.mul(u[b, f], u[b, g], out=buf), dim=-1, out=dot[b, j])
+        return dot / (norm[:, frames] * norm[:, partners]).clamp_min(1e-8)
