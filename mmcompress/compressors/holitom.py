@@ -113,7 +113,10 @@ def density_peaks(f: torch.Tensor, n: int, knn: int) -> tuple[torch.Tensor, torc
 
 
 class _Video:
-    """The release's rule on one video, with the bookkeeping to fill or trim to an exact budget."""
+    """The release's rule on one video, with the bookkeeping to fill or trim to an exact budget.
+
+    Slots are numbered in the release's sequence; every per-slot quantity is a tensor (no per-token Python).
+    """
 
     def __init__(self, m: torch.Tensor, a: torch.Tensor, tau: float, max_window: int):
         self.T, self.S = a.shape
@@ -127,14 +130,13 @@ class _Video:
             if e > s:
                 st = (f[s:e] > tau).all(dim=0)
             self.static.append(st)
+        # per window: (frames, static positions, dynamic positions), plain ints for the budget search
+        self._sizes = [(e - s + 1, int(st.sum()), self.S - int(st.sum()))
+                       for (s, e), st in zip(self.windows, self.static, strict=True)]
 
     def count(self, r: float) -> int:
         """Tokens the release keeps at retain ratio r (after temporal merging)."""
-        n = 0
-        for (s, e), st in zip(self.windows, self.static, strict=True):
-            n_st, n_dy = int(st.sum()), self.S - int(st.sum())
-            n += round(n_st * r) + (e - s + 1) * math.ceil(n_dy * r)
-        return n
+        return sum(round(n_st * r) + w * math.ceil(n_dy * r) for w, n_st, n_dy in self._sizes)
 
     def ratio(self, k: int) -> float:
         """The largest retain ratio in (0, 1] whose count is <= k (the smallest positive one when none is)."""
@@ -149,9 +151,20 @@ class _Video:
                 hi = mid
         return lo if lo > 0 else hi
 
-    def slots(self, r: float, knn: int) -> list[tuple]:
-        """The release's slots at ratio r: ("static", s, e, centre, positions) and ("dyn", t, p), release order."""
-        out: list[tuple] = []
+    def slots(self, r: float, knn: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+        """The release's slots at ratio r, numbered in its sequence.
+
+        Returns:
+            assign [T, S] int64 slot of every token (-1 dropped), rep [M] int64 flat index t * S + p of each slot's
+            representative (a cluster's centre in its window's first frame), and per window with clusters
+            (slot of its first cluster, s, e, static positions [S_st], cluster of each static position [S_st],
+            centre index into the static positions [n_st]).
+        """
+        T, S = self.T, self.S
+        assign = torch.full((T, S), -1, dtype=torch.long)
+        reps: list[torch.Tensor] = []
+        clusters: list[tuple] = []
+        M = 0
         for (s, e), st in zip(self.windows, self.static, strict=True):
             pos_st = st.nonzero()[:, 0]
             pos_dy = (~st).nonzero()[:, 0]
@@ -161,15 +174,27 @@ class _Video:
                 centres, d = density_peaks(mean, n_st, min(knn, n_st))
                 near = d[:, centres].argmin(dim=1)  # [S_st] nearest centre
                 near[centres] = torch.arange(n_st)
-                for c in range(n_st):
-                    out.append(("static", s, e, int(pos_st[centres[c]]), pos_st[near == c].tolist()))
+                assign[s : e + 1, pos_st] = M + near  # every frame of the window at its positions
+                reps.append(s * S + pos_st[centres])
+                clusters.append((M, s, e, pos_st, near, centres))
+                M += n_st
             n_dy = math.ceil(len(pos_dy) * r)
-            for t in range(s, e + 1):
-                if n_dy > 0:
-                    top = torch.topk(self.a[t, pos_dy], n_dy).indices
-                    for p in sorted(pos_dy[top].tolist()):
-                        out.append(("dyn", t, p))
-        return out
+            if n_dy > 0:
+                w = e - s + 1
+                top = torch.topk(self.a[s : e + 1, pos_dy], n_dy, dim=1).indices  # [w, n_dy] per frame
+                p = pos_dy[top].sort(dim=1).values  # [w, n_dy] kept positions, by position
+                ids = M + torch.arange(w * n_dy).view(w, n_dy)  # frame by frame
+                assign[s : e + 1].scatter_(1, p, ids)
+                reps.append((torch.arange(s, e + 1).unsqueeze(1) * S + p).reshape(-1))
+                M += w * n_dy
+        rep = torch.cat(reps) if reps else torch.zeros(0, dtype=torch.long)
+        return assign, rep, clusters
+
+
+def _by_score(idx: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """idx [n] flat token indices sorted by descending score, ties by index (ascending)."""
+    idx = idx.sort().values
+    return idx[torch.sort(score[idx], descending=True, stable=True).indices]
 
 
 @register("holitom")
@@ -214,69 +239,78 @@ class HoliTom(Compressor):
     def _one(self, x: torch.Tensor, m: torch.Tensor, a: torch.Tensor, k: int):
         """One video x [T, S, C] -> (assign [N], rep [k], out [k, C], order [k])."""
         T, S, C = x.shape
+        N = T * S
         dev = x.device
-        vid = _Video(m.cpu(), a.float().cpu(), self.tau, self.max_window)
-        slots = vid.slots(vid.ratio(k), self.knn)
-        # members of each slot as (frame, position) lists; static slots hold their window's frames at their positions
-        members = []
-        for sl in slots:
-            if sl[0] == "dyn":
-                members.append([(sl[1], sl[2])])
-            else:
-                _, s, e, c, pos = sl
-                members.append([(t, p) for p in pos for t in range(s, e + 1)])
-        rep_of = [(sl[1], sl[3]) if sl[0] == "static" else (sl[1], sl[2]) for sl in slots]
-        score = a.float().cpu()
-        if len(slots) > k:  # even the smallest ratio keeps too many: the k best representatives
-            best = sorted(range(len(slots)), key=lambda i: (-float(score[rep_of[i]]), rep_of[i]))[:k]
-            keep_ids = sorted(best)
-            slots = [slots[i] for i in keep_ids]
-            members = [members[i] for i in keep_ids]
-            rep_of = [rep_of[i] for i in keep_ids]
-        if len(slots) < k:  # fill: dropped dynamic tokens, then non-representative static members, by score
-            used = {tp for mem in members for tp in mem}
-            reps = set(rep_of)
-            dropped = [(t, p) for t in range(T) for p in range(S) if (t, p) not in used]
-            inner = [tp for mem, sl in zip(members, slots, strict=True) if sl[0] == "static" for tp in mem
-                     if tp not in reps]
-            for group in (dropped, inner):
-                group.sort(key=lambda tp: (-float(score[tp]), tp))
-            extra = (dropped + inner)[: k - len(slots)]
-            taken = set(extra)
-            members = [[tp for tp in mem if tp not in taken] for mem in members]
-            for t, p in extra:
-                slots.append(("dyn", t, p))
-                members.append([(t, p)])
-                rep_of.append((t, p))
+        score = a.float().cpu().reshape(N)  # [N]
+        vid = _Video(m.cpu(), score.view(T, S), self.tau, self.max_window)
+        assign, rep, clusters = vid.slots(vid.ratio(k), self.knn)
+        assign = assign.view(N)
+        M = rep.shape[0]
+        is_static = torch.zeros(M, dtype=torch.bool)
+        for first, *_, centres in clusters:
+            is_static[first : first + len(centres)] = True
+        new_id = torch.arange(M)  # [M] slot id of each of the release's slots after a trim (-1: trimmed)
+        if M > k:  # even the smallest ratio keeps too many: the k best representatives (ties by position)
+            by_rep = rep.argsort()
+            best = by_rep[torch.sort(score[rep[by_rep]], descending=True, stable=True).indices[:k]]
+            kept = torch.zeros(M, dtype=torch.bool)
+            kept[best] = True
+            new_id = torch.where(kept, kept.long().cumsum(0) - 1, -1)  # the release's order kept
+            assign = torch.where(assign >= 0, new_id[assign.clamp(min=0)], assign)
+            rep, is_static = rep[kept], is_static[kept]
+            M = k
+        stolen = torch.zeros(N, dtype=torch.bool)  # static members taken out of their cluster to fill the budget
+        if M < k:  # fill: dropped dynamic tokens, then non-representative static members, by score
+            is_rep = torch.zeros(N, dtype=torch.bool)
+            is_rep[rep] = True
+            member_static = (assign >= 0) & is_static[assign.clamp(min=0)]
+            dropped = _by_score((assign < 0).nonzero()[:, 0], score)
+            inner = _by_score((member_static & ~is_rep).nonzero()[:, 0], score)
+            extra = torch.cat([dropped, inner])[: k - M]
+            stolen[extra] = assign[extra] >= 0
+            assign[extra] = M + torch.arange(len(extra))
+            rep = torch.cat([rep, extra])
+            is_static = torch.cat([is_static, torch.zeros(len(extra), dtype=torch.bool)])
+            M = k
         # values: dynamic tokens as they are; a cluster: beta * centre + (1 - beta) * mean of its other positions,
         # each position being the mean of its (remaining) frames in the window
-        xs = x.reshape(T * S, C).to(accum_dtype(x.dtype))
-        out = []
-        for sl, mem in zip(slots, members, strict=True):
-            if sl[0] == "dyn":
-                out.append(xs[sl[1] * S + sl[2]])
-                continue
-            c = sl[3]
-            by_pos: dict[int, list[int]] = {}
-            for t, p in mem:
-                by_pos.setdefault(p, []).append(t * S + p)
-            val = {p: xs[idx].mean(dim=0) if len(idx) > 1 else xs[idx[0]] for p, idx in by_pos.items()}
-            others = [val[p] for p in sorted(val) if p != c]
-            if others:
-                out.append(self.beta * val[c] + (1 - self.beta) * torch.stack(others).mean(dim=0))
-            else:
-                out.append(val[c])
-        assign = torch.full((T * S,), -1, dtype=torch.long)
-        for i, mem in enumerate(members):
-            for t, p in mem:
-                assign[t * S + p] = i
-        rep = torch.tensor([t * S + p for t, p in rep_of], dtype=torch.long)
+        xs = x.reshape(N, C).to(accum_dtype(x.dtype))
+        out = xs.index_select(0, rep.to(dev))  # [k, C]; static slots overwritten below
+        xt = xs.view(T, S, C)
+        for first, s, e, pos_st, near, centres in clusters:
+            val = xt[s : e + 1, pos_st.to(dev)].mean(dim=0)  # [S_st, C] window mean per static position
+            present = torch.ones(len(pos_st), dtype=torch.bool)
+            st_frames = stolen.view(T, S)[s : e + 1, pos_st]  # [w, S_st]
+            if bool(st_frames.any()):  # positions with frames taken out: the mean of the frames left
+                for j in st_frames.any(dim=0).nonzero()[:, 0].tolist():
+                    left = (~st_frames[:, j]).nonzero()[:, 0] + s
+                    present[j] = len(left) > 0
+                    if len(left) > 0:
+                        idx = (left * S + int(pos_st[j])).to(dev)
+                        val[j] = xs[idx].mean(dim=0) if len(idx) > 1 else xs[idx[0]]
+            is_centre = torch.zeros(len(pos_st), dtype=torch.bool)
+            is_centre[centres] = True
+            n_c = len(centres)
+            member = present & ~is_centre  # [S_st] positions averaged into their cluster's "other members"
+            grp = torch.where(member, near, n_c)  # [S_st] cluster, n_c for none
+            perm = torch.sort(grp, stable=True).indices[: int(member.sum())]  # members by cluster, by position
+            cnt_t = torch.bincount(grp, minlength=n_c + 1)[:n_c]  # [n_c] other members per cluster
+            cnt, has = cnt_t.tolist(), (cnt_t > 0).to(dev)
+            # one mean per cluster over a contiguous run (bit-identical to averaging its masked rows)
+            part = [chunk.mean(dim=0) for chunk in torch.split(val[perm.to(dev)], [c for c in cnt if c], dim=0)]
+            centre_val = val[centres.to(dev)]  # [n_c, C]
+            merged = centre_val.clone()
+            if part:
+                merged[has] = self.beta * centre_val[has] + (1 - self.beta) * torch.stack(part)
+            slot = new_id[first : first + n_c]  # [n_c]
+            ok = slot >= 0
+            out[slot[ok].to(dev)] = merged[ok.to(dev)]
         # the release's sequence: windows in time order; in a window its clusters, then frame by frame the rest
-        win = {}
+        win = torch.empty(T, dtype=torch.long)
         for wi, (s, e) in enumerate(vid.windows):
-            for t in range(s, e + 1):
-                win[t] = wi
-        key = [(win[r[0]], 0 if sl[0] == "static" else 1, 0 if sl[0] == "static" else r[0], r[1])
-               for sl, r in zip(slots, rep_of, strict=True)]
-        order = torch.tensor(sorted(range(len(slots)), key=lambda i: key[i]), dtype=torch.long)
-        return assign.to(dev), rep.to(dev), torch.stack(out).to(x.dtype), order.to(dev)
+            win[s : e + 1] = wi
+        t_rep, p_rep = rep // S, rep % S
+        kind = (~is_static).long()
+        key = ((win[t_rep] * 2 + kind) * T + t_rep * kind) * S + p_rep
+        order = key.argsort()
+        return assign.to(dev), rep.to(dev), out.to(x.dtype), order.to(dev)
