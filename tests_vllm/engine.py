@@ -3,9 +3,9 @@
     python tests_vllm/engine.py JOB.json OUT.json
 
 JOB: {"model": DIR, "engine": {LLM kwargs}, "calls": [[request, ...], ...]}; a request is
-{"prompt": str, "images": [[seed, width, height], ...], "mm_processor_kwargs": {...} | null, "max_tokens": int,
-"logprobs": int}. OUT: per call, per request: prompt_token_ids, token_ids, first-step logprobs {id: logprob}, or the
-error message when vLLM refused the request.
+{"prompt": str, "images": [[seed, width, height], ...], "videos": [[seed, frames, width, height(, fps)], ...],
+"mm_processor_kwargs": {...} | null, "max_tokens": int, "logprobs": int}. OUT: per call, per request: prompt_token_ids,
+token_ids, first-step logprobs {id: logprob}, or the error message when vLLM refused the request.
 """
 
 from __future__ import annotations
@@ -22,9 +22,15 @@ import tiny  # noqa: E402
 
 def _request(r: dict) -> dict:
     images = [tiny.image(s, (w, h)) for s, w, h in r.get("images", [])]
+    videos = [(tiny.video(s, f, (w, h)), tiny.video_metadata(f, *fps)) for s, f, w, h, *fps in r.get("videos", [])]
     out = {"prompt": r["prompt"]}
+    data = {}
     if images:
-        out["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        data["image"] = images if len(images) > 1 else images[0]
+    if videos:
+        data["video"] = videos if len(videos) > 1 else videos[0]
+    if data:
+        out["multi_modal_data"] = data
     if r.get("mm_processor_kwargs"):
         out["mm_processor_kwargs"] = r["mm_processor_kwargs"]
     return out

@@ -1,5 +1,6 @@
-"""The plugin on vLLM's (CPU) engine with a tiny random Qwen2-VL: identity, shortened prompts, agreement with
-`mmc.apply` in transformers, mixed batches, refusals. One plugin engine and one plain-vLLM engine for the module."""
+"""The plugin on vLLM's (CPU) engine with a tiny random Qwen2-VL, images and videos: identity, shortened prompts,
+agreement with `mmc.apply` in transformers, mixed batches (image, video, text-only), refusals. One plugin engine and
+one plain-vLLM engine for the module."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ A = {"prompt": tiny.prompt(seed=0), "images": [[0, 112, 112]]}  # 8 x 8 patches 
 B = {"prompt": tiny.prompt(seed=1, n_words=9), "images": [[1, 168, 112]]}  # 12 x 8 patches -> 24 tokens
 TEXT = {"prompt": "<|im_start|>user w5 w9 w13 <|im_end|> <|im_start|>assistant"}
 N_A, N_B = 16, 24
+# videos: 4 frames -> 2 temporal patches; 112 x 112 -> (2, 4, 4) = 32 tokens; 168 x 112 -> (2, 6, 4) = 48 tokens
+V = {"prompt": tiny.prompt(seed=3, placeholder=tiny.VIDEO), "videos": [[5, 4, 112, 112]]}
+W = {"prompt": tiny.prompt(seed=4, n_words=4, placeholder=tiny.VIDEO), "videos": [[6, 4, 168, 112]]}
+N_V, N_W = 32, 48
 
 
 def kw(method, keep):
@@ -31,6 +36,12 @@ CALLS = {
     "auto": [dict(A, **kw("tome", "auto"))],
     "scores": [dict(A, **kw("visionzip", 0.5))],
     "unknown": [dict(A, **kw("tomee", 0.5))],
+    "video_none": [V, W],
+    "video_keep1": [dict(V, **kw("tome", 1.0)), dict(W, **kw("tome", 1.0))],
+    "video_tome": [dict(V, **kw("tome", 0.25)), dict(W, **kw("tome", 0.25))],
+    "video_pool": [dict(V, **kw("pool", 0.25)), dict(W, **kw("pool", 0.25))],
+    "video_divprune_int": [dict(V, **kw("divprune", 10)), dict(W, **kw("divprune", 10))],
+    "mixed_video": [dict(W, **kw("pool", 0.25)), dict(A, **kw("tome", 0.25)), TEXT, dict(V, **kw("tome", 0.25)), V],
 }
 NAMES = list(CALLS)
 
@@ -38,34 +49,40 @@ NAMES = list(CALLS)
 @pytest.fixture(scope="module")
 def runs(models, tmp_path_factory):
     plug = run_engine(tmp_path_factory.mktemp("plug"), models["qwen2_vl"], [CALLS[n] for n in NAMES])
-    plain = run_engine(tmp_path_factory.mktemp("plain"), models["qwen2_vl"], [CALLS["none"]],
+    plain = run_engine(tmp_path_factory.mktemp("plain"), models["qwen2_vl"], [CALLS["none"], CALLS["video_none"]],
                        env={"MMCOMPRESS_VLLM": "0"})
-    return dict(zip(NAMES, plug["results"], strict=True)), plain["results"][0]
+    return dict(zip(NAMES, plug["results"], strict=True)), plain["results"]
 
 
-def test_keep1_and_no_setting_equal_plain_vllm(runs):
+@pytest.mark.parametrize("name,plain_call", [("none", 0), ("keep1", 0), ("video_none", 1), ("video_keep1", 1)])
+def test_keep1_and_no_setting_equal_plain_vllm(runs, name, plain_call):
     got, plain = runs
-    for name in ("none", "keep1"):
-        for r, p in zip(got[name], plain, strict=True):
-            assert r["prompt_token_ids"] == p["prompt_token_ids"]
-            assert r["token_ids"] == p["token_ids"], name
-            assert r["first_logprobs"] == p["first_logprobs"], name  # same kernels, same inputs: bit-identical
+    for r, p in zip(got[name], plain[plain_call], strict=True):
+        assert r["prompt_token_ids"] == p["prompt_token_ids"]
+        assert r["token_ids"] == p["token_ids"], name
+        assert r["first_logprobs"] == p["first_logprobs"], name  # same kernels, same inputs: bit-identical
 
 
-@pytest.mark.parametrize("name,kept", [("tome", (4, 6)), ("divprune_int", (6, 6)), ("pool", (4,))])
+@pytest.mark.parametrize("name,kept", [("tome", (4, 6)), ("divprune_int", (6, 6)), ("pool", (4,)),
+                                       ("video_tome", (8, 12)), ("video_pool", (8, 12)),
+                                       ("video_divprune_int", (10, 10))])
 def test_prompt_shorter_by_removed_tokens(runs, name, kept):
     got, plain = runs
-    for r, p, n, m in zip(got[name], plain, (N_A, N_B), kept, strict=False):
+    video = name.startswith("video")
+    pad = tiny.token_id("<|video_pad|>" if video else "<|image_pad|>")
+    for r, p, n, m in zip(got[name], plain[int(video)], (N_V, N_W) if video else (N_A, N_B), kept, strict=False):
         assert len(r["prompt_token_ids"]) == len(p["prompt_token_ids"]) - (n - m)
-        assert r["prompt_token_ids"].count(tiny.token_id("<|image_pad|>")) == m
+        assert r["prompt_token_ids"].count(pad) == m
         assert len(r["token_ids"]) == 5
 
 
-def test_mixed_batch_equals_single_runs(runs):
+@pytest.mark.parametrize("name", ["mixed", "mixed_video"])
+def test_mixed_batch_equals_single_runs(runs, name):
     got, _ = runs
-    mixed = got["mixed"]
-    singles = [got["tome"][0], got["single_text"][0], got["single_B_div"][0], got["none"][0]]
-    for m, s in zip(mixed, singles, strict=True):
+    singles = {"mixed": [got["tome"][0], got["single_text"][0], got["single_B_div"][0], got["none"][0]],
+               "mixed_video": [got["video_pool"][1], got["tome"][0], got["single_text"][0], got["video_tome"][0],
+                               got["video_none"][0]]}[name]
+    for m, s in zip(got[name], singles, strict=True):
         assert m["prompt_token_ids"] == s["prompt_token_ids"]
         assert m["token_ids"] == s["token_ids"]
         for k, v in s["first_logprobs"].items():
@@ -80,7 +97,9 @@ def test_refused_with_a_clear_error(runs, name, words):
 
 
 @pytest.mark.parametrize("name,method,keep", [("tome", "tome", 0.25), ("divprune_int", "divprune", 6),
-                                              ("pool", "pool", 0.25)])
+                                              ("pool", "pool", 0.25), ("video_tome", "tome", 0.25),
+                                              ("video_pool", "pool", 0.25), ("video_divprune_int", "divprune", 10),
+                                              ("video_none", None, 1.0)])
 def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep):
     """Same weights, same compressor, same inputs: greedy ids equal and first-token log-probs within fp32 noise."""
     import torch
@@ -91,6 +110,6 @@ def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep)
     got, _ = runs
     model = T.AutoModelForImageTextToText.from_pretrained(models["qwen2_vl"], dtype=torch.float32).eval()
     proc = T.AutoProcessor.from_pretrained(models["qwen2_vl"])
-    mmc.apply(model, method, keep=keep)
+    if method:
+        mmc.apply(model, method, keep=keep)
     tiny.assert_transformers_agree(model, proc, CALLS[name], got[name])
-    mmc.remove(model)

@@ -179,6 +179,21 @@ def image(seed: int, size: tuple[int, int] = (112, 112)):
     return Image.fromarray(arr)
 
 
+def video(seed: int, frames: int = 4, size: tuple[int, int] = (112, 112)):
+    """A random RGB video as a uint8 array [frames, height, width, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(frames, size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+
+
+def video_metadata(frames: int, fps: float = 2.0) -> dict:
+    """What vLLM's Qwen processors expect beside a video (no frame sampling: every frame is used)."""
+    return {"fps": fps, "duration": frames / fps, "total_num_frames": frames, "frames_indices": list(range(frames)),
+            "video_backend": "opencv", "do_sample_frames": False}
+
+
+VIDEO = "<|vision_start|> <|video_pad|> <|vision_end|>"
+
+
 def prompt(n_words: int = 6, seed: int = 0, placeholder: str = "<|vision_start|> <|image_pad|> <|vision_end|>") -> str:
     """A chat-formatted prompt with one image and `n_words` random words."""
     g = torch.Generator().manual_seed(seed)
@@ -191,8 +206,18 @@ def assert_transformers_agree(model, proc, calls: list[dict], results: list[dict
     """Each engine result equals the HF model's greedy generation on the same request: the same token ids, and
     first-token log-probs within `tol` (fp32 noise). `model` is already wrapped (or not) as the engine ran it."""
     for req, r in zip(calls, results, strict=True):
-        (seed, w, h), = req["images"]
-        inp = proc(text=[req["prompt"]], images=[image(seed, (w, h))], return_tensors="pt")
+        media = {}
+        if req.get("images"):
+            media["images"] = [image(s, (w, h)) for s, w, h in req["images"]]
+        if req.get("videos"):
+            from transformers.video_utils import VideoMetadata
+
+            media["videos"] = [video(s, f, (w, h)) for s, f, w, h, *_ in req["videos"]]
+            metas = [video_metadata(f, *fps) for _, f, _, _, *fps in req["videos"]]
+            media["video_metadata"] = [VideoMetadata(**{k: v for k, v in m.items() if k != "do_sample_frames"})
+                                       for m in metas]
+            media["do_sample_frames"] = False
+        inp = proc(text=[req["prompt"]], return_tensors="pt", **media)
         with torch.no_grad():
             out = model.generate(**inp, max_new_tokens=req.get("max_tokens", 5), do_sample=False, output_logits=True,
                                  return_dict_in_generate=True)
