@@ -74,3 +74,49 @@ def test_bad_input():
         mmc.create("dycoke")(torch.randn(1, 8, 4))
     with pytest.raises(ValueError, match="prune"):
         mmc.create("dycoke", prune=1.0)
+
+
+def _release_ttm(x: torch.Tensor, T: int, prune: float) -> torch.Tensor:
+    """Plain reference of the release's rule on one clip: x [T * P, C] -> kept tokens in the release's order."""
+    P = x.shape[0] // T
+    q = int((1 - prune) * P)
+    frames = list(x.view(T, P, -1))
+    out = list(frames)
+    for i in range(0, T - 1, 2):  # stage 1: frame i + 1 against frame i
+        sim = torch.nn.functional.cosine_similarity(frames[i + 1], frames[i], dim=1)
+        out[i + 1] = frames[i + 1][sim.topk(q, largest=False).indices]
+    for i in range(0, T - 4, 4):  # stage 2: frame i + 2 against frame i
+        sim = torch.nn.functional.cosine_similarity(frames[i + 2], frames[i], dim=1)
+        out[i + 2] = frames[i + 2][sim.topk(q, largest=False).indices]
+    return torch.cat(out)
+
+
+def test_through_apply_on_onevision_video_equals_the_release_rule():
+    """`mmc.apply` on a tiny LLaVA-OneVision runs dycoke after the projector on the frames' pooled tokens (as the
+    release does) and hands the LLM the release's tokens in the release's order, then the newline token."""
+    import llava_tiny as lt
+
+    model = lt.build("llava_onevision", seed=5)
+    T = 8  # 8 frames of 4 x 4 patches, pooled to 2 x 2 = 4 tokens each: 33 placeholders with the newline
+    pvv = torch.randn(1, T, 3, lt.SIDE, lt.SIDE, generator=torch.Generator().manual_seed(5))
+    n = T * 4 + 1
+    ids = torch.tensor([lt.prompt([], [11], [12, 13], video_tokens=n)])
+    got = []
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: got.append(kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values_videos=pvv)  # unwrapped: the release's input, the frames' tokens
+            mmc.apply(model, "dycoke", keep="auto", prune=0.5)
+            model(input_ids=ids, pixel_values_videos=pvv)
+    finally:
+        hook.remove()
+        mmc.remove(model)
+    full, emb = got[0][0], got[1][0]  # [L, C], [L', C]: bos, 1 word, the video's tokens, newline, 2 words
+    frames, newline = full[2:2 + n - 1], full[2 + n - 1]
+    want = _release_ttm(frames, T, 0.5)
+    M = want.shape[0]
+    assert M == 3 * 4 + 5 * 2  # frames 0, 4, 6 whole; 1, 2, 3, 5, 7 keep int(0.5 * 4) = 2
+    assert emb.shape[0] == 2 + M + 1 + 2
+    torch.testing.assert_close(emb[2:2 + M], want, rtol=0, atol=0)
+    torch.testing.assert_close(emb[2 + M], newline, rtol=0, atol=0)

@@ -140,3 +140,70 @@ def test_missing_scores_and_bad_options():
                       ("prumerge+", {"uniform": 1.0})):
         with pytest.raises(ValueError, match=next(iter(bad))):
             mmc.create(name, keep=3, **bad)
+
+
+def _release_rules(feats: torch.Tensor, q: torch.Tensor, k: torch.Tensor, K: int | None, plus: bool, knn: int):
+    """Plain per-sample reference of the release's rules: feats [N, C] patches, q/k [N + 1, C] the LAST block's q/k
+    Linear outputs (CLS first); K None: the IQR count (keep="auto") -> [K (+ U) + 1, C] tokens in the release's order.
+    """
+    N, C = feats.shape
+    s = torch.softmax(q[0] @ k.T / math.sqrt(C), dim=0)[1:]  # one head over all channels, CLS row, CLS column dropped
+    n_out = reference_iqr_count(s)
+    if K is None:
+        K = int(N * (n_out / N))
+    kept = s.topk(K).indices.tolist()  # descending score
+    if plus:  # raster stride int(int(1 / r) / 3), positions < N - 1, those not kept already
+        kept += [i for i in range(0, N - 1, int(int(1 / (n_out / N)) / 3)) if i not in kept]
+    unit = k[1:] / k[1:].norm(dim=-1, keepdim=True)
+    out = []
+    for i in kept:
+        sim = unit @ unit[i]
+        sim[i] = float("-inf")
+        nb = sim.topk(knn).indices
+        out.append(feats[i] + (s[nb, None] * feats[nb]).sum(0))
+    pruned = [j for j in range(N) if j not in kept]
+    out.append((s[pruned, None] * feats[pruned]).sum(0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("name", "keep", "batch"), [("prumerge", 6, [0, 1]), ("prumerge", "auto", [1]),
+                                                     ("prumerge+", "auto", [0]), ("prumerge+", "auto", [1])])
+def test_through_apply_equals_the_release_rules_on_eager_maps(name, keep, batch):
+    """`mmc.apply` on a tiny eager LLaVA hands the compressor the release's inputs (hidden_states[-2] patches, the
+    LAST block's q/k as one all-channel head, its keys as metric): the LLM receives the projected release output."""
+    import llava_tiny as lt
+
+    from mmcompress.integrations.llava import vision_layers
+
+    model = lt.build("llava", seed=4, attn="eager")  # seed 4: 1 and 2 IQR outliers among the 16 patches
+    pv = lt.images(2, seed=4)[batch]
+    B = len(batch)
+    n = lt.image_tokens(model, pv, None)[0]
+    ids = torch.tensor([lt.prompt([n], [11, 12], [13, 14])] * B)
+    core = model.model
+    with torch.no_grad():  # the release's inputs: hooked q/k Linear outputs of the last block, hidden_states[-2]
+        qk = []
+        blk = vision_layers(core.vision_tower)[-1]
+        hooks = [lin.register_forward_hook(lambda m, a, o: qk.append(o)) for lin in (blk.self_attn.q_proj,
+                                                                                    blk.self_attn.k_proj)]
+        vo = core.vision_tower(pv, output_hidden_states=True)
+        for h in hooks:
+            h.remove()
+        K = None if keep == "auto" else keep - 1
+        want = [core.multi_modal_projector(_release_rules(vo.hidden_states[-2][b, 1:], qk[0][b], qk[1][b], K,
+                                                          name == "prumerge+", 4)) for b in range(B)]
+    got = []
+    lm = core.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: got.append(kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        mmc.apply(model, name, keep=keep, knn=4)
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pv)
+    finally:
+        hook.remove()
+        mmc.remove(model)
+    emb = got[0]  # [B, L', C]: bos, 2 words, the image's tokens, 2 words
+    for b in range(B):
+        M = want[b].shape[0]
+        assert emb.shape[1] == 5 + M and M < n
+        torch.testing.assert_close(emb[b, 3:3 + M], want[b], rtol=1e-5, atol=1e-5)
