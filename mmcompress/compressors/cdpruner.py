@@ -48,7 +48,11 @@ def relevance(x: torch.Tensor, text: torch.Tensor, negate: bool = True, theta: f
         [B, N] float32 relevance, min-max scaled per sample to (0, 1] (then exponentiated when theta is set);
         all ones when every token is equally relevant.
     """
-    u = cosine_normalize(x.float())  # [B, N, C]
+    return _relevance(cosine_normalize(x.float()), text, negate, theta)
+
+
+def _relevance(u: torch.Tensor, text: torch.Tensor, negate: bool, theta: float | None) -> torch.Tensor:
+    """`relevance` from the unit-norm tokens u [B, N, C] (float32)."""
     t = cosine_normalize(text.float())  # [B, L, C]
     v = torch.matmul(u, t.transpose(1, 2)).mean(dim=2)  # [B, N]
     if negate:
@@ -76,21 +80,26 @@ def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
     dev = kernel.device
     ar = torch.arange(B, device=dev)
     c = kernel.new_zeros(k, B, N)  # [k, B, N] rows of the incremental Cholesky factor
-    gain = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # [B, N] remaining gain d_i^2
-    taken = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    gain = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # [B, N] remaining gain d_i^2; chosen ones -inf
     chosen = torch.empty(B, k, dtype=torch.long, device=dev)
+    rows = kernel.reshape(B * N, N)  # flat row ids b * N + j (index_select: cheaper than advanced indexing)
+    flat_c, flat_gain = c.view(k, B * N), gain.view(B * N)
     for i in range(k):
-        j = gain.masked_fill(taken, float("-inf")).argmax(dim=1)  # [B]
+        j = gain.argmax(dim=1)  # [B]
         chosen[:, i] = j
-        dj = gain[ar, j]  # [B]
+        bj = j + ar * N  # [B] flat ids
+        dj = flat_gain.index_select(0, bj)  # [B]
         ok = dj > 0  # a gain <= 0 means the kernel's rank is exhausted: no factor update
         # e = (L[j, :] - sum_t c_t[j] c_t[:]) / sqrt(d_j^2)
-        proj = torch.einsum("tb,tbn->bn", c[:i, ar, j], c[:i]) if i else 0.0  # [B, N]
-        e = (kernel[ar, j] - proj) / torch.where(ok, dj, torch.ones_like(dj)).sqrt().unsqueeze(1)  # [B, N]
-        e = torch.where(ok.unsqueeze(1), e, torch.zeros_like(e))
+        if i:  # sum_t c_t[j] c_t[:] as one bmm ([B, 1, i] x [B, i, N]; the release's einsum "tb,tbn->bn")
+            proj = torch.bmm(flat_c[:i].index_select(1, bj).t().unsqueeze(1), c[:i].transpose(0, 1)).squeeze(1)
+        else:
+            proj = 0.0
+        e = (rows.index_select(0, bj) - proj) / torch.where(ok, dj, 1.0).sqrt().unsqueeze(1)  # [B, N]
+        e = torch.where(ok.unsqueeze(1), e, 0.0)
         c[i] = e
-        gain = gain - e.square()
-        taken[ar, j] = True
+        gain -= e.square()
+        flat_gain.index_fill_(0, bj, float("-inf"))
     return chosen
 
 
@@ -124,10 +133,11 @@ class CDPruner(Compressor):
 
     def kernel(self, inp: Inputs) -> torch.Tensor:
         """[B, N, N] float32 conditional kernel diag(r) S diag(r)."""
-        r = relevance(inp.x, inp.text, self.negate, self.theta)  # [B, N]
-        u = cosine_normalize(inp.sim.float())  # [B, N, d]
+        u_x = cosine_normalize(inp.x.float())  # [B, N, C]
+        r = _relevance(u_x, inp.text, self.negate, self.theta)  # [B, N]
+        u = u_x if inp.metric is None else cosine_normalize(inp.sim.float())  # [B, N, d]
         s = torch.matmul(u, u.transpose(1, 2))  # [B, N, N]
-        return r.unsqueeze(2) * s * r.unsqueeze(1)
+        return s.mul_(r.unsqueeze(2)).mul_(r.unsqueeze(1))  # (r_i s_ij) r_j, in place
 
     def plan(self, inp: Inputs, k: int) -> Plan:
         return selection_plan(greedy_dpp(self.kernel(inp), k), inp.x.shape[1])
