@@ -21,8 +21,8 @@ Model arguments (``--model_args k=v,...``):
     anything else: an option of the method, passed to ``mmcompress.apply`` (``metric_dim=64``, ``fastv_k=2``, ...).
 
 Generation: greedy unless the task's (or ``--gen_kwargs``) ``temperature`` > 0 / ``do_sample`` asks for sampling;
-``max_new_tokens``, ``top_p``, ``num_beams`` (uncompressed only, for now) and ``until`` (the answer is cut at the
-first stop string) are honoured.
+``max_new_tokens``, ``top_p``, ``num_beams`` and ``until`` (the answer is cut at the first stop string) are
+honoured.
 Greedy requests run through the same code as ``mmcompress bench`` (`mmcompress.evals.backends.VLMBackend.predict`),
 so the same batches give the same answers. Requests are answered in lmms-eval's document order, in consecutive
 batches of ``batch_size``: the batches of ``mmcompress bench`` over the same questions, in the same order.
@@ -234,9 +234,8 @@ class MMCompressLMM(lmms):
         do_sample = bool(gen.pop("do_sample", False)) or temperature > 0
         top_p = gen.pop("top_p", None)
         num_beams = int(gen.pop("num_beams", 1) or 1)
-        if num_beams != 1 and self.method != "none":
-            raise ValueError(f"num_beams: beam search ({num_beams} beams) of a compressed model is not supported: "
-                             "generate() hands the adapter each image once per beam (use num_beams=1, or method=none)")
+        if num_beams < 1:
+            raise ValueError(f"num_beams: expected an int >= 1, got {num_beams}")
         if do_sample or num_beams != 1:
             extra: dict[str, Any] = {"num_beams": num_beams, "do_sample": do_sample}
             if do_sample:
@@ -273,7 +272,8 @@ class MMCompressLMM(lmms):
              "peak_mem_mb": peak_memory(b.device)}
         texts = b._decode(out[:, inputs["input_ids"].shape[1]:])
         st = mmc.stats(b.model) if self.method != "none" else {}
-        tokens = llm_media_tokens(st, inputs["input_ids"], b.image_token_id, B)
+        nb = int(extra.get("num_beams", 1)) if st else 1  # the stats count every beam's row: one per sample
+        tokens = llm_media_tokens(st, inputs["input_ids"], b.image_token_id, B * nb)[::nb]
         return [{"prediction": text, "tokens": n, **per_sample(t, B, st)}
                 for text, n in zip(texts, tokens, strict=True)]
 

@@ -85,6 +85,28 @@ class Modality:
         return self.encoder or f"get_{self.name}_features"
 
 
+def expanded_meta(meta: list, segs: list[tuple[int, torch.Tensor]], rows: int) -> list:
+    """The item descriptions of an encoder output that `generate` expanded for beam search / several returned
+    sequences: every sample's input row repeated r times (rows b r .. b r + r - 1 are sample b) and each sample's
+    items repeated r times as a group ([A, B] -> [A, B, A, B]), as transformers' `_expand_multimodal_outputs`
+    does; `segs` (sample, columns) are the expanded items. Returns `meta` unchanged when it is not such an expansion.
+    """
+    if not meta or len(segs) % len(meta) or rows % (len(segs) // len(meta)):
+        return meta
+    r = len(segs) // len(meta)
+    per_row = [0] * rows
+    for b, _ in segs:
+        per_row[b] += 1
+    out, i = [], 0
+    for b0 in range(0, rows, r):
+        n = per_row[b0]
+        if any(per_row[b] != n for b in range(b0, b0 + r)):
+            return meta
+        out += meta[i : i + n] * r
+        i += n
+    return out if i == len(meta) else meta
+
+
 @dataclass
 class ItemMeta:
     """What the family knows about one item when its encoder runs.
@@ -474,6 +496,8 @@ class PlaceholderAdapter(Adapter):
                                  f"while the encoder runs; the {mod.name} features were encoded before "
                                  f"mmcompress.apply (pass {mod.input} instead of mm_encoder_outputs)")
             meta = [ItemMeta() for _ in feats]
+        if len(meta) != len(feats):
+            meta = expanded_meta(meta, segs, ids.shape[0])
         if len(meta) != len(feats):
             raise ValueError(f"model: {len(feats)} {mod.name} items but {len(meta)} item descriptions")
         items = []
