@@ -56,27 +56,39 @@ def crop_bounds(n: int, p: int) -> list[tuple[int, int]]:
 
 
 def crop_scores(f: torch.Tensor, a: torch.Tensor, beta: float = BETA) -> torch.Tensor:
-    """Score of one crop per sample.
+    """Score of each crop of n tokens.
 
     Args:
-        f: [B, n, d] features of the crop's tokens.
-        a: [B, n] float32 attention scores of the crop's tokens.
+        f: [..., n, d] features of the crop's tokens (leading dims: batch, and crops of equal size).
+        a: [..., n] float32 attention scores of the crop's tokens.
         beta: weight of the similarity-variance term.
 
     Returns:
-        [B] float32 crop scores.
+        [...] float32 crop scores.
     """
-    n = f.shape[1]
+    n = f.shape[-2]
     if n <= 1:
-        return a.mean(dim=1)
-    u = f.float() / (f.float().norm(dim=2, keepdim=True) + EPS)  # [B, n, d]
-    s = torch.matmul(u, u.transpose(1, 2))  # [B, n, n]
-    s = s * (1 - torch.eye(n, device=f.device, dtype=s.dtype))
-    mean = s.sum(dim=2) / (n - 1)  # [B, n]
-    var = (s - mean.unsqueeze(2)).square().sum(dim=2) / (n - 1)  # [B, n]
+        return a.mean(dim=-1)
+    u = f.float() / (f.float().norm(dim=-1, keepdim=True) + EPS)  # [..., n, d]
+    s = torch.matmul(u, u.transpose(-1, -2))  # [..., n, n]
+    s.diagonal(dim1=-2, dim2=-1).zero_()  # the release multiplies by 1 - eye: the same values
+    mean = s.sum(dim=-1) / (n - 1)  # [..., n]
+    var = (s - mean.unsqueeze(-1)).square().sum(dim=-1) / (n - 1)  # [..., n]
     a = a * ATTN_SCALE
-    scale = a.abs().mean(dim=1, keepdim=True) / (var.abs().mean(dim=1, keepdim=True) + EPS)  # [B, 1]
-    return (a + beta * var * scale).mean(dim=1)
+    scale = a.abs().mean(dim=-1, keepdim=True) / (var.abs().mean(dim=-1, keepdim=True) + EPS)  # [..., 1]
+    return (a + beta * var * scale).mean(dim=-1)
+
+
+def crop_groups(bounds: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """Runs of consecutive crops of equal size: (first crop, crops, first token, crop size), at most two runs."""
+    out: list[tuple[int, int, int, int]] = []
+    for c, (s, e) in enumerate(bounds):
+        if out and out[-1][3] == e - s:
+            first, count, start, size = out[-1]
+            out[-1] = (first, count + 1, start, size)
+        else:
+            out.append((c, 1, s, e - s))
+    return out
 
 
 def allocate(w: torch.Tensor, k: int, cap: torch.Tensor) -> torch.Tensor:
@@ -140,18 +152,21 @@ class HoloV(Compressor):
         a = inp.scores.float()  # [B, N]
         bounds = crop_bounds(N, self.crops or default_crops(N, k))
         f = inp.sim
-        score = torch.stack([crop_scores(f[:, s:e], a[:, s:e], self.beta) for s, e in bounds], dim=1)  # [B, P]
+        groups = crop_groups(bounds)  # crops of equal size are scored and ranked together
+        score = torch.cat([crop_scores(f[:, s : s + P * n].reshape(B, P, n, -1), a[:, s : s + P * n].view(B, P, n),
+                                       self.beta) for _, P, s, n in groups], dim=1)  # [B, P]
         w = score / (score.sum(dim=1, keepdim=True) + EPS)
         cap = torch.tensor([e - s for s, e in bounds], device=dev)
         share = allocate(w, k, cap)  # [B, P]
         keep, key = [], []
-        for c, (s, e) in enumerate(bounds):
-            rank = a[:, s:e].argsort(dim=1, descending=True).argsort(dim=1)  # [B, n] rank within the crop
-            sc = share[:, c : c + 1]
-            keep.append(rank < sc)
+        for c0, P, s, n in groups:
+            rank = a[:, s : s + P * n].view(B, P, n).argsort(dim=2, descending=True).argsort(dim=2)  # [B, P, n]
+            sc = share[:, c0 : c0 + P].unsqueeze(2)  # [B, P, 1]
+            keep.append((rank < sc).view(B, P * n))
             # the release's sequence: crop by crop; a crop kept whole in source order, else by descending scores
-            within = torch.where(sc >= e - s, torch.arange(e - s, device=dev).expand(B, e - s), rank)
-            key.append(c * N + within)
+            within = torch.where(sc >= n, torch.arange(n, device=dev).expand(B, P, n), rank)
+            crop = torch.arange(c0, c0 + P, device=dev).view(1, P, 1)
+            key.append((crop * N + within).view(B, P * n))
         keep = torch.cat(keep, dim=1)  # [B, N], k True per row
         idx = keep.nonzero()[:, 1].view(B, k)  # [B, k] kept tokens in source order (= slot ids 0..k-1)
         plan = selection_plan(idx, N)
