@@ -88,7 +88,8 @@ def build_qwen2_vl(out: str | os.PathLike, seed: int = 0, family: str = "qwen2_v
     size = {"shortest_edge": 56 * 56, "longest_edge": max_side * max_side}
     ip = T.Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
     vp = T.Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    proc = T.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
+    proc_cls = T.Qwen2_5_VLProcessor if family == "qwen2_5_vl" else T.Qwen2VLProcessor  # 2.5: second_per_grid_ts
+    proc = proc_cls(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
     proc.save_pretrained(out)
     tok.save_pretrained(out)
     _gen_config(out, ids["eos_token_id"])
