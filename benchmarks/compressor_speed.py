@@ -15,9 +15,10 @@ finiteness pass over x) are timed too, and every op's ratio to both copies is in
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296 \
         python benchmarks/compressor_speed.py --only tome-peer --out runs/speed/tome_peer_warm_malloc.csv
 
-Fidelity rows (`--only fidelity`): each paper-named method (visionzip, prumerge, dycoke, divprune) against a plain
-per-sample implementation of its release's rules (benchmarks/paper_references.py) on the same input, at batch 1 and
-2, interleaved; each row checks the outputs agree (max abs difference in `agree_max_abs`).
+Fidelity rows (`--only fidelity`): each paper-named method (visionzip, prumerge, prumerge+, dycoke, divprune)
+against a plain per-sample implementation of its release's rules (benchmarks/paper_references.py) on the same input,
+at batch 1 and 2, interleaved; each row checks the outputs agree (max abs difference in `agree_max_abs`; prumerge+
+budgets differ per sample, so both sides are zero-padded to the longest).
 
     python benchmarks/compressor_speed.py --only fidelity --out runs/speed/fidelity.csv
 
@@ -37,12 +38,19 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import mmcompress as mmc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from csv_rows import quantiles  # noqa: E402
-from paper_references import divprune_plain, dycoke_plain, prumerge_plain, visionzip_plain  # noqa: E402
+from paper_references import (  # noqa: E402
+    divprune_plain,
+    dycoke_plain,
+    prumerge_plain,
+    prumerge_plus_plain,
+    visionzip_plain,
+)
 from tome_paper_reference import paper_tome  # noqa: E402
 
 # (label, shape, prefix, grid)
@@ -150,8 +158,10 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
     x = torch.randn(B, 1 + N, C, generator=g)
     sc = torch.rand(B, 1 + N, generator=g)
     me = torch.randn(B, 1 + N, d, generator=g)
+    sa = torch.randn(B, N, generator=g).mul(1.5).softmax(-1)  # attention-like scores: ~10% IQR outliers
     vz = mmc.create("visionzip", keep=64)
     pm = mmc.create("prumerge", keep=64)
+    pp = mmc.create("prumerge+", keep="auto")
     dv = mmc.create("divprune", keep=64)
     dy = mmc.create("dycoke", keep="auto")
     v = torch.randn(B, 16 * 196, 896, generator=g)  # 16 frames of 14 x 14 LLM-space tokens
@@ -160,6 +170,8 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
          lambda: torch.stack([visionzip_plain(x[b], sc[b], me[b], 53, 10) for b in range(B)])),
         ("prumerge", lambda: pm(x[:, 1:], scores=sc[:, 1:], metric=me[:, 1:]).ordered(),
          lambda: torch.stack([prumerge_plain(x[b, 1:], sc[b, 1:], me[b, 1:], 63) for b in range(B)])),
+        ("prumerge+", lambda: pp(x[:, 1:], scores=sa, metric=me[:, 1:]).ordered(),
+         lambda: pad_sequence([prumerge_plus_plain(x[b, 1:], sa[b], me[b, 1:]) for b in range(B)], batch_first=True)),
         ("divprune", lambda: dv(x[:, 1:]).x,
          lambda: torch.stack([x[b, 1:][divprune_plain(x[b, 1:], 64).sort().values] for b in range(B)])),
         ("dycoke", lambda: dy(v, grid=(16, 14, 14)).ordered(),

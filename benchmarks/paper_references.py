@@ -35,10 +35,10 @@ def visionzip_plain(x: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor,
     return torch.stack([x[i] for i in dom] + ctx)
 
 
-def prumerge_plain(x: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, K: int, knn: int = 32) -> torch.Tensor:
-    """x [N, C], scores [N], metric [N, d] -> [K + 1, C]: each top-K token plus the score-weighted sum of its knn
-    nearest other tokens (one loop step per kept token), then the score-weighted sum of the pruned tokens."""
-    kept = scores.topk(K).indices.tolist()
+def _neighbour_sums(x: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, kept: list[int],
+                    knn: int) -> torch.Tensor:
+    """[len(kept) + 1, C]: each kept token plus the score-weighted sum of its knn nearest other tokens (one loop step
+    per kept token), then the score-weighted sum of the tokens not kept."""
     unit = metric / metric.norm(dim=1, keepdim=True)
     out = []
     for i in kept:
@@ -49,6 +49,25 @@ def prumerge_plain(x: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, 
     pruned = [j for j in range(x.shape[0]) if j not in kept]
     out.append((scores[pruned, None] * x[pruned]).sum(0))
     return torch.stack(out)
+
+
+def prumerge_plain(x: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, K: int, knn: int = 32) -> torch.Tensor:
+    """x [N, C], scores [N], metric [N, d] -> [K + 1, C]: the top-K tokens by descending score, each plus the
+    score-weighted sum of its knn nearest other tokens, then the score-weighted sum of the pruned tokens."""
+    return _neighbour_sums(x, scores, metric, scores.topk(K).indices.tolist(), knn)
+
+
+def prumerge_plus_plain(x: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, knn: int = 32) -> torch.Tensor:
+    """PruMerge+ at its adaptive budget: x [N, C], scores [N], metric [N, d] -> [K + U + 1, C]. n_out = scores above
+    Q3 + 1.5 IQR (linear quartiles), K = int(N * n_out / N) top tokens (descending), then the raster positions 0, t,
+    2t, ... < N - 1 (t = int(int(N / n_out) / 3)) not kept yet, merged as in `prumerge_plain`."""
+    N = x.shape[0]
+    q1, q3 = torch.quantile(scores.double(), torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    n_out = int((scores.double() > q3 + 1.5 * (q3 - q1)).sum())
+    kept = scores.topk(int(N * (n_out / N))).indices.tolist()
+    step = int(1 / (n_out / N)) if n_out else N
+    kept += [i for i in range(0, N - 1, max(1, int(step / 3))) if i not in kept]
+    return _neighbour_sums(x, scores, metric, kept, knn)
 
 
 def dycoke_plain(x: torch.Tensor, T: int, prune: float = 0.7) -> torch.Tensor:
