@@ -59,25 +59,25 @@ def greedy_maxmin(m: torch.Tensor, k: int) -> torch.Tensor:
     """
     B, N, _ = m.shape
     u = cosine_normalize(m.detach().float())  # [B, N, d]; the selection takes no gradient
-    ar = torch.arange(B, device=m.device)
     if N == 1:
         return torch.zeros(B, 1, dtype=torch.long, device=m.device)
-    first = nearest_neighbour_distance(u).argmax(dim=1)  # [B]
+    first = nearest_neighbour_distance(u).argmax(dim=1, keepdim=True)  # [B, 1]
     chosen = torch.empty(B, k, dtype=torch.long, device=m.device)
-    chosen[:, 0] = first
-    taken = torch.zeros(B, N, dtype=torch.bool, device=m.device)
-    taken[ar, first] = True
-    mind = torch.full((B, N), float("inf"), device=m.device)  # [B, N] min distance to the chosen set
-    # one matrix-vector product per sample and step (u[b] @ u[b, last]): the batched einsum it replaces cost
-    # 0.9-1.7 ms per step at batch 2 on CPU against ~0.07 ms for the two mv (benchmarks/compressor_speed.py)
+    # per sample, one matrix-vector product per step (u[b] @ u[b, last]); the batched einsum it replaces cost
+    # 0.9-1.7 ms per step at batch 2 on CPU against ~0.07 ms for the two mv (benchmarks/compressor_speed.py).
+    # mind[i] = min distance of token i to the chosen set; a chosen token's entry is -inf (torch.minimum keeps it
+    # there), so the argmax needs no mask. 1-element index tensors throughout: no host sync per step on GPU.
     for b in range(B):
-        ub, mb, tb, cb = u[b], mind[b], taken[b], chosen[b]
-        last = first[b]  # 0-d tensors throughout: no host sync per step on GPU
-        for t in range(1, k):
-            torch.minimum(mb, 1.0 - torch.mv(ub, ub[last]), out=mb)
-            last = mb.masked_fill(tb, float("-inf")).argmax()
-            cb[t] = last
-            tb[last] = True
+        ub = u[b]  # [N, d]
+        mind = torch.full((N,), float("inf"), device=m.device)
+        last = first[b]  # [1]
+        picks = [last]
+        for _ in range(1, k):
+            mind.index_fill_(0, last, float("-inf"))
+            torch.minimum(mind, 1.0 - torch.mv(ub, ub.index_select(0, last)[0]), out=mind)
+            last = mind.argmax(dim=0, keepdim=True)
+            picks.append(last)
+        chosen[b] = torch.cat(picks)
     return chosen
 
 
