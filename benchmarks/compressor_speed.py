@@ -21,6 +21,7 @@ at batch 1 and 2, interleaved; each row checks the outputs agree (max abs differ
 budgets differ per sample, so both sides are zero-padded to the longest).
 
     python benchmarks/compressor_speed.py --only fidelity --out runs/speed/fidelity.csv
+    python benchmarks/compressor_speed.py --only fidelity --threads 1 --cpu-time --out runs/speed/fidelity.csv
 
 The second tome-peer form keeps freed memory mapped (no first-touch page faults for any op, clone included); the
 rows record GLIBC_TUNABLES.
@@ -179,8 +180,11 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
     ]
 
 
-def bench_fidelity(repeats: int, inner: int, threads: int) -> list[dict]:
-    """Ours vs the plain per-sample reference, interleaved per repeat, at batch 1 and 2; one row per op and batch."""
+def bench_fidelity(repeats: int, inner: int, threads: int, cpu_time: bool = False) -> list[dict]:
+    """Ours vs the plain per-sample reference, interleaved per repeat, at batch 1 and 2; one row per op and batch.
+    cpu_time: time with `time.process_time` (this process's CPU time: steadier than wall time when other jobs share
+    the cores; meaningful with threads=1)."""
+    clock = time.process_time if cpu_time else time.perf_counter
     rows = []
     for B in (1, 2):
         for label, ours, ref in _fidelity_cases(B):
@@ -188,17 +192,18 @@ def bench_fidelity(repeats: int, inner: int, threads: int) -> list[dict]:
             t = {"ours": [], "plain": []}
             for _ in range(repeats):
                 for k, f in (("ours", ours), ("plain", ref)):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     for _ in range(inner):
                         f()
-                    t[k].append((time.perf_counter() - t0) / inner * 1e3)
+                    t[k].append((clock() - t0) / inner * 1e3)
             speedup = statistics.median(p / o for p, o in zip(t["plain"], t["ours"], strict=True))
             for k, v in t.items():
                 p20, p50, p80 = quantiles(v)
                 rows.append({"op": f"{label}[{k}]", "provider": "torch", "shape": f"batch {B}", "dtype": "float32",
                              "p20_ms": f"{p20:.3f}", "p50_ms": f"{p50:.3f}", "p80_ms": f"{p80:.3f}",
                              "plain_over_ours_p50": f"{speedup:.2f}", "agree_max_abs": f"{diff:.2e}",
-                             "threads": threads, "device": platform.processor() or platform.machine(),
+                             "threads": threads, "clock": "process_time" if cpu_time else "perf_counter",
+                             "device": platform.processor() or platform.machine(),
                              "torch": torch.__version__, "mmcompress": mmc.__version__,
                              "python": platform.python_version()})
             print(f"{label:10s} batch {B}: ours {statistics.median(t['ours']):8.2f} ms  plain "
@@ -215,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--only", choices=["all", "tome-peer", "fidelity"], default="all",
                     help="tome-peer: only the issue-13 rows; fidelity: only the paper-named methods vs plain peers")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="fidelity rows: time with process_time (CPU time of this process; use with --threads 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -222,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["op", "provider", "shape", "dtype", "keep", "checks", "metric_d", "p20_ms", "p50_ms", "p80_ms",
               "clone_p50_ms", "ratio_to_clone_p50", "copy_p50_ms", "ratio_to_copy_p50", "peer_over_tome_p50",
-              "plain_over_ours_p50", "agree_max_abs", "threads", "glibc_tunables", "device", "torch", "mmcompress",
-              "python"]
+              "plain_over_ours_p50", "agree_max_abs", "threads", "clock", "glibc_tunables", "device", "torch",
+              "mmcompress", "python"]
     rows = [] if args.only == "fidelity" else bench_peer(args.repeats, args.inner, args.threads)
     if args.only in ("all", "fidelity"):
-        rows += bench_fidelity(args.repeats, args.inner, args.threads)
+        rows += bench_fidelity(args.repeats, args.inner, args.threads, args.cpu_time)
     total = 0 if args.only != "all" else len(SHAPES) * len(CASES) * 2
     i = 0
     for label, shape, prefix, grid in SHAPES if total else []:
