@@ -38,12 +38,12 @@ def test_selection_by_hand():
     assert got.nonzero().squeeze(1).tolist() == [4, 8]
 
 
-def test_through_apply_equals_the_rule_on_independent_inputs(model):
+@pytest.mark.parametrize("K", [1, 2])  # 2: the paper's layer; 1: the earliest its rule is defined at (layer 0's keys)
+def test_through_apply_equals_the_rule_on_independent_inputs(model, K):
     """Layer K - 1's keys from the unpruned model's cache and its output through the final norm feed the rule."""
     pv = images(2, seed=2)
     n = image_tokens(model, pv, None)
     kw = {"input_ids": torch.tensor([prompt(n, [20], [11, 12, 13, 14, 15])]), "pixel_values": pv}
-    K = 2
     with torch.no_grad():
         ref = model(**kw, use_cache=True, output_hidden_states=True)
         lm = model.model.language_model
@@ -54,14 +54,14 @@ def test_through_apply_equals_the_rule_on_independent_inputs(model):
     img = kw["input_ids"][0] == IMG
     rule = DARTRule(k=K, max_num_trunction=8, pivot_image=2, pivot_text=2)
     expect = rule._drop_one(torch.norm(keys[0], p=1, dim=-1), hid, img, torch.ones_like(img)).nonzero().squeeze(1)
-    mmc.apply(model, "dart", keep=8, dart_pivot_image=2, dart_pivot_text=2)
+    mmc.apply(model, "dart", keep=8, dart_k=K, dart_pivot_image=2, dart_pivot_text=2)
     with torch.no_grad():
         out = model(**kw, use_cache=True)
     st = model._mmcompress_adapter.fastv
     assert torch.equal(st.last_pruned[0], expect)
     assert mmc.stats(model)["fastv_removed"] == [32 - (2 + 4 * 2)]  # 2 image pivots + 4 pivots x quota 2
     L = kw["input_ids"].shape[1]
-    assert [layer.keys.shape[2] for layer in out.cache.layers] == [L, L, L - 22, L - 22]
+    assert [layer.keys.shape[2] for layer in out.cache.layers] == [L] * K + [L - 22] * (4 - K)
 
 
 def test_keep_all_is_bit_identical(model):
@@ -99,6 +99,8 @@ def test_ragged_batch_generate_equals_single_runs(model):
 def test_options_are_checked(model):
     with pytest.raises(ValueError, match="dart_k"):
         mmc.apply(model, "dart", keep=8, dart_k=4)
+    with pytest.raises(ValueError, match="dart_k: expected K >= 1.*no variant before the LLM"):
+        mmc.apply(model, "dart", keep=8, dart_k=0)  # the paper prunes inside the LLM only (docs/fidelity_inllm.md)
     with pytest.raises(ValueError, match="keep"):
         mmc.apply(model, "dart", keep=1.5)
     with pytest.raises(ValueError, match="keep"):

@@ -107,6 +107,10 @@ def _dart_builder(keep: Any, own: dict[str, Any]):
     rule = DARTRule(k=k if isinstance(k, int) else 2, pivot_image=piv_i, pivot_text=piv_t, **budget)
 
     def build(n_layers: int) -> DARTRule:
+        if isinstance(k, int) and not isinstance(k, bool) and k == 0:
+            raise ValueError("dart_k: expected K >= 1: DART's pivots are the largest keys of layer K - 1, and its "
+                             "paper defines no variant before the LLM (docs/fidelity_inllm.md); for a selection before "
+                             "the LLM use a compressor such as 'divprune' or 'cdpruner'")
         _check_layer("dart_k", k, n_layers)
         return rule
 
