@@ -47,7 +47,12 @@ def test_contract_properties(case):
     kw = call_kwargs(name, x, prefix, grid, seed)
     out = comp(x, size=size, **kw)
     Nb = N - prefix
-    k = keep if isinstance(keep, int) else max(1, min(Nb, round(keep * Nb)))
+    if comp.prefix_in_budget:  # keep counts the prefix (visionzip's CLS): a float keep is a fraction of all N
+        k = keep if isinstance(keep, int) else max(1, min(N, round(keep * N)))
+        whole = k == N
+    else:
+        k = keep if isinstance(keep, int) else max(1, min(Nb, round(keep * Nb)))
+        whole = k == Nb
     check_output(comp, x, out, prefix=prefix, size=size, grid=kw.get("grid"), k=k)
-    if k == Nb:
+    if whole:
         assert torch.equal(out.x, x)
