@@ -155,6 +155,40 @@ def build_llava(out: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
+def build_llava_next(out: str | os.PathLike, seed: int = 0, family: str = "llava_next") -> Path:
+    """Save a tiny random LLaVA-NeXT (or LLaVA-OneVision with family="llava_onevision"): CLIP tower at 112 px with
+    14 px patches (64 tokens per tile), anyres tiles on the pinpoints 112x224, 224x112, 224x224, image_newline."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    img = token_id("<image>")
+    vc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=112,
+              patch_size=14, projection_dim=64, model_type="clip_vision_model")
+    text = dict(_TEXT, model_type="qwen2" if family == "llava_onevision" else "llama", bos_token_id=token_id("<s>"),
+                eos_token_id=token_id("<|im_end|>"), pad_token_id=token_id("<pad>"))
+    pins = [[112, 224], [224, 112], [224, 224]]
+    common = dict(vision_config=vc, text_config=text, image_token_index=img, vision_feature_layer=-2,
+                  image_grid_pinpoints=pins, projector_hidden_act="gelu")
+    size, crop = {"shortest_edge": 112}, {"height": 112, "width": 112}
+    tok = _tokenizer("<image>", "<video>" if family == "llava_onevision" else "<image>")
+    if family == "llava_next":
+        cfg = T.LlavaNextConfig(vision_feature_select_strategy="default", **common)
+        model = T.LlavaNextForConditionalGeneration(cfg)
+        ip = T.LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=pins)
+        proc = T.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                                    vision_feature_select_strategy="default", chat_template=tok.chat_template,
+                                    num_additional_image_tokens=1)
+    else:
+        raise ValueError(f"family: expected 'llava_next', got {family!r}")
+    out = Path(out)
+    model.eval().save_pretrained(out)
+    _clip_layout(out / "model.safetensors")
+    proc.save_pretrained(out)
+    tok.save_pretrained(out)
+    _gen_config(out, text["eos_token_id"])
+    return out
+
+
 def _clip_layout(path: Path) -> None:
     """Checkpoint keys as llava-hf's checkpoints name them (`vision_tower.vision_model.*`): transformers 5 saves the
     CLIP tower without `vision_model.`, which vLLM's weight loader does not map; transformers reads both."""

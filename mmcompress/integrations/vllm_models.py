@@ -79,15 +79,18 @@ def _plans(value: Any) -> list[tuple[int, int]] | None:
     return [(int(t.reshape(-1)[0]), int(t.reshape(-1)[1])) for t in value]
 
 
-def compress_item(x: torch.Tensor, grid: tuple[int, ...], m: int, code: int, prefix: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One item's tokens x [N, C] -> ([M, C], rep [M] representative input index of each, None when kept whole)."""
+def compress_item(x: torch.Tensor, grid: tuple[int, ...] | None, m: int, code: int, prefix: int = 0,
+                  ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One item's tokens x [N, C] -> ([M, C], rep [M] representative input index of each, None when kept whole).
+
+    `ordered`: the tokens in the order the method hands them to the LLM (`CompressOutput.ordered`), as `mmc.apply`
+    gives them to a 1-D placeholder run (the LLaVA families); otherwise source order (Qwen: positions per token)."""
     n = x.shape[0] - prefix
     if code < 0 or m >= n:
         return x, None
     out = _compressor(code, m)(x.unsqueeze(0), grid=grid, prefix=prefix)
     rep = out.rep[0] if out.rep is not None else None
-    return out.x[0], rep
+    return (out.ordered() if ordered else out.x)[0], rep
 
 
 # ---- processors ---------------------------------------------------------------------------------------------------
@@ -104,13 +107,19 @@ class _PlanProcessor:
         """Leading tokens of every item passed through untouched and not counted in keep (LLaVA's CLS, "full")."""
         return 0
 
+    def _item_counts(self, out: Any) -> dict[str, list[tuple[int, int, int]]]:
+        """Per modality, per item: (n_run, n, extra): its placeholder run uncompressed, the tokens the compressor
+        sees, and the tokens its compressed run holds besides the kept ones (a prefix, or LLaVA-NeXT's newline)."""
+        p = self._prefix_tokens()
+        return {mod: [(n, n - p, p) for n in ns] for mod, ns in self._item_tokens(out).items()}
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
         setting = resolve(self.info.get_hf_config(), dict(hf_kwargs))
         out = super()._call_hf_processor(hf_data, _strip(hf_kwargs))
         code = method_code(setting.method) if setting.active else -1
-        p = self._prefix_tokens()
-        for modality, ns in self._item_tokens(out).items():
-            ms = [p + budget(n - p, setting.keep) if code >= 0 else n for n in ns]
+        for modality, counts in self._item_counts(out).items():
+            ms = [n_run if code < 0 or budget(n, setting.keep) >= n else budget(n, setting.keep) + extra
+                  for n_run, n, extra in counts]
             out[_plan_key(modality)] = torch.tensor([[m, code] for m in ms], dtype=torch.long).reshape(-1, 2)
         return out
 
@@ -351,9 +360,11 @@ class MMCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             side = int(round((x.shape[0] - prefix) ** 0.5))
             grid = (side, side) if side * side == x.shape[0] - prefix else None
             if _stage(code) == "projector":  # as mmc.apply: the method's declared stage (e.g. divprune's release)
-                y, _ = compress_item(self.multi_modal_projector(x), grid, m - prefix, code, prefix=prefix)
+                y, _ = compress_item(self.multi_modal_projector(x), grid, m - prefix, code, prefix=prefix,
+                                     ordered=True)
             else:  # default: the selected vision features, then the projector
-                y = self.multi_modal_projector(compress_item(x, grid, m - prefix, code, prefix=prefix)[0])
+                y = self.multi_modal_projector(compress_item(x, grid, m - prefix, code, prefix=prefix,
+                                                             ordered=True)[0])
             out.append(y)
         return tuple(out)
 

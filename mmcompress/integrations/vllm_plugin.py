@@ -33,6 +33,7 @@ SUPPORTED = {
     "Qwen2VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2_5_VLForConditionalGeneration",
     "LlavaForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "mmcompress.integrations.vllm_llava:MMCLlavaNextForConditionalGeneration",
 }
 REQUEST_KEYS = ("mmcompress_method", "mmcompress_keep")
 _registered = False

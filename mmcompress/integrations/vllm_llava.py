@@ -1,0 +1,107 @@
+"""vLLM model classes for LLaVA-NeXT (anyres tiles, image_newline) with mmcompress between the encoder and the LLM.
+
+Imported by vLLM only (through `vllm_plugin.SUPPORTED`). What `mmc.apply` does on these models in transformers
+(`mmcompress/integrations/llava.py`), and so what this does: an image is ONE item, its base tile then its unpadded
+high-res grid in raster order, the per-row newline tokens removed (grid None: the two parts have different
+geometries); its N tokens are compressed to M (before the projector by default, after it for methods that declare
+`encoder_needs.stage="projector"`), projected, and followed by ONE image_newline token. The placeholder run of a
+compressed image is therefore M + 1 tokens, fixed in the processor from the image size alone
+(`budget(N, keep) + 1`); an image whose budget keeps all N tokens is vLLM's own embedding, bit for bit.
+
+Letters: N tokens of one image without newlines, M kept, C hidden size, C' vision width, h x w patches per tile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageEmbeddingInputs,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.model_executor.models.vision import get_num_selected_vision_tokens
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from mmcompress.integrations.vllm_models import _plan_key, _PlanProcessor, _plans, _stage, _strip, compress_item
+
+
+def _anyres_counts(info: Any, width: int, height: int) -> tuple[int, int]:
+    """(placeholder run uncompressed, N tokens without the newlines) of one LLaVA-NeXT image."""
+    cfg, vei = info.get_hf_config(), info.get_vision_encoder_info()
+    base = get_num_selected_vision_tokens(vei.get_num_image_tokens(image_width=width, image_height=height),
+                                          cfg.vision_feature_select_strategy)
+    nph, npw = get_anyres_image_grid_shape((height, width), cfg.image_grid_pinpoints, vei.get_image_size())
+    unpadded, _ = info._get_num_unpadded_features(original_height=height, original_width=width,
+                                                  npatches=vei.get_patch_grid_length(), num_patch_height=nph,
+                                                  num_patch_width=npw)
+    return info.get_num_image_tokens(image_width=width, image_height=height), base + unpadded
+
+
+class MMCLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+    def get_hf_processor(self, **kwargs: object) -> Any:
+        return super().get_hf_processor(**_strip(kwargs))
+
+
+class MMCLlavaNextMultiModalProcessor(_PlanProcessor, LlavaNextMultiModalProcessor):
+    def _item_counts(self, out: Any) -> dict[str, list[tuple[int, int, int]]]:
+        sizes = out.get("image_sizes")
+        if sizes is None:
+            return {}
+        counts = [_anyres_counts(self.info, int(w), int(h)) for h, w in sizes.tolist()]
+        return {"image": [(n_run, n, 1) for n_run, n in counts]}  # compressed: M kept + one image_newline
+
+
+def pack_anyres(feats: torch.Tensor, image_size: tuple[int, int], pinpoints: list, tile_px: int, side: int
+                ) -> torch.Tensor:
+    """One image's tiles [tiles, h*w, C'] -> [N, C']: the base tile, then the unpadded high-res grid in raster
+    order, without newline tokens (LLaVA-NeXT's own unpad/pack; any channel count)."""
+    base = feats[0]
+    if feats.shape[0] == 1:
+        return base
+    nph, npw = get_anyres_image_grid_shape(image_size, pinpoints, tile_px)
+    hi = feats[1:1 + nph * npw].view(nph, npw, side, side, -1)
+    hi = hi.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # [C', nph*h, npw*w]
+    hi = unpad_image(hi, image_size)  # [C', H', W']
+    return torch.cat([base, hi.flatten(1, 2).transpose(0, 1)], 0)
+
+
+@MULTIMODAL_REGISTRY.register_processor(MMCLlavaNextMultiModalProcessor, info=MMCLlavaNextProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class MMCLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT with mmcompress on each image's packed tokens (see the module docstring)."""
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        plans = _plans(kwargs.pop(_plan_key("image"), None))
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if isinstance(image_input, LlavaNextImageEmbeddingInputs) or plans is None or all(c < 0 for _, c in plans):
+            return self._process_image_input(image_input)
+        pv = image_input["pixel_values"]
+        tiles = [p.shape[0] for p in pv]  # per image [tiles, 3, H, W] (a stacked tensor or a list)
+        stacked = self._image_pixels_to_features(self.vision_tower, torch.cat(list(pv)))  # [sum tiles, h*w, C']
+        projected = self.multi_modal_projector(stacked)  # as vLLM: all tiles at once (so keep=1 is bit-exact)
+        feats, proj = torch.split(stacked, tiles), torch.split(projected, tiles)
+        sizes = image_input["image_sizes"].tolist()
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        out = []
+        for i, (m, code) in enumerate(plans):
+            own = self._merge_image_patch_embeddings(torch.tensor(sizes[i]), proj[i], strategy="spatial_unpad")
+            projector_stage = _stage(code) == "projector"
+            x = pack_anyres(proj[i] if projector_stage else feats[i], tuple(sizes[i]), self.config.image_grid_pinpoints,
+                            vc.image_size, side)  # [N, C' or C]
+            if code < 0 or m >= own.shape[0] or m - 1 >= x.shape[0]:
+                out.append(own)  # nothing removed: vLLM's own embedding (with its newlines)
+                continue
+            grid = (side, side) if tiles[i] == 1 else None
+            y, _ = compress_item(x, grid, m - 1, code, ordered=True)  # [M, C' or C]
+            if not projector_stage:
+                y = self.multi_modal_projector(y)
+            out.append(torch.cat([y, self.image_newline[None].to(y)], 0))  # [M + 1, C]
+        return tuple(out)
