@@ -120,3 +120,23 @@ def test_through_apply_on_onevision_video_equals_the_release_rule():
     assert emb.shape[0] == 2 + M + 1 + 2
     torch.testing.assert_close(emb[2:2 + M], want, rtol=0, atol=0)
     torch.testing.assert_close(emb[2 + M], newline, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", [0, 5, 16 + 3, 6 * 4 + 2, 7 * 4 + 3])  # prefix, frames 1, 4, 6 (never compared), 7
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("with_metric", [False, True])
+def test_non_finite_x_raises_whatever_the_frame(where, bad, with_metric):
+    """The finiteness check reads the similarity pass's per-token norms (`check_in_plan`): a NaN/inf anywhere in x,
+    prefix and frames that are never compared included, still raises; with a metric, x itself is checked."""
+    x = torch.randn(2, 1 + 8 * 4, 6)
+    x[1, where, 2] = bad
+    kw = {"metric": torch.randn(2, 1 + 8 * 4, 3)} if with_metric else {}
+    for keep in ("auto", 20, 2):  # the release's quota, a shared budget, whole frames thinned (nothing compared)
+        with pytest.raises(ValueError, match="x: contains NaN or inf"):
+            mmc.create("dycoke", keep=keep, prune=0.5)(x, grid=(8, 2, 2), prefix=1, **kw)
+
+
+def test_finite_x_whose_norms_overflow_passes():
+    big = torch.full((1, 8 * 4, 4), 3e38)  # finite, but its norms overflow float32: the exact check on x decides
+    out = mmc.create("dycoke", keep="auto", prune=0.5)(big, grid=(8, 2, 2))
+    assert out.x.shape == (1, 3 * 4 + 5 * 2, 4)

@@ -130,6 +130,9 @@ class Plan:
         x_head: True when `x` is [B, P + M, C] and already starts with the P prefix tokens (`Inputs.head`).
         order: optional [B, M] int64 slot ids (the plan's numbering) in the order the method hands them to the LLM
             (becomes `CompressOutput.order`, prefix first); None: source order.
+        probe: optional tensor computed from EVERY element of `Inputs.x` (e.g. the norms of all its tokens), so that
+            NaN/inf in x show in it: for a class with `check_in_plan`, the finiteness check reads it instead of
+            making its own pass over x. None: the check reads x.
     """
 
     assign: torch.Tensor
@@ -138,6 +141,7 @@ class Plan:
     size: torch.Tensor | None = None
     x_head: bool = False
     order: torch.Tensor | None = None
+    probe: torch.Tensor | None = None
 
 
 def _check_keep(keep: Any) -> int | float | str:
@@ -200,6 +204,9 @@ class Compressor:
     #: always shows in the output: the finiteness check then reads the output (smaller, and still in cache) instead
     #: of making its own pass over x.
     check_output: bool = False
+    #: True when `plan` may return `Plan.probe` (a reduction it computes over every element of x anyway): the
+    #: finiteness check then reads the probe (and the prefix) instead of making its own pass over x.
+    check_in_plan: bool = False
     #: True when the prefix tokens count in `keep` (VisionZip counts the CLS as a dominant token): an int keep k gives
     #: k outputs in all (max(1, k - P) non-prefix ones), a float keep f gives round(f * N) in all (N prefix included).
     prefix_in_budget: bool = False
@@ -241,16 +248,25 @@ class Compressor:
         """Compress x [B, N, C]; see DESIGN §3 for the arguments and `CompressOutput` for the result."""
         inp, head, head_size = self._inputs(x, grid, prefix, size, text, scores, metric)
         Nb = inp.x.shape[1]
+        plan = None
         if self.keep == "auto":
             ks = self.auto_keep(inp).to(torch.long).clamp(1, Nb)
             if bool((ks == ks[0]).all()):
-                out = self._finish(inp, self._plan_checked(inp, int(ks[0])), head, head_size)
+                plan = self._plan_checked(inp, int(ks[0]))
+                out = self._finish(inp, plan, head, head_size)
             else:
                 out = self._ragged(inp, ks, head, head_size)
         else:
-            out = self._finish(inp, self._plan_checked(inp, self._budget(Nb, head.shape[1])), head, head_size)
+            plan = self._plan_checked(inp, self._budget(Nb, head.shape[1]))
+            out = self._finish(inp, plan, head, head_size)
         if self.check_output and checks_enabled():
             _check_finite(x, out.x)
+        elif self.check_in_plan and checks_enabled():
+            if plan is None or plan.probe is None:
+                _check_finite(x, x)
+            else:  # the probe covers the non-prefix tokens; the prefix is read directly
+                _check_finite(x, plan.probe)
+                _check_finite(x, head)
         return out
 
     def _budget(self, Nb: int, P: int = 0) -> int:
@@ -311,7 +327,7 @@ class Compressor:
             if need in ("text", "scores", "grid") and locals()[need] is None:
                 raise ValueError(f"{need}: compressor {self.name!r} needs `{need}=` and did not get it")
         if checks_enabled():
-            if not self.check_output:
+            if not (self.check_output or self.check_in_plan):
                 _check_finite(x, x)
             if size is not None and not bool(((size > 0) & torch.isfinite(size)).all()):
                 raise ValueError("size: every entry must be finite and > 0")

@@ -62,6 +62,8 @@ class DyCoke(Compressor):
 
     family, modality, needs = "similarity", "video", ("grid",)
     select_only = True
+    #: the per-token norms of the similarity pass cover every token of x: the finiteness check reads them
+    check_in_plan = True
     #: the release runs on the LLM-space frame tokens (after the projector and LLaVA-OneVision's pooling)
     encoder_needs = EncoderNeeds(stage="projector")
 
@@ -118,21 +120,26 @@ class DyCoke(Compressor):
                 rank[f, :q] = pos
         rank = rank.expand(B, T, P)
         compared = [f for f in sorted(pairs) if 0 < quotas[f] < P]
+        probe = None
         if compared:  # the places least similar to the partner frame, by ascending similarity
             rank = rank.clone()
             fs = torch.tensor(compared, device=dev)
-            rank[:, fs] = torch.sort(self._similarity(inp.sim, T, P, pairs, compared), dim=2, stable=True).indices
+            sim, norm = self._similarity(inp.sim, T, P, pairs, compared)
+            rank[:, fs] = torch.sort(sim, dim=2, stable=True).indices
+            probe = norm if inp.metric is None else None  # [B, T, P] norms of every token of x
         take = torch.arange(P, device=dev) < torch.tensor(quotas, device=dev).unsqueeze(1)  # [T, P]
         seq = (rank + torch.arange(0, N, P, device=dev).view(1, T, 1))[:, take]  # [B, k] token ids in output order
         rep, slot = seq.sort(dim=1)  # source order; seq = rep[slot]
         order = slot.argsort(dim=1)  # [B, k] the slot of each output
         assign = torch.full((B, N), -1, dtype=torch.long, device=dev)
         assign.scatter_(1, rep, torch.arange(k, device=dev).expand(B, k))
-        return Plan(assign=assign, rep=rep, order=order)
+        return Plan(assign=assign, rep=rep, order=order, probe=probe)
 
     @staticmethod
-    def _similarity(m: torch.Tensor, T: int, P: int, pairs: dict[int, int], frames: list[int]) -> torch.Tensor:
-        """[B, len(frames), P] cosine similarity of each listed frame's tokens to its partner's at the same place.
+    def _similarity(m: torch.Tensor, T: int, P: int, pairs: dict[int, int],
+                    frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, len(frames), P] cosine similarity of each listed frame's tokens to its partner's at the same place,
+        [B, T, P] the norms of all tokens).
 
         One norm per token (one pass over the clip) and one dot product per compared place, written through a
         reused [P, d] buffer: no normalised copies of the frames and no clip-sized temporaries.
@@ -148,4 +155,4 @@ class DyCoke(Compressor):
         for b in range(B):
             for j, (f, g) in enumerate(zip(frames, partners, strict=True)):
                 torch.sum(torch.mul(u[b, f], u[b, g], out=buf), dim=-1, out=dot[b, j])
-        return dot / (norm[:, frames] * norm[:, partners]).clamp_min(1e-8)
+        return dot / (norm[:, frames] * norm[:, partners]).clamp_min(1e-8), norm
