@@ -140,3 +140,16 @@ def test_finite_x_whose_norms_overflow_passes():
     big = torch.full((1, 8 * 4, 4), 3e38)  # finite, but its norms overflow float32: the exact check on x decides
     out = mmc.create("dycoke", keep="auto", prune=0.5)(big, grid=(8, 2, 2))
     assert out.x.shape == (1, 3 * 4 + 5 * 2, 4)
+
+
+def test_gradients_reach_the_kept_tokens():
+    """The selection takes no gradient; x's gradient is the output's at each kept token and 0 at the dropped ones."""
+    x = torch.randn(2, 1 + 8 * 4, 6, dtype=torch.float64, requires_grad=True)
+    out = mmc.create("dycoke", keep="auto", prune=0.5)(x, grid=(8, 2, 2), prefix=1)
+    w = torch.randn_like(out.x)
+    (g,) = torch.autograd.grad((out.x * w).sum(), x)
+    want = torch.zeros_like(x)
+    for b in range(2):
+        kept = out.assign[b] >= 0
+        want[b, kept] = w[b, out.assign[b, kept]]
+    torch.testing.assert_close(g, want, rtol=0, atol=0)

@@ -145,6 +145,7 @@ class DyCoke(Compressor):
         reused [P, d] buffer: no normalised copies of the frames and no clip-sized temporaries.
         """
         B, d = m.shape[0], m.shape[-1]
+        m = m.detach()  # the selection takes no gradient (and the out= buffers below take none)
         if m.dtype in (torch.float16, torch.bfloat16):
             m = m.float()
         u = m.reshape(B, T, P, d)  # [B, T, P, d]
