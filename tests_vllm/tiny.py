@@ -170,7 +170,7 @@ def build_llava_next(out: str | os.PathLike, seed: int = 0, family: str = "llava
     common = dict(vision_config=vc, text_config=text, image_token_index=img, vision_feature_layer=-2,
                   image_grid_pinpoints=pins, projector_hidden_act="gelu")
     size, crop = {"shortest_edge": 112}, {"height": 112, "width": 112}
-    tok = _tokenizer("<image>", "<video>" if family == "llava_onevision" else "<image>")
+    tok = _tokenizer("<image>", "<|video_pad|>")
     if family == "llava_next":
         cfg = T.LlavaNextConfig(vision_feature_select_strategy="default", **common)
         model = T.LlavaNextForConditionalGeneration(cfg)
@@ -178,8 +178,18 @@ def build_llava_next(out: str | os.PathLike, seed: int = 0, family: str = "llava
         proc = T.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                                     vision_feature_select_strategy="default", chat_template=tok.chat_template,
                                     num_additional_image_tokens=1)
+    elif family == "llava_onevision":
+        vid = token_id("<|video_pad|>")
+        cfg = T.LlavaOnevisionConfig(vision_feature_select_strategy="default", video_token_index=vid,
+                                     vision_aspect_ratio="anyres_max_9", **common)
+        model = T.LlavaOnevisionForConditionalGeneration(cfg)
+        ip = T.LlavaOnevisionImageProcessor(size={"height": 112, "width": 112}, image_grid_pinpoints=pins)
+        vp = T.LlavaOnevisionVideoProcessor(size={"height": 112, "width": 112})
+        proc = T.LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, num_image_tokens=65,
+                                         vision_feature_select_strategy="default", chat_template=tok.chat_template,
+                                         video_token="<|video_pad|>", vision_aspect_ratio="anyres_max_9")
     else:
-        raise ValueError(f"family: expected 'llava_next', got {family!r}")
+        raise ValueError(f"family: expected 'llava_next' or 'llava_onevision', got {family!r}")
     out = Path(out)
     model.eval().save_pretrained(out)
     _clip_layout(out / "model.safetensors")

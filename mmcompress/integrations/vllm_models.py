@@ -115,7 +115,10 @@ class _PlanProcessor:
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
         setting = resolve(self.info.get_hf_config(), dict(hf_kwargs))
-        out = super()._call_hf_processor(hf_data, _strip(hf_kwargs))
+        return self._add_plans(super()._call_hf_processor(hf_data, _strip(hf_kwargs)), setting)
+
+    def _add_plans(self, out: Any, setting: Any) -> Any:
+        """Adds each item's [m, code] (placeholder run, compressor code; -1 none) to the processor output."""
         code = method_code(setting.method) if setting.active else -1
         for modality, counts in self._item_counts(out).items():
             ms = [n_run if code < 0 or budget(n, setting.keep) >= n else budget(n, setting.keep) + extra

@@ -34,6 +34,8 @@ SUPPORTED = {
     "Qwen2_5_VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2_5_VLForConditionalGeneration",
     "LlavaForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "mmcompress.integrations.vllm_llava:MMCLlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration":
+        "mmcompress.integrations.vllm_llava:MMCLlavaOnevisionForConditionalGeneration",
 }
 REQUEST_KEYS = ("mmcompress_method", "mmcompress_keep")
 _registered = False
