@@ -83,12 +83,13 @@ lint: $(STAMP)
 # The main job: ref-vlm-mini on 500 seeded detail and 500 easy-VQA test questions, every image compressor and the
 # in-LLM methods at 50/25/12.5% of the 64 image tokens, with the uncompressed row and random (pdrop cannot reach
 # 12.5% on a 4-layer LLM: listed as skipped); ~22 min on 2 cores; resumable (a rerun continues; `make clean` starts
-# over).
+# over). Then the video compressors on real clips (`bench-video`, below; ~30 s).
 BENCH_METHODS := none,random,uniform,pool,tome,divprune,visionzip,prumerge,prumerge+,text_recovery,adaptive
 BENCH_METHODS := $(BENCH_METHODS),cdpruner,vispruner,scope,holov,fastv,pdrop,dart,sparsevlm
 bench: $(STAMP)
 	$(BIN)/mmcompress bench --model ref-vlm-mini --task detail,easyvqa --methods $(BENCH_METHODS) \
 	  --keep 0.5,0.25,0.125 --limit 500 --seed 0 --batch-size 32 --out runs/bench --resume
+	$(MAKE) --no-print-directory bench-video
 
 bench-speed: $(STAMP)
 	$(BIN)/python benchmarks/compressor_speed.py --out runs/speed/speed.csv
