@@ -79,3 +79,43 @@ def test_duplicates_and_half_precision():
     a = mmc.create("divprune", keep=7)(xb)
     b = mmc.create("divprune", keep=7)(xb.float())
     assert a.x.dtype == torch.bfloat16 and torch.equal(a.assign, b.assign)
+
+
+def _release_divprune(v: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Plain reference of the release's rule on one image's LLM input embeddings v [N, C]: the full cosine-distance
+    matrix, the token with the largest nearest-neighbour distance first, then the farthest from the chosen set; the
+    int(round(ratio * N)) picks in source order."""
+    u = v / v.norm(dim=1, keepdim=True)
+    dist = 1.0 - u @ u.T  # [N, N]
+    picks = [int(dist.topk(2, dim=0, largest=False).values[1].argmax())]
+    for _ in range(1, int(round(ratio * v.shape[0]))):
+        picks.append(int(dist[picks].min(0).values.argmax()))
+    return v[sorted(picks)]
+
+
+def test_through_apply_equals_the_release_rule_on_the_llm_inputs():
+    """`mmc.apply` runs divprune after the projector (the release selects among the image's LLM input embeddings)
+    and the LLM receives the release's picks in source order."""
+    import llava_tiny as lt
+
+    model = lt.build("llava", seed=2)
+    pv = lt.images(2, seed=2)
+    n = lt.image_tokens(model, pv, None)[0]
+    ids = torch.tensor([lt.prompt([n], [11, 12], [13, 14])] * 2)
+    got = []
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: got.append(kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pv)  # unwrapped: the release's input, the image's embeddings
+            mmc.apply(model, "divprune", keep=6)
+            model(input_ids=ids, pixel_values=pv)
+    finally:
+        hook.remove()
+        mmc.remove(model)
+    full, emb = got
+    assert emb.shape[1] == ids.shape[1] - (n - 6)
+    for b in range(2):
+        want = _release_divprune(full[b, 3:3 + n], 6 / n)
+        torch.testing.assert_close(emb[b, 3:9], want, rtol=0, atol=0)
+        torch.testing.assert_close(emb[b, 9:], full[b, 3 + n:], rtol=0, atol=0)
