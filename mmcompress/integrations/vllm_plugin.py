@@ -32,6 +32,7 @@ __all__ = ["register", "Setting", "resolve", "budget", "SUPPORTED", "method_code
 SUPPORTED = {
     "Qwen2VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "mmcompress.integrations.vllm_qwen3:MMCQwen3VLForConditionalGeneration",
     "LlavaForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "mmcompress.integrations.vllm_llava:MMCLlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration":

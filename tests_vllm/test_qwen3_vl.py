@@ -1,0 +1,96 @@
+"""The plugin on vLLM's (CPU) engine with a tiny random Qwen3-VL (DeepStack from both vision layers; 16 px patches):
+keep=1 and no setting equal plain vLLM, keep=0.25 / an int keep shorten the prompt by the removed image tokens and
+agree with `mmc.apply` in transformers (the DeepStack features subset with the same tokens), a mixed batch equals
+single runs, a video request with an active setting is refused while plain video requests are served as vLLM does.
+One plugin engine and one plain-vLLM engine for the module."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny
+from conftest import run_engine
+
+A = {"prompt": tiny.prompt(seed=0), "images": [[0, 128, 128]]}  # 8 x 8 patches -> 16 tokens
+B = {"prompt": tiny.prompt(seed=1, n_words=9), "images": [[1, 192, 128]]}  # 12 x 8 patches -> 24 tokens
+V = {"prompt": tiny.prompt(seed=3, placeholder=tiny.VIDEO), "videos": [[5, 4, 128, 128]]}
+TEXT = {"prompt": "<|im_start|>user w5 w9 w13 <|im_end|> <|im_start|>assistant"}
+N_A, N_B = 16, 24
+
+
+def kw(method, keep):
+    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+
+
+CALLS = {
+    "none": [A, B],
+    "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tome", 1.0))],
+    "tome": [dict(A, **kw("tome", 0.25)), dict(B, **kw("tome", 0.25))],
+    "divprune_int": [dict(A, **kw("divprune", 6)), dict(B, **kw("divprune", 6))],
+    "pool": [dict(A, **kw("pool", 0.25)), dict(B, **kw("pool", 0.25))],
+    "text": [TEXT],
+    "mixed": [dict(A, **kw("tome", 0.25)), TEXT, dict(B, **kw("divprune", 6)), A],
+    "video_refused": [dict(V, **kw("tome", 0.25))],
+    "video": [V],
+}
+NAMES = list(CALLS)
+PLAIN = ["none", "video"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q3")
+    model = str(tiny.build_qwen3_vl(root / "model"))
+    out = run_engine(tmp_path_factory.mktemp("plug"), model, [CALLS[n] for n in NAMES])
+    plain = run_engine(tmp_path_factory.mktemp("plain"), model, [CALLS[n] for n in PLAIN],
+                       env={"MMCOMPRESS_VLLM": "0"})
+    return model, dict(zip(NAMES, out["results"], strict=True)), dict(zip(PLAIN, plain["results"], strict=True))
+
+
+@pytest.mark.parametrize("name,plain", [("none", "none"), ("keep1", "none"), ("video", "video")])
+def test_keep1_and_no_setting_equal_plain_vllm(runs, name, plain):
+    _, got, ref = runs
+    assert got[name] == ref[plain]  # prompt ids, generated ids, first-step log-probs: bit for bit
+
+
+@pytest.mark.parametrize("name,kept", [("tome", (4, 6)), ("divprune_int", (6, 6)), ("pool", (4, 6))])
+def test_prompt_shorter_by_removed_tokens(runs, name, kept):
+    _, got, ref = runs
+    for r, p, n, m in zip(got[name], ref["none"], (N_A, N_B), kept, strict=True):
+        assert len(r["prompt_token_ids"]) == len(p["prompt_token_ids"]) - (n - m)
+        assert r["prompt_token_ids"].count(tiny.token_id("<|image_pad|>")) == m
+        assert len(r["token_ids"]) == 5
+
+
+def test_mixed_batch_equals_single_runs(runs):
+    _, got, _ = runs
+    singles = [got["tome"][0], got["text"][0], got["divprune_int"][1], got["none"][0]]
+    for m, s in zip(got["mixed"], singles, strict=True):
+        assert m["prompt_token_ids"] == s["prompt_token_ids"]
+        assert m["token_ids"] == s["token_ids"]
+        for k, v in s["first_logprobs"].items():
+            assert math.isclose(m["first_logprobs"][k], v, abs_tol=1e-4)
+
+
+def test_video_with_a_setting_refused(runs):
+    _, got, _ = runs
+    err = got["video_refused"].get("error", "") if isinstance(got["video_refused"], dict) else ""
+    assert "images only, not videos" in err, got["video_refused"]
+
+
+@pytest.mark.parametrize("name,method,keep", [("none", None, 1.0), ("tome", "tome", 0.25),
+                                              ("divprune_int", "divprune", 6), ("pool", "pool", 0.25)])
+def test_agrees_with_mmc_apply_in_transformers(runs, name, method, keep):
+    """Same weights, same compressor, same inputs: greedy ids equal, first-token log-probs within fp32 noise."""
+    import torch
+    import transformers as T
+
+    import mmcompress as mmc
+
+    model_dir, got, _ = runs
+    model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    proc = T.AutoProcessor.from_pretrained(model_dir)
+    if method:
+        mmc.apply(model, method, keep=keep)
+    tiny.assert_transformers_agree(model, proc, CALLS[name], got[name])
