@@ -48,7 +48,7 @@ def test_in_llm_beams_of_a_batch_equal_solo_beams(name):
     samples = [spec.sample(0), spec.sample(1, pre=4, post=2)]
     mmc.apply(model, "fastv", keep=0.5)
     both = _beams(model, batch(spec, samples), True)
-    assert all(r > 0 for r in mmc.stats(model)["fastv_removed"])
+    assert all(r > 0 for r in mmc.stats(model)["inllm_removed"])
     for b, smp in enumerate(samples):
         solo = _beams(model, batch(spec, [smp]), True)
         n = solo.sequences.shape[1]

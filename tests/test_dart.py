@@ -57,9 +57,9 @@ def test_through_apply_equals_the_rule_on_independent_inputs(model, K):
     mmc.apply(model, "dart", keep=8, dart_k=K, dart_pivot_image=2, dart_pivot_text=2)
     with torch.no_grad():
         out = model(**kw, use_cache=True)
-    st = model._mmcompress_adapter.fastv
+    st = model._mmcompress_adapter.inllm
     assert torch.equal(st.last_pruned[0], expect)
-    assert mmc.stats(model)["fastv_removed"] == [32 - (2 + 4 * 2)]  # 2 image pivots + 4 pivots x quota 2
+    assert mmc.stats(model)["inllm_removed"] == [32 - (2 + 4 * 2)]  # 2 image pivots + 4 pivots x quota 2
     L = kw["input_ids"].shape[1]
     assert [layer.keys.shape[2] for layer in out.cache.layers] == [L] * K + [L - 22] * (4 - K)
 
@@ -73,7 +73,7 @@ def test_keep_all_is_bit_identical(model):
     mmc.apply(model, "dart", keep=1.0)  # budget n: every image token is a pivot or a pick
     with torch.no_grad():
         assert torch.equal(model(**kw).logits, ref)
-    assert mmc.stats(model)["fastv_removed"] == [0]
+    assert mmc.stats(model)["inllm_removed"] == [0]
 
 
 def test_ragged_batch_generate_equals_single_runs(model):
@@ -85,12 +85,12 @@ def test_ragged_batch_generate_equals_single_runs(model):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=am, pixel_values=pv, max_new_tokens=4, do_sample=False,
                              output_scores=True, return_dict_in_generate=True)
-        removed = mmc.stats(model)["fastv_removed"]
+        removed = mmc.stats(model)["inllm_removed"]
         assert removed[0] != removed[1]
         for b, (s, p) in enumerate(zip(seqs, (pv[:1], pv[1:]), strict=True)):
             solo = model.generate(input_ids=torch.tensor([s]), pixel_values=p, max_new_tokens=4, do_sample=False,
                                   output_scores=True, return_dict_in_generate=True)
-            assert mmc.stats(model)["fastv_removed"] == [removed[b]]
+            assert mmc.stats(model)["inllm_removed"] == [removed[b]]
             assert torch.equal(out.sequences[b, -4:], solo.sequences[0, -4:])
             for sb, ss in zip(out.scores, solo.scores, strict=True):
                 torch.testing.assert_close(sb[b], ss[0], atol=1e-5, rtol=1e-4)

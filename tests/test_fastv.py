@@ -49,7 +49,7 @@ def test_prunes_kv_after_layer_k_and_generates(model):
     lens = [layer.keys.shape[2] for layer in out.cache.layers]
     assert lens[:K] == [L] * K and lens[K:] == [L - 8] * (len(lens) - K)  # 16 image tokens, R = 0.5
     assert out.logits.shape[1] == L - 8
-    assert mmc.stats(model)["fastv_removed"] == [8]
+    assert mmc.stats(model)["inllm_removed"] == [8]
     with torch.no_grad():
         g = model.generate(**kw, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert g.sequences.shape[1] == L + 4
@@ -70,7 +70,7 @@ def test_pruned_tokens_are_the_least_attended_in_eager_attention(model):
     expect = pos[row[pos].argsort()[:8]].sort().values
     mmc.apply(model, "fastv", keep=0.5, fastv_k=K)
     run(model, kw)
-    got = model._mmcompress_adapter.fastv.last_pruned[0]
+    got = model._mmcompress_adapter.inllm.last_pruned[0]
     assert torch.equal(got, expect)
 
 
@@ -84,7 +84,7 @@ def test_batch_with_different_prune_counts_equals_single_runs(model):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=am, pixel_values=pv, max_new_tokens=4, do_sample=False,
                              output_scores=True, return_dict_in_generate=True)
-        assert mmc.stats(model)["fastv_removed"] == [8, 16]
+        assert mmc.stats(model)["inllm_removed"] == [8, 16]
         for b, (s, p) in enumerate(zip(seqs, (pv[:1], pv[1:]), strict=True)):
             solo = model.generate(input_ids=torch.tensor([s]), pixel_values=p, max_new_tokens=4, do_sample=False,
                                   output_scores=True, return_dict_in_generate=True)
@@ -100,7 +100,7 @@ def test_combines_with_encoder_compression_and_removes_cleanly(model):
     mmc.apply(model, "uniform", keep=8, fastv_k=K, fastv_r=0.5)
     out = run(model, kw)
     st = mmc.stats(model)
-    assert st["tokens_out"] == [8] and st["fastv_removed"] == [4]
+    assert st["tokens_out"] == [8] and st["inllm_removed"] == [4]
     assert out.logits.shape[1] == kw["input_ids"].shape[1] - 8 - 4
     mmc.remove(model)
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks

@@ -194,7 +194,7 @@ def test_methods_run_on_families_through_apply(family, name, keep, opts):
             out = model.generate(**kw, max_new_tokens=3, do_sample=False)
         assert out.shape[1] == kw["input_ids"].shape[1] + 3
         st = mmc.stats(model)
-        assert all(r > 0 for r in st["fastv_removed"])
+        assert all(r > 0 for r in st["inllm_removed"])
         assert all(row[-1] < row[0] for row in st["inllm_layer_tokens"])
     finally:
         mmc.remove(model)

@@ -171,7 +171,7 @@ def test_catalogue_methods_run_with_generate(fam, name):
     assert out.shape[1] == kw["input_ids"].shape[1] + 3
     st = mmc.stats(model)
     if name == "fastv":
-        assert st["fastv_removed"] and st["fastv_removed"][0] > 0
+        assert st["inllm_removed"] and st["inllm_removed"][0] > 0
     else:
         assert st["tokens_out"][0] < st["tokens_in"][0] or name == "adaptive"
 

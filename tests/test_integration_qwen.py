@@ -419,7 +419,7 @@ def test_fastv_option_prunes_inside_the_llm(qwen2):
         gen = greedy(model, kb, n=3)
         st = mmc.stats(model)
         single = [greedy(model, batch([s]), n=3) for s in samples]  # ragged FastV: each sample as alone
-    assert st["tokens_out"] == [8, 4] and st["fastv_removed"] == [4, 2]
+    assert st["tokens_out"] == [8, 4] and st["inllm_removed"] == [4, 2]
     assert torch.isfinite(out).all() and gen.shape == gen_ref.shape
     for b in range(2):
         assert torch.equal(gen[b, -3:], single[b][0, -3:])

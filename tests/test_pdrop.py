@@ -40,7 +40,7 @@ def test_release_setting_counts_per_layer(model):
     with torch.no_grad():
         out = model(**kw, use_cache=True)
     st = mmc.stats(model)
-    assert st["inllm_layer_tokens"] == [[16, 8, 4, 2]] and st["fastv_removed"] == [14]
+    assert st["inllm_layer_tokens"] == [[16, 8, 4, 2]] and st["inllm_removed"] == [14]
     assert [layer.keys.shape[2] for layer in out.cache.layers] == [L, L - 8, L - 12, L - 14]
     assert model.config.text_config._attn_implementation == "sdpa"
 
@@ -70,7 +70,7 @@ def test_first_stage_keeps_the_most_attended_by_the_last_token_in_layer_p(model)
     mmc.apply(model, "pdrop", keep=None, pdrop_lambda=0.5, pdrop_layers=[1])
     with torch.no_grad():
         model(**kw)
-    st = model._mmcompress_adapter.fastv
+    st = model._mmcompress_adapter.inllm
     assert torch.equal(st.last_pruned[0], pos[~torch.isin(pos, keep)])
 
 

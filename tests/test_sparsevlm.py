@@ -106,7 +106,7 @@ def test_first_stage_keeps_what_the_raters_attend_in_an_eager_map(model):
     mmc.apply(model, "sparsevlm", keep=None, sparsevlm_layers=[1], sparsevlm_counts=[12], sparsevlm_recycle=False)
     with torch.no_grad():
         model(**kw)
-    st = model._mmcompress_adapter.fastv
+    st = model._mmcompress_adapter.inllm
     assert torch.equal(st.last_pruned[0], pos[~torch.isin(pos, keep)])
 
 

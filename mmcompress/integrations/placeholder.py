@@ -301,12 +301,12 @@ class PlaceholderAdapter(Adapter):
         fam.check(self)
         if self.opts["fastv_k"] is None and "fastv_r" in options:
             raise ValueError("fastv_r: FastV is off; pass fastv_k= (the layer K) as well")
-        self.fastv: InLLM | None = None
+        self.inllm: InLLM | None = None  # the in-LLM pruning stage (FastV, PyramidDrop, SparseVLM, DART)
         if self.opts["fastv_k"] is not None:
-            self.fastv = FastV(fam.llm_layers(self.core), k=self.opts["fastv_k"], r=self.opts["fastv_r"])
+            self.inllm = FastV(fam.llm_layers(self.core), k=self.opts["fastv_k"], r=self.opts["fastv_r"])
         elif self.opts["inllm"] is not None:
             layers = fam.llm_layers(self.core)
-            self.fastv = InLLM(layers, self.opts["inllm"](len(layers)), decoder=find_decoder(self.core, layers))
+            self.inllm = InLLM(layers, self.opts["inllm"](len(layers)), decoder=find_decoder(self.core, layers))
         self._orig: Any = None
         self._had_forward = False
         self._prev_forward: Any = None
@@ -341,8 +341,8 @@ class PlaceholderAdapter(Adapter):
         for mod in self.mods:
             if own_encode and mod.encoder_name not in self.core.__dict__:
                 self._patch_encoder(mod)
-        if self.fastv is not None:
-            self.fastv.attach()
+        if self.inllm is not None:
+            self.inllm.attach()
 
     def _patch_encoder(self, mod: Modality) -> None:
         fn = getattr(self.core, mod.encoder_name)
@@ -368,8 +368,8 @@ class PlaceholderAdapter(Adapter):
             if getattr(self.core.__dict__.get(name), "_mmcompress", False):
                 del self.core.__dict__[name]
         self._patched = []
-        if self.fastv is not None:
-            self.fastv.detach()
+        if self.inllm is not None:
+            self.inllm.detach()
 
     def _encode(self, mod: Modality, fn: Any, sig: inspect.Signature, *args: Any, **kwargs: Any) -> Any:
         """The model's own encoder call, plus the per-item `ItemMeta` list on its output (`META_ATTR`)."""
@@ -624,16 +624,17 @@ class PlaceholderAdapter(Adapter):
                     f = torch.cat(fam.features(mod, enc_out[mod.name])).to(emb.device, emb.dtype)
                     emb = emb.masked_scatter((new["input_ids"] == self.tokens[mod.name]).unsqueeze(-1), f)
             new["inputs_embeds"], new["input_ids"] = emb, None
-        fv = self.fastv
+        fv = self.inllm
         if fv is not None and fv.active:
             if new.get("labels") is not None:
-                raise ValueError("labels: FastV prunes the LLM sequence; a loss over it is not supported")
+                raise ValueError(f"labels: {fv.method.name} prunes the LLM sequence; a loss over it is not supported")
             media = torch.zeros_like(ids_new, dtype=torch.bool)  # [B, L'] media columns
             for t in self.tokens.values():
                 media |= ids_new == t
             with fv.armed(media, new.get("attention_mask")):
                 out = self._orig(**new)
-            self.last_stats["fastv_removed"] = list(fv.last_removed)
+            self.last_stats["inllm_removed"] = list(fv.last_removed)
+            self.last_stats["fastv_removed"] = self.last_stats["inllm_removed"]  # its first name (FastV came first)
             self.last_stats["inllm_layer_tokens"] = fv.last_kept_per_layer  # media tokens each LLM layer saw
         else:
             out = self._orig(**new)
