@@ -1,6 +1,7 @@
-"""An architecture the plugin does not compress (a tiny random Qwen3-VL) refuses active settings instead of serving
-uncompressed: a server setting fails at engine start, a per-request one fails that request while the engine keeps
-serving; both name the architecture and list the supported ones. Inactive settings (keep 1) serve as plain vLLM."""
+"""An architecture the plugin does not compress (a tiny random LLaVA-NeXT-Video) refuses active settings instead of
+serving uncompressed: a server setting fails at engine start, a per-request one fails that request while the engine
+keeps serving; both name the architecture and list the supported ones. Inactive settings (keep 1) serve as plain
+vLLM."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from conftest import run_engine
 
 from mmcompress.integrations.vllm_plugin import SUPPORTED
 
-ARCH = "Qwen3VLForConditionalGeneration"
-A = {"prompt": tiny.prompt(seed=0), "images": [[0, 128, 128]]}
+ARCH = "LlavaNextVideoForConditionalGeneration"
+A = {"prompt": tiny.prompt(seed=0, placeholder="<|video_pad|>"), "videos": [[5, 4, 224, 224]]}
 
 
 def kw(method, keep):
@@ -25,7 +26,7 @@ CALLS = {"plain": [A], "tome": [dict(A, **kw("tome", 0.25))], "keep1": [dict(A, 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     assert ARCH not in SUPPORTED, "pick another unsupported family for this test"
-    return str(tiny.build_qwen3_vl(tmp_path_factory.mktemp("q3") / "model"))
+    return str(tiny.build_llava_next(tmp_path_factory.mktemp("nv") / "model", family="llava_next_video"))
 
 
 def _names_arch_and_supported(msg: str) -> None:
@@ -40,7 +41,7 @@ def test_request_setting_refused_and_engine_keeps_serving(model, tmp_path):
     _names_arch_and_supported(got["tome"]["error"])
     assert got["after"] == got["plain"]  # served after the refusal, unchanged
     assert got["keep1"] == got["plain"]  # keep 1 is no compression: served
-    assert tiny.token_id("<|image_pad|>") in got["plain"][0]["prompt_token_ids"]
+    assert tiny.token_id("<|video_pad|>") in got["plain"][0]["prompt_token_ids"]
 
 
 def test_server_setting_refused_at_engine_start(model, tmp_path):

@@ -156,20 +156,22 @@ def build_llava(out: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def build_llava_next(out: str | os.PathLike, seed: int = 0, family: str = "llava_next") -> Path:
-    """Save a tiny random LLaVA-NeXT (or LLaVA-OneVision with family="llava_onevision"): CLIP tower at 112 px with
-    14 px patches (64 tokens per tile), anyres tiles on the pinpoints 112x224, 224x112, 224x224, image_newline."""
+    """Save a tiny random LLaVA-NeXT (or LLaVA-OneVision / LLaVA-NeXT-Video with family="llava_onevision" /
+    "llava_next_video"): CLIP tower at 112 px with 14 px patches (64 tokens per tile), anyres tiles on the pinpoints
+    112x224, 224x112, 224x224, image_newline (LLaVA-NeXT-Video: 224 px tiles, pinpoints doubled)."""
     import transformers as T
 
     torch.manual_seed(seed)
     img = token_id("<image>")
-    vc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=112,
+    px = 224 if family == "llava_next_video" else 112  # vLLM's LLaVA-NeXT-Video pooler needs image_size >= patch^2
+    vc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=px,
               patch_size=14, projection_dim=64, model_type="clip_vision_model")
     text = dict(_TEXT, model_type="qwen2" if family == "llava_onevision" else "llama", bos_token_id=token_id("<s>"),
                 eos_token_id=token_id("<|im_end|>"), pad_token_id=token_id("<pad>"))
-    pins = [[112, 224], [224, 112], [224, 224]]
+    pins = [[px, 2 * px], [2 * px, px], [2 * px, 2 * px]]
     common = dict(vision_config=vc, text_config=text, image_token_index=img, vision_feature_layer=-2,
                   image_grid_pinpoints=pins, projector_hidden_act="gelu")
-    size, crop = {"shortest_edge": 112}, {"height": 112, "width": 112}
+    size, crop = {"shortest_edge": px}, {"height": px, "width": px}
     tok = _tokenizer("<image>", "<|video_pad|>")
     if family == "llava_next":
         cfg = T.LlavaNextConfig(vision_feature_select_strategy="default", **common)
@@ -188,8 +190,18 @@ def build_llava_next(out: str | os.PathLike, seed: int = 0, family: str = "llava
         proc = T.LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, num_image_tokens=65,
                                          vision_feature_select_strategy="default", chat_template=tok.chat_template,
                                          video_token="<|video_pad|>", vision_aspect_ratio="anyres_max_9")
+    elif family == "llava_next_video":
+        vid = token_id("<|video_pad|>")
+        cfg = T.LlavaNextVideoConfig(vision_feature_select_strategy="default", video_token_index=vid,
+                                     spatial_pool_stride=2, **common)
+        model = T.LlavaNextVideoForConditionalGeneration(cfg)
+        ip = T.LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=pins)
+        vp = T.LlavaNextVideoVideoProcessor(size=size, crop_size=crop)
+        proc = T.LlavaNextVideoProcessor(video_processor=vp, image_processor=ip, tokenizer=tok, patch_size=14,
+                                         vision_feature_select_strategy="default", chat_template=tok.chat_template,
+                                         num_additional_image_tokens=1, video_token="<|video_pad|>")
     else:
-        raise ValueError(f"family: expected 'llava_next' or 'llava_onevision', got {family!r}")
+        raise ValueError(f"family: expected 'llava_next', 'llava_onevision' or 'llava_next_video', got {family!r}")
     out = Path(out)
     model.eval().save_pretrained(out)
     _clip_layout(out / "model.safetensors")
