@@ -1,4 +1,6 @@
-"""vLLM model classes that compress image (and video) tokens between the encoder and the LLM.
+"""vLLM model classes that compress image and video tokens between the encoder and the LLM: Qwen2-VL, Qwen2.5-VL
+(images, videos) and LLaVA-1.5, plus the machinery the other families reuse (`vllm_llava` for LLaVA-NeXT and
+LLaVA-OneVision, `vllm_qwen3` for Qwen3-VL).
 
 Imported by vLLM only (through the "module:Class" strings that `vllm_plugin.register` gives its `ModelRegistry`).
 Each class subclasses vLLM's own model and registers a processor subclass; the split is vLLM EVS's:
@@ -6,8 +8,11 @@ Each class subclasses vLLM's own model and registers a processor subclass; the s
 * Processor (before any encoder runs): the item's token count n is known from its grid, the budget
   `m = budget(n, keep)` is fixed there, the item's placeholder run is shortened to m tokens, and (m, compressor) ride
   along with the item's tensors as one extra field, `mmcompress_<modality>_plan` [items, 2].
+  A family whose compressed run holds more than the kept tokens (LLaVA-1.5's CLS prefix, LLaVA-NeXT's newline)
+  declares it in `_PlanProcessor._item_counts`.
 * Model (`embed_multimodal`): the encoder runs unchanged; each item's n tokens are compressed to m with
-  `mmc.create(name, keep=m)`. An item with m == n keeps the encoder's own tensor, so keep=1 is exact.
+  `mmc.create(name, keep=m)`. An item with m == n keeps the encoder's own tensor, so keep=1 is exact. A video is
+  one item with grid (t, h, w) after the merger.
 * Qwen2-VL / Qwen2.5-VL M-RoPE: the kept tokens keep the (t, h, w) ids they had in the uncompressed sequence, and the
   text after an item keeps its uncompressed ids (the geometry of `mmc.apply` in transformers: the same positions,
   with holes). `get_mrope_input_positions` computes the text ids at request admission and gives every placeholder of
