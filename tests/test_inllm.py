@@ -200,3 +200,22 @@ def test_methods_run_on_families_through_apply(family, name, keep, opts):
         mmc.remove(model)
     with torch.no_grad():
         assert torch.equal(model(**kw).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3", "qwen2_vl"])
+def test_fastv_scores_equal_the_eager_attention_row(family):
+    """The stage recomputes layer K - 1's queries and keys (Qwen3 and Gemma 3 normalise each head's q and k before
+    the rotary embedding): the pruned set equals the least attended image tokens of the eager attention map."""
+    spec = SPECS[family]
+    sdpa, eager = build_family(family), build_family(family, attn="eager")
+    kw = batch(spec, [spec.sample(3, post=5)])
+    with torch.no_grad():
+        att = eager(**kw, output_attentions=True).attentions[1]  # [1, H, L, L] of layer K - 1 = 1
+    row = att[0, :, -1].mean(0)  # [L] the last token's row, mean over heads
+    pos = (kw["input_ids"][0] == spec.token).nonzero().squeeze(1)
+    n = pos.numel() - round(pos.numel() * 0.5)  # FastV keeps round(n (1 - R))
+    expect = pos[row[pos].argsort()[: pos.numel() - n]].sort().values
+    mmc.apply(sdpa, "fastv", keep=0.5, fastv_k=2)
+    with torch.no_grad():
+        sdpa(**kw)
+    assert torch.equal(sdpa._mmcompress_adapter.inllm.last_pruned[0].sort().values, expect)

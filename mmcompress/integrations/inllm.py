@@ -298,8 +298,14 @@ class InLLM:
         _, attn, q_lin, k_lin, rope = self._score[point]
         B, L, _ = x.shape
         D = getattr(attn, "head_dim", None) or q_lin.out_features // attn.config.num_attention_heads
-        q = q_lin(x).view(B, L, -1, D).transpose(1, 2)  # [B, H, L, D]
-        k = k_lin(x).view(B, L, -1, D).transpose(1, 2)  # [B, Hk, L, D]
+        q = q_lin(x).view(B, L, -1, D)  # [B, L, H, D]
+        k = k_lin(x).view(B, L, -1, D)  # [B, L, Hk, D]
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # per-head RMSNorm (Qwen3,
+        if q_norm is not None:  # Gemma 3, ...): applied before the rotary embedding, as their attention does
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, L, D], [B, Hk, L, D]
         if pe is not None and rope is not None:
             cos, sin = pe
             q, k = rope(q, k, cos, sin)
