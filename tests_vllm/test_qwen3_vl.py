@@ -1,8 +1,8 @@
-"""The plugin on vLLM's (CPU) engine with a tiny random Qwen3-VL (DeepStack from both vision layers; 16 px patches):
-keep=1 and no setting equal plain vLLM, keep=0.25 / an int keep shorten the prompt by the removed image tokens and
-agree with `mmc.apply` in transformers (the DeepStack features subset with the same tokens), a mixed batch equals
-single runs, a video request with an active setting is refused while plain video requests are served as vLLM does.
-One plugin engine and one plain-vLLM engine for the module."""
+"""The plugin on vLLM's (CPU) engine with a tiny random Qwen3-VL (DeepStack from both vision layers; 16 px patches),
+images and videos (each frame group behind its timestamp text): keep=1 and no setting equal plain vLLM, keep=0.25 /
+an int keep shorten the prompt by the removed image or video tokens and agree with `mmc.apply` in transformers (the
+DeepStack features subset with the same tokens; a video's kept tokens fall over its frame groups as the compressor
+chose), a mixed image + video + text batch equals single runs. One plugin engine and one plain-vLLM engine."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from conftest import run_engine
 
 A = {"prompt": tiny.prompt(seed=0), "images": [[0, 128, 128]]}  # 8 x 8 patches -> 16 tokens
 B = {"prompt": tiny.prompt(seed=1, n_words=9), "images": [[1, 192, 128]]}  # 12 x 8 patches -> 24 tokens
+# videos: 4 frames of 128 x 128 -> 2 frame groups of 4 x 4 = 32 tokens; 6 frames of 192 x 128 -> 3 groups of 2 x 4 = 24
+# (the video processor caps the pixels of all frames together: these frames shrink to 128 x 64)
 V = {"prompt": tiny.prompt(seed=3, placeholder=tiny.VIDEO), "videos": [[5, 4, 128, 128]]}
+W = {"prompt": tiny.prompt(seed=4, n_words=4, placeholder=tiny.VIDEO), "videos": [[6, 6, 192, 128]]}
 TEXT = {"prompt": "<|im_start|>user w5 w9 w13 <|im_end|> <|im_start|>assistant"}
-N_A, N_B = 16, 24
+N_A, N_B, N_V, N_W = 16, 24, 32, 24
 
 
 def kw(method, keep):
@@ -31,8 +34,12 @@ CALLS = {
     "pool": [dict(A, **kw("pool", 0.25)), dict(B, **kw("pool", 0.25))],
     "text": [TEXT],
     "mixed": [dict(A, **kw("tome", 0.25)), TEXT, dict(B, **kw("divprune", 6)), A],
-    "video_refused": [dict(V, **kw("tome", 0.25))],
-    "video": [V],
+    "video": [V, W],
+    "video_keep1": [dict(V, **kw("tome", 1.0)), dict(W, **kw("tome", 1.0))],
+    "video_tome": [dict(V, **kw("tome", 0.25)), dict(W, **kw("tome", 0.25))],
+    "video_divprune_int": [dict(V, **kw("divprune", 5)), dict(W, **kw("divprune", 5))],
+    "video_pool": [dict(V, **kw("pool", 0.25))],
+    "mixed_video": [dict(W, **kw("tome", 0.25)), dict(A, **kw("tome", 0.25)), TEXT, V, dict(V, **kw("divprune", 5))],
 }
 NAMES = list(CALLS)
 PLAIN = ["none", "video"]
@@ -48,7 +55,8 @@ def runs(tmp_path_factory):
     return model, dict(zip(NAMES, out["results"], strict=True)), dict(zip(PLAIN, plain["results"], strict=True))
 
 
-@pytest.mark.parametrize("name,plain", [("none", "none"), ("keep1", "none"), ("video", "video")])
+@pytest.mark.parametrize("name,plain", [("none", "none"), ("keep1", "none"), ("video", "video"),
+                                        ("video_keep1", "video")])
 def test_keep1_and_no_setting_equal_plain_vllm(runs, name, plain):
     _, got, ref = runs
     assert got[name] == ref[plain]  # prompt ids, generated ids, first-step log-probs: bit for bit
@@ -63,24 +71,37 @@ def test_prompt_shorter_by_removed_tokens(runs, name, kept):
         assert len(r["token_ids"]) == 5
 
 
-def test_mixed_batch_equals_single_runs(runs):
+@pytest.mark.parametrize("name,kept", [("video_tome", (8, 6)), ("video_divprune_int", (5, 5)),
+                                       ("video_pool", (8,))])
+def test_video_prompt_shorter_by_removed_tokens(runs, name, kept):
+    """The whole video is one item: M = budget(N, keep) over all its frame groups; every timestamp text stays."""
+    _, got, ref = runs
+    k = len(kept)
+    for r, p, n, m in zip(got[name], ref["video"][:k], (N_V, N_W)[:k], kept, strict=True):
+        assert len(r["prompt_token_ids"]) == len(p["prompt_token_ids"]) - (n - m)
+        assert r["prompt_token_ids"].count(tiny.token_id("<|video_pad|>")) == m
+        vs = tiny.token_id("<|vision_start|>")
+        assert r["prompt_token_ids"].count(vs) == p["prompt_token_ids"].count(vs)
+        assert len(r["token_ids"]) == 5
+
+
+@pytest.mark.parametrize("name,singles", [
+    ("mixed", [("tome", 0), ("text", 0), ("divprune_int", 1), ("none", 0)]),
+    ("mixed_video", [("video_tome", 1), ("tome", 0), ("text", 0), ("video", 0), ("video_divprune_int", 0)])])
+def test_mixed_batch_equals_single_runs(runs, name, singles):
     _, got, _ = runs
-    singles = [got["tome"][0], got["text"][0], got["divprune_int"][1], got["none"][0]]
-    for m, s in zip(got["mixed"], singles, strict=True):
+    for m, (call, i) in zip(got[name], singles, strict=True):
+        s = got[call][i]
         assert m["prompt_token_ids"] == s["prompt_token_ids"]
         assert m["token_ids"] == s["token_ids"]
         for k, v in s["first_logprobs"].items():
             assert math.isclose(m["first_logprobs"][k], v, abs_tol=1e-4)
 
 
-def test_video_with_a_setting_refused(runs):
-    _, got, _ = runs
-    err = got["video_refused"].get("error", "") if isinstance(got["video_refused"], dict) else ""
-    assert "images only, not videos" in err, got["video_refused"]
-
-
 @pytest.mark.parametrize("name,method,keep", [("none", None, 1.0), ("tome", "tome", 0.25),
-                                              ("divprune_int", "divprune", 6), ("pool", "pool", 0.25)])
+                                              ("divprune_int", "divprune", 6), ("pool", "pool", 0.25),
+                                              ("video", None, 1.0), ("video_tome", "tome", 0.25),
+                                              ("video_divprune_int", "divprune", 5), ("video_pool", "pool", 0.25)])
 def test_agrees_with_mmc_apply_in_transformers(runs, name, method, keep):
     """Same weights, same compressor, same inputs: greedy ids equal, first-token log-probs within fp32 noise."""
     import torch

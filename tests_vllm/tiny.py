@@ -119,7 +119,10 @@ def build_qwen3_vl(out: str | os.PathLike, seed: int = 0) -> Path:
     model.eval().save_pretrained(out)
     tok = _tokenizer("<|vision_start|> <|image_pad|> <|vision_end|>", "<|vision_start|> <|video_pad|> <|vision_end|>")
     size = {"shortest_edge": 64 * 64, "longest_edge": 256 * 256}
-    ip = T.Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2)
+    # mean/std 0.5 for images too, as Qwen3-VL's checkpoints: vLLM normalizes video pixels in the model with the
+    # IMAGE processor's mean/std (`mm_input_norm`), so processors that differ make vLLM's videos differ from HF's
+    half = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip = T.Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2, **half)
     vp = T.Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2)
     proc = T.Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=tok.chat_template)
     proc.save_pretrained(out)
