@@ -39,6 +39,7 @@ CALLS = {
     "video_tome": [dict(V, **kw("tome", 0.25)), dict(W, **kw("tome", 0.25))],
     "video_divprune_int": [dict(V, **kw("divprune", 5)), dict(W, **kw("divprune", 5))],
     "video_pool": [dict(V, **kw("pool", 0.25))],
+    "video_divprune_2": [dict(V, **kw("divprune", 2)), dict(W, **kw("divprune", 2))],  # W: a frame group keeps none
     "mixed_video": [dict(W, **kw("tome", 0.25)), dict(A, **kw("tome", 0.25)), TEXT, V, dict(V, **kw("divprune", 5))],
 }
 NAMES = list(CALLS)
@@ -72,7 +73,7 @@ def test_prompt_shorter_by_removed_tokens(runs, name, kept):
 
 
 @pytest.mark.parametrize("name,kept", [("video_tome", (8, 6)), ("video_divprune_int", (5, 5)),
-                                       ("video_pool", (8,))])
+                                       ("video_pool", (8,)), ("video_divprune_2", (2, 2))])
 def test_video_prompt_shorter_by_removed_tokens(runs, name, kept):
     """The whole video is one item: M = budget(N, keep) over all its frame groups; every timestamp text stays."""
     _, got, ref = runs
@@ -101,7 +102,8 @@ def test_mixed_batch_equals_single_runs(runs, name, singles):
 @pytest.mark.parametrize("name,method,keep", [("none", None, 1.0), ("tome", "tome", 0.25),
                                               ("divprune_int", "divprune", 6), ("pool", "pool", 0.25),
                                               ("video", None, 1.0), ("video_tome", "tome", 0.25),
-                                              ("video_divprune_int", "divprune", 5), ("video_pool", "pool", 0.25)])
+                                              ("video_divprune_int", "divprune", 5), ("video_pool", "pool", 0.25),
+                                              ("video_divprune_2", "divprune", 2)])
 def test_agrees_with_mmc_apply_in_transformers(runs, name, method, keep):
     """Same weights, same compressor, same inputs: greedy ids equal, first-token log-probs within fp32 noise."""
     import torch
