@@ -176,7 +176,9 @@ class MMCQwen3VLForConditionalGeneration(_QwenMixin, Qwen3VLForConditionalGenera
         return torch.cat([rows, ds, _encode_pos(rel, y.dtype)], 1)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        """[3, L]: vLLM's positions of the uncompressed prompt; a compressed image keeps M columns at its base id."""
+        """[3, L]: vLLM's positions of the uncompressed prompt (each compressed item's run expanded back: an image
+        to its N placeholders, a video to h * w placeholders in every frame group); a compressed run of m rows keeps
+        m columns, all at the run's first id, to which `forward` adds each row's offset."""
         merge = self.config.vision_config.spatial_merge_size
         tokens, feats, spans, shift, st = [], [], [], 0, 0
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
