@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import tiny
 from conftest import run_engine
@@ -16,8 +14,7 @@ N = 64
 SERVER = {"method": "divprune", "keep": 0.25}  # server-wide, through hf_overrides
 
 
-def kw(method, keep):
-    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+kw = tiny.request_kw
 
 
 CALLS = {
@@ -49,23 +46,10 @@ def test_server_setting_and_request_override(runs):
 
 
 def test_mixed_batch_equals_single_runs(runs):
-    for m, s in zip(runs["mixed"], [runs["tome"][1], runs["text"][0], runs["server"][0]], strict=True):
-        assert m["prompt_token_ids"] == s["prompt_token_ids"]
-        assert m["token_ids"] == s["token_ids"]
-        for k, v in s["first_logprobs"].items():
-            assert math.isclose(m["first_logprobs"][k], v, abs_tol=1e-4)
+    tiny.assert_same_runs(runs["mixed"], [runs["tome"][1], runs["text"][0], runs["server"][0]])
 
 
 @pytest.mark.parametrize("name,method,keep", [("server", "divprune", 0.25), ("tome", "tome", 0.5),
                                               ("keep1", None, 1.0)])
 def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep):
-    import torch
-    import transformers as T
-
-    import mmcompress as mmc
-
-    model = T.AutoModelForImageTextToText.from_pretrained(models["llava"], dtype=torch.float32).eval()
-    proc = T.AutoProcessor.from_pretrained(models["llava"])
-    if method:
-        mmc.apply(model, method, keep=keep)
-    tiny.assert_transformers_agree(model, proc, CALLS[name], runs[name])
+    tiny.assert_apply_agrees(models["llava"], method, keep, CALLS[name], runs[name])

@@ -5,8 +5,6 @@ video, text-only). One plugin engine and one plain-vLLM engine for the module.""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import tiny
 from conftest import run_engine
@@ -23,8 +21,7 @@ SERVER = {"method": "tome", "keep": 0.25}
 PAD = {"A": "<image>", "B": "<image>", "V": "<|video_pad|>"}
 
 
-def kw(method, keep):
-    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+kw = tiny.request_kw
 
 
 CALLS = {
@@ -69,24 +66,11 @@ def test_prompt_is_kept_tokens_plus_one_newline(runs, name, keys, keep):
 def test_mixed_batch_equals_single_runs(runs):
     _, got, _ = runs
     singles = [got["divprune"][2], got["text"][0], got["server"][0], got["keep1"][1]]
-    for m, s in zip(got["mixed"], singles, strict=True):
-        assert m["prompt_token_ids"] == s["prompt_token_ids"]
-        assert m["token_ids"] == s["token_ids"]
-        for k, v in s["first_logprobs"].items():
-            assert math.isclose(m["first_logprobs"][k], v, abs_tol=1e-4)
+    tiny.assert_same_runs(got["mixed"], singles)
 
 
 @pytest.mark.parametrize("name,method,keep", [("server", "tome", 0.25), ("divprune", "divprune", 0.5),
                                               ("pool", "pool", 0.25), ("keep1", None, 1.0)])
 def test_agrees_with_mmc_apply_in_transformers(runs, name, method, keep):
-    import torch
-    import transformers as T
-
-    import mmcompress as mmc
-
     model_dir, got, _ = runs
-    model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    proc = T.AutoProcessor.from_pretrained(model_dir)
-    if method:
-        mmc.apply(model, method, keep=keep)
-    tiny.assert_transformers_agree(model, proc, CALLS[name], got[name])
+    tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])

@@ -17,8 +17,7 @@ V = {"prompt": tiny.prompt(seed=3, placeholder=tiny.VIDEO), "videos": [[5, 4, 11
 LONG = {"prompt": tiny.prompt(seed=4, n_words=3, placeholder=tiny.VIDEO), "videos": [[6, 8, 112, 112, 2.0]]}
 
 
-def kw(method, keep):
-    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+kw = tiny.request_kw
 
 
 CALLS = {"none": [A, B], "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tome", 1.0))],
@@ -62,14 +61,5 @@ def test_agrees_with_mmc_apply_in_transformers(runs, name, method):
     """Videos: the short one only. After a video whose temporal ids pass its spatial extent (LONG), transformers
     5.19 starts the following text at max(h, w) while vLLM (and the original Qwen2.5-VL code) start it after the
     largest id, so the unwrapped models already differ there; the plugin follows vLLM (keep 1 is plain vLLM)."""
-    import torch
-    import transformers as T
-
-    import mmcompress as mmc
-
     model_dir, got, _ = runs
-    model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    proc = T.AutoProcessor.from_pretrained(model_dir)
-    if method:
-        mmc.apply(model, method, keep=0.25)
-    tiny.assert_transformers_agree(model, proc, CALLS[name][:1], got[name][:1])
+    tiny.assert_apply_agrees(model_dir, method, 0.25, CALLS[name][:1], got[name][:1])

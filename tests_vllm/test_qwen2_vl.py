@@ -4,8 +4,6 @@ one plain-vLLM engine for the module."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import tiny
 from conftest import run_engine
@@ -20,8 +18,7 @@ W = {"prompt": tiny.prompt(seed=4, n_words=4, placeholder=tiny.VIDEO), "videos":
 N_V, N_W = 32, 48
 
 
-def kw(method, keep):
-    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+kw = tiny.request_kw
 
 
 CALLS = {
@@ -82,11 +79,7 @@ def test_mixed_batch_equals_single_runs(runs, name):
     singles = {"mixed": [got["tome"][0], got["single_text"][0], got["single_B_div"][0], got["none"][0]],
                "mixed_video": [got["video_pool"][1], got["tome"][0], got["single_text"][0], got["video_tome"][0],
                                got["video_none"][0]]}[name]
-    for m, s in zip(got[name], singles, strict=True):
-        assert m["prompt_token_ids"] == s["prompt_token_ids"]
-        assert m["token_ids"] == s["token_ids"]
-        for k, v in s["first_logprobs"].items():
-            assert math.isclose(m["first_logprobs"][k], v, abs_tol=1e-4)
+    tiny.assert_same_runs(got[name], singles)
 
 
 @pytest.mark.parametrize("name,words", [("auto", "data-dependent"), ("scores", "needs scores"),
@@ -102,14 +95,5 @@ def test_refused_with_a_clear_error(runs, name, words):
                                               ("video_none", None, 1.0)])
 def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep):
     """Same weights, same compressor, same inputs: greedy ids equal and first-token log-probs within fp32 noise."""
-    import torch
-    import transformers as T
-
-    import mmcompress as mmc
-
     got, _ = runs
-    model = T.AutoModelForImageTextToText.from_pretrained(models["qwen2_vl"], dtype=torch.float32).eval()
-    proc = T.AutoProcessor.from_pretrained(models["qwen2_vl"])
-    if method:
-        mmc.apply(model, method, keep=keep)
-    tiny.assert_transformers_agree(model, proc, CALLS[name], got[name])
+    tiny.assert_apply_agrees(models["qwen2_vl"], method, keep, CALLS[name], got[name])

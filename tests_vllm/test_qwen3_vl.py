@@ -6,8 +6,6 @@ chose), a mixed image + video + text batch equals single runs. One plugin engine
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import tiny
 from conftest import run_engine
@@ -22,8 +20,7 @@ TEXT = {"prompt": "<|im_start|>user w5 w9 w13 <|im_end|> <|im_start|>assistant"}
 N_A, N_B, N_V, N_W = 16, 24, 32, 24
 
 
-def kw(method, keep):
-    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+kw = tiny.request_kw
 
 
 CALLS = {
@@ -91,12 +88,7 @@ def test_video_prompt_shorter_by_removed_tokens(runs, name, kept):
     ("mixed_video", [("video_tome", 1), ("tome", 0), ("text", 0), ("video", 0), ("video_divprune_int", 0)])])
 def test_mixed_batch_equals_single_runs(runs, name, singles):
     _, got, _ = runs
-    for m, (call, i) in zip(got[name], singles, strict=True):
-        s = got[call][i]
-        assert m["prompt_token_ids"] == s["prompt_token_ids"]
-        assert m["token_ids"] == s["token_ids"]
-        for k, v in s["first_logprobs"].items():
-            assert math.isclose(m["first_logprobs"][k], v, abs_tol=1e-4)
+    tiny.assert_same_runs(got[name], [got[call][i] for call, i in singles])
 
 
 @pytest.mark.parametrize("name,method,keep", [("none", None, 1.0), ("tome", "tome", 0.25),
@@ -106,14 +98,5 @@ def test_mixed_batch_equals_single_runs(runs, name, singles):
                                               ("video_divprune_2", "divprune", 2)])
 def test_agrees_with_mmc_apply_in_transformers(runs, name, method, keep):
     """Same weights, same compressor, same inputs: greedy ids equal, first-token log-probs within fp32 noise."""
-    import torch
-    import transformers as T
-
-    import mmcompress as mmc
-
     model_dir, got, _ = runs
-    model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    proc = T.AutoProcessor.from_pretrained(model_dir)
-    if method:
-        mmc.apply(model, method, keep=keep)
-    tiny.assert_transformers_agree(model, proc, CALLS[name], got[name])
+    tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])

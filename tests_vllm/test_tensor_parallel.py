@@ -21,8 +21,7 @@ B = {"prompt": tiny.prompt(seed=1, n_words=9), "images": [[1, 168, 112]]}  # 24 
 V = {"prompt": tiny.prompt(seed=3, placeholder=tiny.VIDEO), "videos": [[5, 4, 112, 112]]}  # 32 tokens
 
 
-def kw(method, keep):
-    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+kw = tiny.request_kw
 
 
 CALLS = {

@@ -15,8 +15,7 @@ ARCH = "LlavaNextVideoForConditionalGeneration"
 A = {"prompt": tiny.prompt(seed=0, placeholder="<|video_pad|>"), "videos": [[5, 4, 224, 224]]}
 
 
-def kw(method, keep):
-    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+kw = tiny.request_kw
 
 
 CALLS = {"plain": [A], "tome": [dict(A, **kw("tome", 0.25))], "keep1": [dict(A, **kw("tome", 1.0))],

@@ -262,6 +262,34 @@ def prompt(n_words: int = 6, seed: int = 0, placeholder: str = "<|vision_start|>
     return f"<|im_start|>user {placeholder} {q} <|im_end|> <|im_start|>assistant"
 
 
+def request_kw(method, keep) -> dict:
+    """A request's own plugin setting (vLLM's `mm_processor_kwargs`)."""
+    return {"mm_processor_kwargs": {"mmcompress_method": method, "mmcompress_keep": keep}}
+
+
+def assert_same_runs(batch: list[dict], singles: list[dict], tol: float = 1e-4) -> None:
+    """Each request of a batch equals its single run: prompt ids, token ids, first-token log-probs within `tol`."""
+    for m, s in zip(batch, singles, strict=True):
+        assert m["prompt_token_ids"] == s["prompt_token_ids"]
+        assert m["token_ids"] == s["token_ids"]
+        for k, v in s["first_logprobs"].items():
+            assert abs(m["first_logprobs"][k] - v) <= tol, (k, m["first_logprobs"][k], v)
+
+
+def assert_apply_agrees(model_dir, method: str | None, keep, calls: list[dict], results: list[dict]) -> None:
+    """The saved model in transformers, wrapped by `mmc.apply(model, method, keep=keep)` (unwrapped when method is
+    None), agrees with the engine's results on the same requests (`assert_transformers_agree`)."""
+    import transformers as T
+
+    import mmcompress as mmc
+
+    model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    proc = T.AutoProcessor.from_pretrained(model_dir)
+    if method:
+        mmc.apply(model, method, keep=keep)
+    assert_transformers_agree(model, proc, calls, results)
+
+
 def assert_transformers_agree(model, proc, calls: list[dict], results: list[dict], tol: float = 1e-4) -> None:
     """Each engine result equals the HF model's greedy generation on the same request: the same token ids, and
     first-token log-probs within `tol` (fp32 noise). `model` is already wrapped (or not) as the engine ran it."""

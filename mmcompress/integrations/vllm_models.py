@@ -245,6 +245,10 @@ class _QwenMixin:
         if pp > 1:  # the kept tokens' positions are added on the rank that embeds them (the first stage) only
             raise ValueError(f"pipeline_parallel_size: {pp}; the mmcompress plugin serves M-RoPE models with pipeline "
                              "parallel size 1 (tensor parallel works); or set MMCOMPRESS_VLLM=0")
+        rate = getattr(vllm_config.model_config.multimodal_config, "video_pruning_rate", None)
+        if rate:  # Qwen2.5-VL and Qwen3-VL offer vLLM's own video pruning (EVS); this plugin replaces it
+            raise ValueError(f"video_pruning_rate: {rate} turns on vLLM's EVS video pruning, which the mmcompress "
+                             "plugin replaces on this model; drop --video-pruning-rate or set MMCOMPRESS_VLLM=0")
 
     def _t_factors(self, modality: str, inp: Any, n_items: int) -> list[float]:
         if modality == "image":
@@ -338,10 +342,6 @@ class MMCQwen2_5_VLForConditionalGeneration(_QwenMixin, Qwen2_5_VLForConditional
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
         self._mmc_check(vllm_config)
-        rate = getattr(vllm_config.model_config.multimodal_config, "video_pruning_rate", None)
-        if rate:
-            raise ValueError(f"video_pruning_rate: {rate} turns on vLLM's EVS video pruning, which the mmcompress "
-                             "plugin replaces on this model; drop --video-pruning-rate or set MMCOMPRESS_VLLM=0")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.is_multimodal_pruning_enabled = False  # vLLM's own EVS post-processing stays off
 

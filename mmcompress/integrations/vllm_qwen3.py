@@ -116,11 +116,6 @@ class MMCQwen3VLForConditionalGeneration(_QwenMixin, Qwen3VLForConditionalGenera
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
         self._mmc_check(vllm_config)
-        rate = getattr(vllm_config.model_config.multimodal_config, "video_pruning_rate", None)
-        if rate:
-            raise ValueError(f"video_pruning_rate: {rate} turns on vLLM's EVS video pruning, which does not combine "
-                             "with the mmcompress plugin's positions; drop --video-pruning-rate or set "
-                             "MMCOMPRESS_VLLM=0")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def embed_multimodal(self, **kwargs: object) -> Any:
