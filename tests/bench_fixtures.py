@@ -47,6 +47,24 @@ class ToyTask(Task):
                                                                                  for r in records)}
 
 
+class SlowToyTask(ToyTask):
+    """ToyTask whose images take 0.2 s each to load, so that a run is surely still busy when a test interrupts it."""
+
+    name = "toy_slow"
+
+    def samples(self, data=None, split=None, limit=None, seed=0, skip_bad=False) -> list[Sample]:
+        import time
+
+        out = super().samples(data, split, limit, seed, skip_bad)
+        for s in out:
+            def image(load=s.image):
+                time.sleep(0.2)
+                return load()
+
+            s.image = image
+        return out
+
+
 def save_tiny_llava(path: Path, seed: int = 0) -> Path:
     """Write a tiny random `LlavaForConditionalGeneration` + `LlavaProcessor` to `path` (loadable offline with
     ``AutoModelForImageTextToText``/``AutoProcessor``); returns `path`."""
