@@ -100,8 +100,9 @@ def test_contract(name, B, N, C, prefix, grid, keep):
     assert torch.equal(out.x, again.x) and torch.equal(out.assign, again.assign)
 
 
+@pytest.mark.parametrize("grid", [(4, 6), (2, 3, 4)])  # an image, and two frames (video methods compare them)
 @pytest.mark.parametrize("keep", [0.5, 3])
-def test_gradients_follow_assign(name, keep):
+def test_gradients_follow_assign(name, keep, grid):
     """Under autograd (float64 x and sizes that require grad, a prefix row), x's and the sizes' gradients are those of
     the output's definition from `assign`: the size-weighted mean of each slot's members (exact-mean methods), or
     their score-weighted mean for prumerge's family (then only x's gradient on the kept prefix row is checked)."""
@@ -109,7 +110,7 @@ def test_gradients_follow_assign(name, keep):
     x = torch.randn(2, 1 + 24, 4, dtype=torch.float64, generator=g).requires_grad_()
     size = (torch.rand(2, 25, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
     comp = mmc.create(name, keep=keep)
-    kw = call_kwargs(name, x.detach(), 1, (4, 6))
+    kw = call_kwargs(name, x.detach(), 1, grid)
     out = comp(x, size=size, **kw)
     w = torch.randn(out.x.shape, dtype=torch.float64, generator=g)
     got = torch.autograd.grad((out.x * w).sum(), (x, size), allow_unused=True)
