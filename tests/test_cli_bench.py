@@ -72,7 +72,8 @@ def test_ctrl_c_is_one_line_naming_resume(tmp_path):
     model, out = save_tiny_llava(tmp_path / "m"), tmp_path / "run"
     p = _bench("--model", str(model), "--task", "tests.bench_fixtures:SlowToyTask", "--methods", "tome,pool,uniform",
                "--keep", "0.5,0.25", "--limit", "0", "--batch-size", "1", "--threads", "1", "--no-progress",
-               "--out", str(out))  # 0.2 s per image: still busy when interrupted, on any machine
+               "--out", str(out),  # 0.2 s per image: still busy when interrupted, on any machine
+               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's `cmd &` ignores SIGINT
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and not list(out.glob("parts/*/*.jsonl")):
         time.sleep(0.05)
