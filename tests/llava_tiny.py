@@ -103,3 +103,24 @@ def module_model_fixtures(kind: str = "llava") -> tuple:
         mmc.remove(model)
 
     return model, _unwrap
+
+
+def assert_generate_equals_solo_runs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                                     pixel_values: torch.Tensor, seqs: list[list[int]], solo_pixels: list[torch.Tensor],
+                                     steps: int = 4, stat: str | None = None) -> dict:
+    """Greedy `generate` of a batch, then of each sample alone: the same new tokens, scores within fp32 noise; with
+    `stat`, each solo run's ``mmc.stats(model)[stat]`` is the batch's row. Returns the batch run's stats."""
+    import mmcompress as mmc
+
+    gen = {"max_new_tokens": steps, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=attention_mask, pixel_values=pixel_values, **gen)
+        batch_stats = mmc.stats(model)
+        for b, (s, p) in enumerate(zip(seqs, solo_pixels, strict=True)):
+            solo = model.generate(input_ids=torch.tensor([s]), pixel_values=p, **gen)
+            if stat is not None:
+                assert mmc.stats(model)[stat] == [batch_stats[stat][b]]
+            assert torch.equal(out.sequences[b, -steps:], solo.sequences[0, -steps:])
+            for sb, ss in zip(out.scores, solo.scores, strict=True):
+                torch.testing.assert_close(sb[b], ss[0], atol=1e-5, rtol=1e-4)
+    return batch_stats

@@ -10,7 +10,7 @@ from mmcompress.integrations.fastv import FastV
 
 transformers = pytest.importorskip("transformers")
 
-from llava_tiny import build, image_tokens, images, module_model_fixtures, pad, prompt  # noqa: E402
+from llava_tiny import assert_generate_equals_solo_runs, build, image_tokens, images, module_model_fixtures, pad, prompt  # noqa: E402
 
 K = 2
 
@@ -81,16 +81,8 @@ def test_batch_with_different_prune_counts_equals_single_runs(model):
     seqs = [prompt(n[:1], [20], [11, 12, 13]), prompt(n[1:], [21, 22], [14])]
     ids, am = pad(seqs, "left")
     mmc.apply(model, "fastv", keep=0.5, fastv_k=K)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=am, pixel_values=pv, max_new_tokens=4, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True)
-        assert mmc.stats(model)["inllm_removed"] == [8, 16]
-        for b, (s, p) in enumerate(zip(seqs, (pv[:1], pv[1:]), strict=True)):
-            solo = model.generate(input_ids=torch.tensor([s]), pixel_values=p, max_new_tokens=4, do_sample=False,
-                                  output_scores=True, return_dict_in_generate=True)
-            assert torch.equal(out.sequences[b, -4:], solo.sequences[0, -4:])
-            for sb, ss in zip(out.scores, solo.scores, strict=True):
-                torch.testing.assert_close(sb[b], ss[0], atol=1e-5, rtol=1e-4)
+    st = assert_generate_equals_solo_runs(model, ids, am, pv, seqs, [pv[:1], pv[1:]])
+    assert st["inllm_removed"] == [8, 16]
 
 
 def test_combines_with_encoder_compression_and_removes_cleanly(model):
@@ -153,15 +145,7 @@ def test_unpadded_batch_with_different_prune_counts_equals_single_runs(model):
     assert len(s0) == len(s1)
     ids = torch.tensor([s0, s1])
     mmc.apply(model, "fastv", keep=0.5, fastv_k=K)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=3, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True)
-        for b, (s, p) in enumerate(zip((s0, s1), (pv[:1], pv[1:]), strict=True)):
-            solo = model.generate(input_ids=torch.tensor([s]), pixel_values=p, max_new_tokens=3, do_sample=False,
-                                  output_scores=True, return_dict_in_generate=True)
-            assert torch.equal(out.sequences[b, -3:], solo.sequences[0, -3:])
-            for sb, ss in zip(out.scores, solo.scores, strict=True):
-                torch.testing.assert_close(sb[b], ss[0], atol=1e-5, rtol=1e-4)
+    assert_generate_equals_solo_runs(model, ids, None, pv, [s0, s1], [pv[:1], pv[1:]], steps=3)
 
 
 def test_keep_count_is_the_releases_round_n_times_1_minus_r():

@@ -16,7 +16,16 @@ from mmcompress.integrations.sparsevlm import (
 
 pytest.importorskip("transformers")
 
-from llava_tiny import IMG, build, image_tokens, images, module_model_fixtures, pad, prompt  # noqa: E402
+from llava_tiny import (  # noqa: E402
+    IMG,
+    assert_generate_equals_solo_runs,
+    build,
+    image_tokens,
+    images,
+    module_model_fixtures,
+    pad,
+    prompt,
+)
 
 model, _unwrap = module_model_fixtures()
 
@@ -131,18 +140,9 @@ def test_ragged_batch_generate_equals_single_runs(model):
     seqs = [prompt(n[:1], [20], [11, 12, 13, 16]), prompt(n[1:], [21, 22], [14, 15, 17])]
     ids, am = pad(seqs, "left")
     mmc.apply(model, "sparsevlm", keep=None, sparsevlm_layers=[0, 2], sparsevlm_counts=[9, 5])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=am, pixel_values=pv, max_new_tokens=4, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True)
-        rows = mmc.stats(model)["inllm_layer_tokens"]
-        assert rows[0][0] == 16 and rows[1][0] == 32
-        for b, (s, p) in enumerate(zip(seqs, (pv[:1], pv[1:]), strict=True)):
-            solo = model.generate(input_ids=torch.tensor([s]), pixel_values=p, max_new_tokens=4, do_sample=False,
-                                  output_scores=True, return_dict_in_generate=True)
-            assert mmc.stats(model)["inllm_layer_tokens"] == [rows[b]]
-            assert torch.equal(out.sequences[b, -4:], solo.sequences[0, -4:])
-            for sb, ss in zip(out.scores, solo.scores, strict=True):
-                torch.testing.assert_close(sb[b], ss[0], atol=1e-5, rtol=1e-4)
+    st = assert_generate_equals_solo_runs(model, ids, am, pv, seqs, [pv[:1], pv[1:]], stat="inllm_layer_tokens")
+    rows = st["inllm_layer_tokens"]
+    assert rows[0][0] == 16 and rows[1][0] == 32
 
 
 def test_options_are_checked(model):
