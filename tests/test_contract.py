@@ -147,8 +147,6 @@ def test_dtypes(name, dtype):
 
 
 def test_batch_equals_single(name):
-    if name == "random":
-        pytest.skip("random draws one noise matrix per batch; its rows depend on the batch by design")
     x = torch.randn(3, 26, 8)
     kw = call_kwargs(name, x, 1, (5, 5))
     comp = mmc.create(name, keep=6)
