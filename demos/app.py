@@ -112,7 +112,7 @@ def audio_available() -> tuple[bool, str]:
 
         if "audio_merge" not in mmc.available():
             return False, "audio compression not available yet"
-        import mmcompress.integrations.whisper  # noqa: F401
+        import mmcompress.hf.whisper  # noqa: F401
     except ImportError as e:
         return False, f"audio compression not available yet ({e})"
     return True, ""

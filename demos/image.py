@@ -37,9 +37,9 @@ class CompressorRecorder:
 
 def record_compressions(model: Any) -> CompressorRecorder | None:
     """Wrap the compressor of a model wrapped by `mmcompress.apply` with a recorder (None if it cannot be found)."""
-    from mmcompress import integrations
+    from mmcompress import hf
 
-    adapter = getattr(integrations, "_adapter", lambda m: None)(model)
+    adapter = getattr(hf, "_adapter", lambda m: None)(model)
     if adapter is None or not hasattr(adapter, "compressor"):
         return None
     rec = CompressorRecorder(adapter.compressor)

@@ -36,10 +36,10 @@ _LAZY = {
     "Inputs": ("mmcompress.compressors.base", "Inputs"),
     "Plan": ("mmcompress.compressors.base", "Plan"),
     "CompressOutput": ("mmcompress.types", "CompressOutput"),
-    "apply": ("mmcompress.integrations", "apply"),
-    "remove": ("mmcompress.integrations", "remove"),
-    "disabled": ("mmcompress.integrations", "disabled"),
-    "stats": ("mmcompress.integrations", "stats"),
+    "apply": ("mmcompress.hf", "apply"),
+    "remove": ("mmcompress.hf", "remove"),
+    "disabled": ("mmcompress.hf", "disabled"),
+    "stats": ("mmcompress.hf", "stats"),
 }
 
 
@@ -49,6 +49,6 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
-    if name in ("zoo", "compressors", "integrations", "kernels", "evals"):
+    if name in ("zoo", "compressors", "hf", "inllm", "kernels", "evals"):
         return importlib.import_module(f"mmcompress.{name}")
     raise AttributeError(f"module 'mmcompress' has no attribute {name!r}")

@@ -27,8 +27,8 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 
-# In-LLM methods: rules on the shared in-LLM pruning stage (mmcompress/integrations/inllm.py), run only through
-# `mmc.apply` (not `mmc.create`). name: (module under mmcompress.integrations, family, modality, needs, summary)
+# In-LLM methods: rules on the shared in-LLM pruning stage (mmcompress/inllm/stage.py), run only through
+# `mmc.apply` (not `mmc.create`). name: (module under mmcompress.inllm, family, modality, needs, summary)
 IN_LLM: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "fastv": ("fastv", "in-LLM", "image", ("apply",), "drop at LLM layer K by last-token attention"),
     "pdrop": ("pdrop", "in-LLM", "image", ("apply",), "PyramidDrop: staged drops by last-instruction attention"),

@@ -63,10 +63,10 @@ def _listed_methods() -> list[str]:
 
 def _adapter_options() -> set[str]:
     """Option names that some model adapter accepts (which adapter applies is known only once the model loads)."""
-    from mmcompress.integrations import base, supported_model_types
+    from mmcompress.hf import adapter, supported_model_types
 
     supported_model_types()  # imports the built-in adapters
-    return {k for cls in set(base._ADAPTERS.values()) for k in getattr(cls, "options", {})}
+    return {k for cls in set(adapter._ADAPTERS.values()) for k in getattr(cls, "options", {})}
 
 
 def check_methods(methods: list[str], options: dict[str, dict[str, object]]) -> None:

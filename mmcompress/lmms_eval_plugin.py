@@ -2,7 +2,7 @@
 
     python -m lmms_eval --model mmcompress \\
         --model_args pretrained=ref-vlm,method=visionzip,keep=0.25 --tasks mmc_easyvqa_32 \\
-        --include_path "$(python -m mmcompress.integrations.lmms_eval --tasks-dir)" --batch_size 16 --log_samples
+        --include_path "$(python -m mmcompress.lmms_eval_plugin --tasks-dir)" --batch_size 16 --log_samples
 
 lmms-eval finds the model through the entry point group ``lmms_eval.models`` (pyproject.toml), which names
 `manifests`; this module is imported only then (it needs ``lmms_eval`` installed).
@@ -58,7 +58,7 @@ def manifests() -> list[Any]:
     """The entry point of group ``lmms_eval.models``: one `ModelManifest` naming `MMCompressLMM` by path."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=MODEL_ID, simple_class_path="mmcompress.integrations.lmms_eval.MMCompressLMM")]
+    return [ModelManifest(model_id=MODEL_ID, simple_class_path="mmcompress.lmms_eval_plugin.MMCompressLMM")]
 
 
 def tasks_dir() -> Path:
@@ -286,7 +286,7 @@ def _bar(total: int) -> Any:
     return tqdm(total=total, desc=f"{MODEL_ID} generate_until", unit="req", file=sys.stderr, dynamic_ncols=True)
 
 
-if __name__ == "__main__":  # `python -m mmcompress.integrations.lmms_eval --tasks-dir`: the --include_path folder
+if __name__ == "__main__":  # `python -m mmcompress.lmms_eval_plugin --tasks-dir`: the --include_path folder
     if sys.argv[1:] != ["--tasks-dir"]:
-        sys.exit("usage: python -m mmcompress.integrations.lmms_eval --tasks-dir")
+        sys.exit("usage: python -m mmcompress.lmms_eval_plugin --tasks-dir")
     print(tasks_dir())

@@ -9,7 +9,7 @@ import torch
 from family_tiny import AUD, BREAK, END, IMG, SPECS, START, VID, batch, build
 
 import mmcompress as mmc
-from mmcompress.integrations.placeholder import ItemMeta, expanded_meta
+from mmcompress.hf.placeholder import ItemMeta, expanded_meta
 
 
 def _beams(model, kw, use_cache: bool):

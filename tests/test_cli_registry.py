@@ -35,7 +35,7 @@ def test_list_prints_the_in_llm_methods_as_their_own_family():
     for name in ("fastv", "pdrop", "dart", "sparsevlm"):
         assert fam[name] == "in-LLM", r.stdout
     from mmcompress.catalog import IN_LLM
-    from mmcompress.integrations import IN_LLM as DISPATCHED
+    from mmcompress.hf import IN_LLM as DISPATCHED
 
     assert set(IN_LLM) == set(DISPATCHED)  # every listed in-LLM name is accepted by mmc.apply, and only those
     assert not set(IN_LLM) & set(mmc.available())  # not compressors: mmc.create does not take them

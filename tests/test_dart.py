@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmcompress as mmc
-from mmcompress.integrations.dart import DARTRule, dart_quota
+from mmcompress.inllm.dart import DARTRule, dart_quota
 
 pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmcompress as mmc
-from mmcompress.integrations.fastv import FastV
+from mmcompress.inllm.fastv import FastV
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,7 +150,7 @@ def test_unpadded_batch_with_different_prune_counts_equals_single_runs(model):
 
 def test_keep_count_is_the_releases_round_n_times_1_minus_r():
     """The release keeps round(n * (1 - R)) tokens (Python round, half to even): 8 of 15 at R = 0.5, not 15 - 8."""
-    from mmcompress.integrations.fastv import fastv_keep_count
+    from mmcompress.inllm.fastv import fastv_keep_count
 
     n = torch.tensor([15, 16, 17, 1, 3, 576, 575])
     assert fastv_keep_count(n, 0.5).tolist() == [round(v * 0.5) for v in n.tolist()] == [8, 8, 8, 0, 2, 288, 288]

@@ -1,4 +1,4 @@
-"""The shared in-LLM pruning stage (integrations/inllm.py) on tiny random decoders and VLM families.
+"""The shared in-LLM pruning stage (mmcompress/inllm/stage.py) on tiny random decoders and VLM families.
 
 Checked against plain-PyTorch references written here: a loop over the decoder layers that drops the same columns
 by hand (original or renumbered positions), and the unpruned model where nothing is dropped.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmcompress as mmc
-from mmcompress.integrations.inllm import InLLM, PruneContext
+from mmcompress.inllm.stage import InLLM, PruneContext
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,7 +142,7 @@ def test_ragged_multi_stage_batch_equals_single_runs():
         def drop(self, ctx):
             s = ctx.last_token_attention()
             n = ctx.img.sum(1)
-            from mmcompress.integrations.inllm import drop_lowest
+            from mmcompress.inllm.stage import drop_lowest
             return drop_lowest(s, ctx.img, n // 3)
 
     ids = torch.zeros(2, 20, dtype=torch.long)

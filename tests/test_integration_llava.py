@@ -328,7 +328,7 @@ def test_onevision_video_grid_and_identity(models):
 
 # ---- plumbing helpers (shared with the Qwen adapter) ------------------------------------------------------------
 def test_shrink_batch_left_and_right():
-    from mmcompress.integrations.plumbing import shrink_batch
+    from mmcompress.hf.plumbing import shrink_batch
 
     ids = torch.tensor([[0, 1, 5, 5, 5, 7], [1, 5, 5, 5, 8, 9]])
     am = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -346,7 +346,7 @@ def test_shrink_batch_left_and_right():
 
 
 def test_question_mask_rule():
-    from mmcompress.integrations.plumbing import question_mask
+    from mmcompress.hf.plumbing import question_mask
 
     ids = torch.tensor([[0, 1, 30, 5, 5, 40, 41, 2], [1, 5, 5, 50, 51, 52, 53, 54]])
     am = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8])
@@ -357,7 +357,7 @@ def test_question_mask_rule():
 
 
 def test_media_segments_checks_counts():
-    from mmcompress.integrations.plumbing import media_segments
+    from mmcompress.hf.plumbing import media_segments
 
     ids = torch.tensor([[1, 5, 5, 5, 5, 9], [1, 5, 5, 9, 9, 9]])
     segs = media_segments(ids, 5, [2, 2, 2])

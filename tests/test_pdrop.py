@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmcompress as mmc
-from mmcompress.integrations.pdrop import pdrop_average, pdrop_default_layers, pdrop_lambda_for
+from mmcompress.inllm.pdrop import pdrop_average, pdrop_default_layers, pdrop_lambda_for
 
 pytest.importorskip("transformers")
 

@@ -173,7 +173,7 @@ def test_through_apply_equals_the_release_rules_on_eager_maps(name, keep, batch)
     LAST block's q/k as one all-channel head, its keys as metric): the LLM receives the projected release output."""
     import llava_tiny as lt
 
-    from mmcompress.integrations.llava import vision_layers
+    from mmcompress.hf.llava import vision_layers
 
     model = lt.build("llava", seed=4, attn="eager")  # seed 4: 1 and 2 IQR outliers among the 16 patches
     pv = lt.images(2, seed=4)[batch]

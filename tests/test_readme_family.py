@@ -22,10 +22,10 @@ def test_readme_family_example_runs_and_matches_the_shipped_description():
     from family_tiny import SPECS, batch, build
 
     code = _readme_block()
-    shipped = (ROOT / "mmcompress/integrations/families.py").read_text()
+    shipped = (ROOT / "mmcompress/hf/families.py").read_text()
     start = code.index("@register_family")
     assert code[start:].strip() in shipped  # the docs show the real thing, not a copy that can drift
-    mmc.integrations.supported_model_types()  # built-in descriptions first, so the docs' registration is the last
+    mmc.hf.supported_model_types()  # built-in descriptions first, so the docs' registration is the last
     ns: dict = {}
     exec(compile(code, "docs/models.md", "exec"), ns)  # registers PaliGemma's description (again)
     adapter_cls = ns["PaliGemmaFamily"].adapter

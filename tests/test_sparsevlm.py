@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmcompress as mmc
-from mmcompress.integrations.sparsevlm import (
+from mmcompress.inllm.sparsevlm import (
     SPARSEVLM_COUNTS,
     dpc_knn_merge,
     sparsevlm_counts_for,

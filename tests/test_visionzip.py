@@ -122,7 +122,7 @@ def _release_rules(hs: torch.Tensor, attn: torch.Tensor, keys: torch.Tensor, dom
 def test_through_apply_equals_the_release_rules_on_eager_maps():
     import llava_tiny as lt
 
-    from mmcompress.integrations.llava import vision_layers
+    from mmcompress.hf.llava import vision_layers
 
     model = lt.build("llava", seed=3, attn="eager")
     pv = lt.images(2, seed=3)

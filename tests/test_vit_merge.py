@@ -194,7 +194,7 @@ def test_open_clip_sequence_first_blocks():
 
 def test_siglip_head_proportional_attention_equals_duplicated_tokens():
     """Pooling head with log(size) on its keys == the plain head over tokens repeated `size` times."""
-    from mmcompress.integrations.base import ATTR
+    from mmcompress.hf.adapter import ATTR
 
     model = hf_vision("siglip_vision")
     head = getattr(model, "vision_model", model).head

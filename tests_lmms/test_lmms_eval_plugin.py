@@ -1,4 +1,4 @@
-"""The lmms-eval model ``mmcompress`` (mmcompress/integrations/lmms_eval.py) and our task YAMLs (evals/lmms_tasks).
+"""The lmms-eval model ``mmcompress`` (mmcompress/lmms_eval_plugin.py) and our task YAMLs (evals/lmms_tasks).
 
 Runs in the venv `make test-lmms-eval` builds (lmms-eval beside CPU torch); skips with the reason where lmms-eval is
 not importable. The agreement tests run ``python -m lmms_eval --model mmcompress`` on ref-vlm and compare every
@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here; `make test-lmms-eval` builds its own venv")
 
-from mmcompress.integrations import lmms_eval as plugin  # noqa: E402
+import mmcompress.lmms_eval_plugin as plugin  # noqa: E402
 
 TASK, LIMIT, SEED, BATCH = "mmc_easyvqa_32", 32, 0, 16
 SETTINGS = [("none", 1.0), ("random", 0.25), ("tome", 0.25)]
@@ -42,7 +42,7 @@ def test_entry_point_resolves_to_the_plugin_class():
     reg = ModelRegistryV2()
     reg.load_entrypoint_manifests()
     assert "mmcompress" in reg.list_model_names()
-    assert reg.resolve("mmcompress").class_path == "mmcompress.integrations.lmms_eval.MMCompressLMM"
+    assert reg.resolve("mmcompress").class_path == "mmcompress.lmms_eval_plugin.MMCompressLMM"
     assert get_model("mmcompress") is plugin.MMCompressLMM
 
 
@@ -84,6 +84,16 @@ def test_counts_add_what_compression_changes_to_lmms_evals_token_counts():
 def test_tasks_dir_holds_the_yamls():
     names = {p.stem for p in plugin.tasks_dir().glob("mmc_*.yaml")}
     assert {"mmc_easyvqa", "mmc_easyvqa_32", "mmc_easyvqa_500", "mmc_detail", "mmc_detail_32"} <= names
+
+
+def test_deprecated_module_path_still_prints_the_tasks_dir():
+    """`python -m mmcompress.integrations.lmms_eval --tasks-dir` (the path before the move) still works, and warns."""
+    for module in ("mmcompress.lmms_eval_plugin", "mmcompress.integrations.lmms_eval"):
+        r = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", module, "--tasks-dir"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert Path(r.stdout.strip()) == plugin.tasks_dir()
+    assert "mmcompress.integrations.lmms_eval is deprecated" in r.stderr, r.stderr  # the shim's warning
 
 
 # -- task documents = bench's samples ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmcompress as mmc
-from mmcompress.integrations import vllm_plugin as vp
+import mmcompress.vllm_plugin as vp
 
 
 @pytest.mark.parametrize("keep", [1, 3, 7, 0.1, 0.25, 0.5, 0.99, 1.0])

@@ -9,7 +9,7 @@ import pytest
 import tiny
 from conftest import run_engine
 
-from mmcompress.integrations.vllm_plugin import SUPPORTED
+from mmcompress.vllm_plugin import SUPPORTED
 
 ARCH = "LlavaNextVideoForConditionalGeneration"
 A = {"prompt": tiny.prompt(seed=0, placeholder="<|video_pad|>"), "videos": [[5, 4, 224, 224]]}

@@ -29,7 +29,7 @@ class EncoderNeeds:
     """What a compressor asks `mmcompress.apply` to read off the encoder for it: the ONE place where a method declares
     which signals its authors' release uses, so that every integration hands it those and not an approximation.
 
-    A compressor class sets `encoder_needs = EncoderNeeds(...)`; integrations read it and provide `scores=` (when
+    A compressor class sets `encoder_needs = EncoderNeeds(...)`; model adapters read it and provide `scores=` (when
     "scores" is in `needs`), `metric=` (when `metric` is set) and the CLS prefix (when `cls_prefix`), all recomputed
     from the hooked q/k Linear outputs of one encoder block (no eager attention: SDPA/FlashAttention models keep their
     fast path; `attention_scores.encoder_signals` does the arithmetic). The default reproduces what every integration

@@ -15,18 +15,18 @@ from typing import Any
 
 import torch
 
-from mmcompress.integrations.base import ATTR, Adapter, adapter_for, register_adapter, supported_model_types
+from mmcompress.hf.adapter import ATTR, Adapter, adapter_for, register_adapter, supported_model_types
 
 __all__ = ["apply", "remove", "disabled", "stats", "Adapter", "register_adapter", "supported_model_types"]
 
-# Modules under mmcompress.integrations that register adapters on import.
+# Modules under mmcompress.hf that register adapters on import.
 _BUILTIN_ADAPTER_MODULES = ("llava", "qwen_vl", "families", "vit_merge", "whisper")
 
 
 def _load_builtin_adapters() -> None:
     for name in _BUILTIN_ADAPTER_MODULES:
-        if importlib.util.find_spec(f"mmcompress.integrations.{name}") is not None:
-            importlib.import_module(f"mmcompress.integrations.{name}")
+        if importlib.util.find_spec(f"mmcompress.hf.{name}") is not None:
+            importlib.import_module(f"mmcompress.hf.{name}")
 
 
 def _split_options(adapter_cls: type[Adapter], comp_cls: type, options: dict[str, Any]):
@@ -42,7 +42,7 @@ def _split_options(adapter_cls: type[Adapter], comp_cls: type, options: dict[str
 
 
 FASTV = "fastv"  # in-LLM baseline: an adapter option (fastv_k, fastv_r), not an encoder-side compressor
-# methods that prune inside the LLM, on the shared stage (integrations/inllm.py)
+# methods that prune inside the LLM, on the shared stage (mmcompress/inllm/stage.py)
 IN_LLM = ("fastv", "pdrop", "dart", "sparsevlm")
 
 
@@ -66,7 +66,7 @@ def _check_layer(option: str, k: Any, n_layers: int) -> None:
 
 
 def _pdrop_builder(keep: Any, own: dict[str, Any]):
-    from mmcompress.integrations.pdrop import PDropRule, pdrop_default_layers, pdrop_lambda_for
+    from mmcompress.inllm.pdrop import PDropRule, pdrop_default_layers, pdrop_lambda_for
 
     lam = own.pop("pdrop_lambda", None)
     layers = own.pop("pdrop_layers", None)
@@ -94,7 +94,7 @@ def _pdrop_builder(keep: Any, own: dict[str, Any]):
 
 
 def _dart_builder(keep: Any, own: dict[str, Any]):
-    from mmcompress.integrations.dart import DARTRule
+    from mmcompress.inllm.dart import DARTRule
 
     k = own.pop("dart_k", 2)
     piv_i, piv_t = own.pop("dart_pivot_image", 4), own.pop("dart_pivot_text", 4)
@@ -118,7 +118,7 @@ def _dart_builder(keep: Any, own: dict[str, Any]):
 
 
 def _sparsevlm_builder(keep: Any, own: dict[str, Any]):
-    from mmcompress.integrations.sparsevlm import SPARSEVLM_COUNTS, SparseVLMRule, sparsevlm_default_layers
+    from mmcompress.inllm.sparsevlm import SPARSEVLM_COUNTS, SparseVLMRule, sparsevlm_default_layers
 
     layers, counts = own.pop("sparsevlm_layers", None), own.pop("sparsevlm_counts", None)
     recycle = own.pop("sparsevlm_recycle", True)
@@ -197,7 +197,7 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
             `stage=`, each method runs where it needs to: text-guided methods (`needs` contains "text") after the
             projector with the question's embeddings, the others between the vision tower and the projector.
 
-    In-LLM methods (pruning inside the decoder on one shared stage, `mmcompress.integrations.inllm`; see
+    In-LLM methods (pruning inside the decoder on one shared stage, `mmcompress.inllm.stage`; see
     docs/fidelity_inllm.md):
     - `"fastv"` (Chen et al. ECCV'24): `keep` is the fraction of image tokens kept from layer `fastv_k` (default 2)
       on; other compressors combine with FastV through `fastv_k=`/`fastv_r=`.

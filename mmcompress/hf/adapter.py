@@ -68,7 +68,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 def supported_model_types() -> list[str]:
     """model_type values with an adapter (imports the built-in adapter modules first)."""
-    from mmcompress.integrations import _load_builtin_adapters
+    from mmcompress.hf import _load_builtin_adapters
 
     _load_builtin_adapters()
     return sorted(_ADAPTERS)

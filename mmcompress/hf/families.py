@@ -21,8 +21,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.compressors.attention_scores import QKCapture, attention_row_scores
 from mmcompress.compressors.base import EncoderNeeds
-from mmcompress.integrations.llava import vision_layers, vision_scores_capture
-from mmcompress.integrations.placeholder import META_ATTR, Family, ItemMeta, Modality, register_family
+from mmcompress.hf.llava import vision_layers, vision_scores_capture
+from mmcompress.hf.placeholder import META_ATTR, Family, ItemMeta, Modality, register_family
 
 __all__ = ["PaliGemmaFamily", "Gemma3Family", "InternVLFamily", "SmolVLMFamily", "Mistral3Family",
            "LlavaNextVideoFamily", "Qwen2AudioFamily", "block_pool"]

@@ -31,7 +31,7 @@ from torch import nn
 
 from mmcompress.compressors.attention_scores import QKCapture
 from mmcompress.compressors.base import EncoderNeeds
-from mmcompress.integrations.placeholder import Family, ItemMeta, Modality, register_family
+from mmcompress.hf.placeholder import Family, ItemMeta, Modality, register_family
 
 __all__ = ["LlavaFamily", "vision_layers", "vision_scores_capture"]
 

@@ -43,10 +43,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.compressors.base import EncoderNeeds
-from mmcompress.integrations.base import Adapter, register_adapter
-from mmcompress.integrations.fastv import FastV
-from mmcompress.integrations.inllm import InLLM, find_decoder
-from mmcompress.integrations.plumbing import (
+from mmcompress.hf.adapter import Adapter, register_adapter
+from mmcompress.hf.plumbing import (
     DecodeState,
     media_segments,
     padding_side_of,
@@ -54,6 +52,8 @@ from mmcompress.integrations.plumbing import (
     question_mask,
     shrink_batch,
 )
+from mmcompress.inllm.fastv import FastV
+from mmcompress.inllm.stage import InLLM, find_decoder
 
 __all__ = ["Modality", "ItemMeta", "Family", "PlaceholderAdapter", "register_family", "int_list"]
 
@@ -269,10 +269,10 @@ class PlaceholderAdapter(Adapter):
             needs, or "right"); an input that is already padded keeps its side.
         text_exclude_ids: extra token ids left out of the question span (chat-template tokens).
         fastv_k: None (off) or the FastV layer K: LLM layers >= K see the media tokens pruned by last-token
-            attention (`mmcompress.integrations.fastv`), on top of (or, with keep=1.0, instead of) the compressor.
+            attention (`mmcompress.inllm.fastv`), on top of (or, with keep=1.0, instead of) the compressor.
         fastv_r: FastV's R, the fraction of media tokens pruned at layer K (default 0.5).
         inllm: None or a builder (decoder layer count -> rule) of another in-LLM method on the shared stage
-            (`mmcompress.integrations.inllm`; set by `mmc.apply(model, "pdrop" | "dart", ...)`).
+            (`mmcompress.inllm.stage`; set by `mmc.apply(model, "pdrop" | "dart", ...)`).
     """
 
     family: ClassVar[Family]

@@ -22,7 +22,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.compressors.attention_scores import attention_row_scores
-from mmcompress.integrations.placeholder import META_ATTR, Family, ItemMeta, Modality, register_family
+from mmcompress.hf.placeholder import META_ATTR, Family, ItemMeta, Modality, register_family
 
 __all__ = ["Qwen2VLFamily", "Qwen3VLFamily", "Glm4vFamily", "vision_scores"]
 

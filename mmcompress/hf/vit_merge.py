@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcompress.integrations.base import Adapter, register_adapter
+from mmcompress.hf.adapter import Adapter, register_adapter
 
 _HF_VISION = {
     # model_type: (attribute path to the vision root or "" for the model itself, block family)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcompress.integrations.base import Adapter, register_adapter
+from mmcompress.hf.adapter import Adapter, register_adapter
 
 __all__ = ["WhisperAdapter"]
 

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mmcompress.integrations.inllm import PruneContext
+from mmcompress.inllm.stage import PruneContext
 
 __all__ = ["DARTRule", "dart_quota"]
 

@@ -7,7 +7,7 @@ K .. end (and their KV cache) hold fewer tokens. Kept tokens keep their original
 
 Release: pkunlp-icler/FastV, `fastv_forward` in src/FastV/llava-hf/.../modeling_llama.py (see docs/fidelity_inllm.md).
 The mechanics (SDPA kept, `generate()`, ragged batches, exact `detach`) are the shared stage's
-(`mmcompress.integrations.inllm`); this module only states the rule.
+(`mmcompress.inllm.stage`); this module only states the rule.
 
 Reuse (any HF decoder whose layers take `attention_mask`, `position_embeddings`, `position_ids`, `cache` kwargs and
 whose attention has q_proj/k_proj and a module-level `apply_rotary_pos_emb`, e.g. Llama, Qwen2, Qwen2-VL text):
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mmcompress.integrations.inllm import InLLM, PruneContext, drop_lowest
+from mmcompress.inllm.stage import InLLM, PruneContext, drop_lowest
 
 __all__ = ["FastV", "FastVRule", "fastv_keep_count"]
 

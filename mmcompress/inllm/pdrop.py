@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmcompress.integrations.inllm import PruneContext, drop_lowest
+from mmcompress.inllm.stage import PruneContext, drop_lowest
 
 __all__ = ["PDropRule", "pdrop_default_layers", "pdrop_average", "pdrop_lambda_for"]
 

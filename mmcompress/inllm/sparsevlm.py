@@ -43,8 +43,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mmcompress.integrations.inllm import PruneContext
-from mmcompress.integrations.pdrop import pdrop_average
+from mmcompress.inllm.pdrop import pdrop_average
+from mmcompress.inllm.stage import PruneContext
 
 __all__ = ["SparseVLMRule", "SPARSEVLM_COUNTS", "sparsevlm_default_layers", "sparsevlm_counts_for", "dpc_knn_merge",
            "text_raters"]

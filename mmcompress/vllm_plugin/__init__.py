@@ -1,8 +1,8 @@
 """vLLM plugin entry point and settings: which compressor and budget a server (or a request) uses.
 
 vLLM calls `register()` (entry point group `vllm.general_plugins`) in its engine and in every worker it spawns, so
-it is idempotent and imports nothing heavy: the model classes in `vllm_models` are registered by "module:Class"
-strings and imported only when vLLM loads one of the supported architectures.
+it is idempotent and imports nothing heavy (no vLLM, no torch): the model classes in `models`, `llava` and `qwen3`
+are registered by "module:Class" strings and imported only when vLLM loads one of the supported architectures.
 
 Settings, the first one found wins:
 
@@ -30,13 +30,13 @@ __all__ = ["register", "Setting", "resolve", "budget", "SUPPORTED", "method_code
 
 #: vLLM architecture name -> "module:Class" of its compressing subclass.
 SUPPORTED = {
-    "Qwen2VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCQwen2_5_VLForConditionalGeneration",
-    "Qwen3VLForConditionalGeneration": "mmcompress.integrations.vllm_qwen3:MMCQwen3VLForConditionalGeneration",
-    "LlavaForConditionalGeneration": "mmcompress.integrations.vllm_models:MMCLlavaForConditionalGeneration",
-    "LlavaNextForConditionalGeneration": "mmcompress.integrations.vllm_llava:MMCLlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "mmcompress.vllm_plugin.models:MMCQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "mmcompress.vllm_plugin.models:MMCQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "mmcompress.vllm_plugin.qwen3:MMCQwen3VLForConditionalGeneration",
+    "LlavaForConditionalGeneration": "mmcompress.vllm_plugin.models:MMCLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "mmcompress.vllm_plugin.llava:MMCLlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration":
-        "mmcompress.integrations.vllm_llava:MMCLlavaOnevisionForConditionalGeneration",
+        "mmcompress.vllm_plugin.llava:MMCLlavaOnevisionForConditionalGeneration",
 }
 REQUEST_KEYS = ("mmcompress_method", "mmcompress_keep")
 _registered = False

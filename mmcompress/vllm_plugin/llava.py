@@ -2,7 +2,7 @@
 mmcompress between the encoder and the LLM.
 
 Imported by vLLM only (through `vllm_plugin.SUPPORTED`). What `mmc.apply` does on these models in transformers
-(`mmcompress/integrations/llava.py`), and so what this does: an image is ONE item, its base tile then its unpadded
+(`mmcompress/hf/llava.py`), and so what this does: an image is ONE item, its base tile then its unpadded
 high-res grid in raster order, the per-row newline tokens removed (grid None: the two parts have different
 geometries); its N tokens are compressed to M (before the projector by default, after it for methods that declare
 `encoder_needs.stage="projector"`), projected, and followed by ONE image_newline token. The placeholder run of a
@@ -39,8 +39,8 @@ from vllm.model_executor.models.llava_onevision import (
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from mmcompress.integrations.vllm_models import _plan_key, _PlanProcessor, _plans, _stage, _strip, compress_item
-from mmcompress.integrations.vllm_plugin import resolve
+from mmcompress.vllm_plugin import resolve
+from mmcompress.vllm_plugin.models import _plan_key, _PlanProcessor, _plans, _stage, _strip, compress_item
 
 
 def _anyres_counts(info: Any, width: int, height: int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """vLLM model classes that compress image and video tokens between the encoder and the LLM: Qwen2-VL, Qwen2.5-VL
-(images, videos) and LLaVA-1.5, plus the machinery the other families reuse (`vllm_llava` for LLaVA-NeXT and
-LLaVA-OneVision, `vllm_qwen3` for Qwen3-VL).
+(images, videos) and LLaVA-1.5, plus the machinery the other families reuse (`llava` for LLaVA-NeXT and
+LLaVA-OneVision, `qwen3` for Qwen3-VL).
 
 Imported by vLLM only (through the "module:Class" strings that `vllm_plugin.register` gives its `ModelRegistry`).
 Each class subclasses vLLM's own model and registers a processor subclass; the split is vLLM EVS's:
@@ -56,7 +56,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
 import mmcompress as mmc
-from mmcompress.integrations.vllm_plugin import REQUEST_KEYS, budget, method_code, method_name, resolve
+from mmcompress.vllm_plugin import REQUEST_KEYS, budget, method_code, method_name, resolve
 
 POS_CHANNELS = 6  # (t, h, w) ids, each as (id // 128, id % 128): exact in bf16/fp16 up to id 32767
 _BASE = 128

@@ -1,6 +1,6 @@
 """vLLM model class for Qwen3-VL (dense) with mmcompress between the vision tower and the LLM: images and videos.
 
-Imported by vLLM only (through `vllm_plugin.SUPPORTED`). As on Qwen2-VL (`vllm_models`), an image is one item with
+Imported by vLLM only (through `mmcompress.vllm_plugin.SUPPORTED`). As on Qwen2-VL (`models`), an image is one item with
 grid (1, h, w) after the 2x2 merger and its budget is fixed in the processor; what differs:
 
 * DeepStack: vLLM's vision tower returns each token's main features and its DeepStack features (injected into the
@@ -10,7 +10,7 @@ grid (1, h, w) after the 2x2 merger and its budget is fixed in the processor; wh
 * Positions: vLLM's own M-RoPE positions of the UNCOMPRESSED prompt (computed on the prompt with each compressed
   image's run expanded back to its N tokens), of which a compressed image keeps M columns, each set to the image's
   base id; the kept tokens' (t, h, w) offsets ride with the embeddings and are added in `forward` (see
-  `vllm_models`). Text after an image keeps its uncompressed ids, as with `mmc.apply`.
+  `models`). Text after an image keeps its uncompressed ids, as with `mmc.apply`.
 * Videos: Qwen3-VL writes a video of grid (t, h, w) as t frame groups, each `<{s:.1f} seconds>` text, vision_start,
   its h * w tokens, vision_end. The video is ONE compressor item (grid (t, h, w), N = t * h * w tokens, budget
   M = budget(N, keep)), as `mmc.apply` compresses it in transformers; each kept token stays in its own frame group,
@@ -45,7 +45,8 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from mmcompress.integrations.vllm_models import (
+from mmcompress.vllm_plugin import resolve
+from mmcompress.vllm_plugin.models import (
     POS_CHANNELS,
     _encode_pos,
     _grid_ids,
@@ -57,7 +58,6 @@ from mmcompress.integrations.vllm_models import (
     _strip,
     compress_item,
 )
-from mmcompress.integrations.vllm_plugin import resolve
 
 
 class MMCQwen3VLProcessingInfo(_QwenInfoMixin, Qwen3VLProcessingInfo):
