@@ -24,6 +24,7 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "holov": ("holov", "attention, coverage", "image", ("scores",), "budget spread over crops, top scores within"),
     "scope": ("scope", "attention, coverage", "image", ("scores",), "greedy coverage gain x saliency"),
     "holitom": ("holitom", "similarity", "video", ("grid", "scores"), "temporal windows, static DPC merge, top rest"),
+    "prunesid": ("prunesid", "diversity", "image", ("scores",), "NMS on scores within PCA groups (PruneSID)"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 
