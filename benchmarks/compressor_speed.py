@@ -15,7 +15,8 @@ finiteness pass over x) are timed too, and every op's ratio to both copies is in
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296 \
         python benchmarks/compressor_speed.py --only tome-peer --out runs/speed/tome_peer_warm_malloc.csv
 
-Fidelity rows (`--only fidelity`): each paper-named method (visionzip, prumerge, prumerge+, dycoke, divprune)
+Fidelity rows (`--only fidelity`): each paper-named method (visionzip, prumerge, prumerge+, dycoke, divprune,
+visiontrim)
 against a plain per-sample implementation of its release's rules (benchmarks/paper_references.py) on the same input,
 at batch 1 and 2, interleaved; each row checks the outputs agree (max abs difference in `agree_max_abs`; prumerge+
 budgets differ per sample, so both sides are zero-padded to the longest).
@@ -50,6 +51,7 @@ from paper_references import (  # noqa: E402
     dycoke_plain,
     prumerge_plain,
     prumerge_plus_plain,
+    visiontrim_plain,
     visionzip_plain,
 )
 from tome_paper_reference import paper_tome  # noqa: E402
@@ -166,6 +168,8 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
     dv = mmc.create("divprune", keep=64)
     dy = mmc.create("dycoke", keep="auto")
     v = torch.randn(B, 16 * 196, 896, generator=g)  # 16 frames of 14 x 14 LLM-space tokens
+    vt = mmc.create("visiontrim", keep=64)  # 48 dominant + 16 complement
+    te = torch.randn(B, 12, C, generator=g) + x[:, 1:13]  # a 12-token question about a few tokens
     return [
         ("visionzip", lambda: vz(x, prefix=1, scores=sc, metric=me).ordered(),
          lambda: torch.stack([visionzip_plain(x[b], sc[b], me[b], 53, 10) for b in range(B)])),
@@ -177,6 +181,8 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
          lambda: torch.stack([x[b, 1:][divprune_plain(x[b, 1:], 64).sort().values] for b in range(B)])),
         ("dycoke", lambda: dy(v, grid=(16, 14, 14)).ordered(),
          lambda: torch.stack([dycoke_plain(v[b], 16) for b in range(B)])),
+        ("visiontrim", lambda: vt(x[:, 1:], scores=sc[:, 1:], text=te).ordered(),
+         lambda: torch.stack([visiontrim_plain(x[b, 1:], sc[b, 1:], te[b], 48, 16) for b in range(B)])),
     ]
 
 

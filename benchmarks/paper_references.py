@@ -70,6 +70,32 @@ def prumerge_plus_plain(x: torch.Tensor, scores: torch.Tensor, metric: torch.Ten
     return _neighbour_sums(x, scores, metric, kept, knn)
 
 
+def visiontrim_plain(x: torch.Tensor, scores: torch.Tensor, text: torch.Tensor, kd: int, kc: int,
+                     rounds: int = 3) -> torch.Tensor:
+    """VisionTrim's DVTS + TGVC: x [N, C], scores [N] (the DVTS score), text [L, C] -> [kd + kc, C] in the release's
+    order: the top-kd tokens by score (source order), then the kc remaining tokens with the highest mean cosine to
+    the text tokens (source order), each grown over `rounds` rounds by the mean of the other remaining tokens that
+    join it (argmax over targets of sum_l cos(x_i, t_l) cos(t_l, T_j), T_j its current value)."""
+    x, text = x.double(), text.double()
+    order = sorted(range(x.shape[0]), key=lambda i: (-float(scores[i]), i))
+    dom = sorted(order[:kd])
+    rest = sorted(order[kd:])
+    tn = text / text.norm(dim=1, keepdim=True)
+    cos_t = {i: tn @ (x[i] / x[i].norm()) for i in rest}  # [L] per remaining token
+    tgt = sorted(sorted(rest, key=lambda i: (-float(cos_t[i].mean()), i))[:kc])
+    merged = [i for i in rest if i not in tgt]
+    val = {j: x[j].clone() for j in tgt}
+    for _ in range(rounds):
+        groups: dict[int, list[int]] = {j: [] for j in tgt}
+        for i in merged:
+            m = [float(cos_t[i] @ (tn @ (val[j] / val[j].norm()))) for j in tgt]
+            groups[tgt[max(range(kc), key=lambda a: (m[a], -a))]].append(i)
+        for j in tgt:
+            if groups[j]:
+                val[j] = val[j] + x[groups[j]].mean(0)
+    return torch.stack([x[i] for i in dom] + [val[j] for j in tgt]).to(torch.float32)
+
+
 def dycoke_plain(x: torch.Tensor, T: int, prune: float = 0.7) -> torch.Tensor:
     """x [T * P, C] -> the kept tokens in order: frame pairs (2i+1 vs 2i, then 4j+2 vs 4j), least similar first."""
     P = x.shape[0] // T

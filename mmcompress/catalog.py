@@ -25,6 +25,8 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "scope": ("scope", "attention, coverage", "image", ("scores",), "greedy coverage gain x saliency"),
     "holitom": ("holitom", "similarity", "video", ("grid", "scores"), "temporal windows, static DPC merge, top rest"),
     "prunesid": ("prunesid", "diversity", "image", ("scores",), "NMS on scores within PCA groups (PruneSID)"),
+    "visiontrim": ("visiontrim", "attention, query", "image", ("scores", "text"),
+                   "top DVTS attention + text-guided merging of the rest"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 

@@ -30,7 +30,7 @@ from torch import nn
 from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.kernels.attention_rows import attention_rows
 
-__all__ = ["attention_row_scores", "encoder_signals", "QKCapture", "find_qk_linears"]
+__all__ = ["attention_row_scores", "received_row_scores", "encoder_signals", "QKCapture", "find_qk_linears"]
 
 
 def _heads(t: torch.Tensor, name: str, num_heads: int | None) -> torch.Tensor:
@@ -128,6 +128,57 @@ def attention_row_scores(
 
 
 @torch.no_grad()
+def received_row_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cls: bool,
+    *,
+    num_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """VisionTrim's DVTS score from q and k (the release's `0.5 * normalize(cls_attn) + 0.5 *
+    normalize(avg_received_attn)` of the head-averaged eager map, without forming the map).
+
+    Args:
+        q: [B, H, N, D] queries, or [B, N, H*D] with `num_heads`.
+        k: [B, Hk, N, D] keys, or [B, N, Hk*D] with `num_kv_heads` (default `num_heads`).
+        cls: True when token 0 is a CLS: row = its attention row and the patches are tokens 1..N-1 (columns and
+            queries); False: no CLS, row = the mean attention each token receives (all rows), patches = all tokens.
+        num_heads: heads of q when q is [B, N, C].
+        num_kv_heads: heads of k when k is [B, N, C]; default `num_heads`.
+        chunk: query rows per chunk (peak extra memory B * H * chunk * N floats).
+
+    Returns:
+        [B, N] float32: over the patches, 0.5 * row / ||row|| + 0.5 * r / ||r||, r_j = sum over patch queries i != j
+        of the head-averaged attention A[i, j]; the CLS column (cls=True) holds 0.
+    """
+    q4 = _heads(q, "q", num_heads)
+    k4 = _heads(k, "k", num_kv_heads if num_kv_heads is not None else num_heads)
+    B, H, N, D = q4.shape
+    Hk = k4.shape[1]
+    if k4.shape[0] != B or k4.shape[2] != N or k4.shape[3] != D or H % Hk:
+        raise ValueError(f"k: shape {tuple(k4.shape)} (as [B, H, N, D]) does not match q {tuple(q4.shape)}")
+    s = 1.0 / math.sqrt(D)
+    p0 = 1 if cls else 0  # first patch token
+    if p0 >= N:
+        raise ValueError(f"q: {N} tokens leave no patch after the CLS")
+    row = attention_row_scores(q4, k4, 0 if cls else torch.arange(N, device=q4.device))[:, p0:]  # [B, Np]
+    kf = k4.float()
+    recv = torch.zeros(B, N - p0, dtype=torch.float32, device=q4.device)  # [B, Np]
+    for i in range(p0, N, chunk):
+        r = min(chunk, N - i)
+        qi = q4[:, :, i : i + r].float().reshape(B, Hk, (H // Hk) * r, D)  # query heads under their key head
+        a = (torch.matmul(qi, kf.transpose(-1, -2)) * s).softmax(-1).view(B, H, r, N).mean(1)  # [B, r, N]
+        a = a[:, :, p0:]  # [B, r, Np] patch columns
+        recv += a.sum(1)
+        own = torch.arange(r, device=q4.device)
+        recv[:, i - p0 : i - p0 + r] -= a[:, own, own + i - p0]  # self-attention excluded
+    out = 0.5 * torch.nn.functional.normalize(row, dim=-1) + 0.5 * torch.nn.functional.normalize(recv, dim=-1)
+    return torch.nn.functional.pad(out, (p0, 0))
+
+
+@torch.no_grad()
 def encoder_signals(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,11 +200,17 @@ def encoder_signals(
 
     Returns:
         scores [B, N] float32 (heads="mean": per-head softmax rows averaged over heads and rows; heads="single": one
-        softmax over all C channels with scale C^-0.5, as PruMerge computes it; needs Ck = C), and metric
-        [B, N, d] in k's dtype or None (metric="keys_mean": [B, N, D] keys averaged over heads; "keys": [B, N, Ck]).
+        softmax over all C channels with scale C^-0.5, as PruMerge computes it; needs Ck = C; scores="row+received":
+        `received_row_scores`, with a CLS when `rows` is 0), and metric [B, N, d] in k's dtype or None
+        (metric="keys_mean": [B, N, D] keys averaged over heads; "keys": [B, N, Ck]).
     """
     Hk = num_kv_heads or num_heads
-    if needs.heads == "single":
+    if needs.scores == "row+received":
+        if not (isinstance(rows, torch.Tensor) or rows == 0):
+            raise ValueError(f"rows: scores='row+received' takes 0 (CLS row) or all rows (no CLS), got {rows!r}")
+        scores = received_row_scores(q, k, not isinstance(rows, torch.Tensor), num_heads=num_heads,
+                                     num_kv_heads=Hk)
+    elif needs.heads == "single":
         if q.shape[-1] != k.shape[-1]:
             raise ValueError(f"needs: heads='single' needs q and k of one width, got {q.shape[-1]} and {k.shape[-1]}")
         scores = attention_row_scores(q, k, rows, num_heads=1, scale=q.shape[-1] ** -0.5)

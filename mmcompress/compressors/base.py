@@ -49,6 +49,9 @@ class EncoderNeeds:
             CLS of the same hidden state ahead of them as `prefix=1`. Pair with `Compressor.prefix_in_budget`.
         stage: where the method runs when the caller names no stage: None (the integration's default, before the
             projector), or "projector" (after it, in the LLM's input space, as DyCoke does).
+        scores: what `scores=` holds: "row" (the CLS row, or without a CLS the mean attention each token receives)
+            or "row+received" (VisionTrim's DVTS: 0.5 * row / ||row|| + 0.5 * r / ||r|| over the patches, r the
+            attention each patch receives from the other patches, itself excluded; needs heads="mean").
 
     Integrations that cannot provide a signal say so (e.g. Qwen2-VL gives no `metric`: its keys are rotated), and
     the compressor falls back to what it documents (`x` for similarity).
@@ -59,6 +62,7 @@ class EncoderNeeds:
     metric: str | None = None
     cls_prefix: bool = False
     stage: str | None = None
+    scores: str = "row"
 
     def __post_init__(self) -> None:
         is_int = isinstance(self.layer, int) and not isinstance(self.layer, bool)
@@ -70,6 +74,10 @@ class EncoderNeeds:
             raise ValueError(f"metric: expected None, 'keys_mean' or 'keys', got {self.metric!r}")
         if self.stage not in (None, "vision", "projector"):
             raise ValueError(f"stage: expected None, 'vision' or 'projector', got {self.stage!r}")
+        if self.scores not in ("row", "row+received"):
+            raise ValueError(f"scores: expected 'row' or 'row+received', got {self.scores!r}")
+        if self.scores == "row+received" and self.heads != "mean":
+            raise ValueError(f"scores: 'row+received' averages the heads; needs heads='mean', got {self.heads!r}")
 
 
 @dataclass
