@@ -20,7 +20,7 @@ from mmcompress.types import CompressOutput
 
 
 def checks_enabled() -> bool:
-    """Whether the finiteness check on x runs (off with MMCOMPRESS_CHECKS=0)."""
+    """Whether the finiteness checks on x and on the optional tensors run (off with MMCOMPRESS_CHECKS=0)."""
     return os.environ.get("MMCOMPRESS_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -191,6 +191,23 @@ def _check_finite(x: torch.Tensor, probe: torch.Tensor) -> None:
         raise ValueError("x: contains NaN or inf (set MMCOMPRESS_CHECKS=0 to skip this check)")
 
 
+def _check_finite_args(named: list[tuple[str, torch.Tensor | None]]) -> None:
+    """Raise naming the first of the given optional tensors (text, scores, metric) that holds NaN or inf.
+
+    One sum per tensor and ONE device sync for all of them: NaN/inf propagate through a sum; only when a sum is not
+    finite does the exact check of that tensor run (a finite tensor whose sum overflows passes).
+    """
+    named = [(n, t) for n, t in named if t is not None and t.numel()]
+    if not named:
+        return
+    sums = torch.stack([t.sum(dtype=torch.float32) if t.is_floating_point() else t.sum().float() for _, t in named])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for n, t in named:
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{n}: contains NaN or inf (set MMCOMPRESS_CHECKS=0 to skip this check)")
+
+
 class Compressor:
     """Base class of every compressor. Subclasses set the class facts and implement `plan`.
 
@@ -339,6 +356,7 @@ class Compressor:
                 _check_finite(x, x)
             if size is not None and not bool(((size > 0) & torch.isfinite(size)).all()):
                 raise ValueError("size: every entry must be finite and > 0")
+            _check_finite_args([("text", text), ("scores", scores), ("metric", metric)])
         if scores is not None:
             scores = scores.float()
         if size is not None:
