@@ -8,7 +8,7 @@ import importlib.util
 from importlib.metadata import entry_points
 from typing import Any
 
-from mmcompress.catalog import BUILTINS
+from mmcompress.catalog import BUILTINS, IN_LLM
 
 ENTRY_POINT_GROUP = "mmcompress.compressors"
 _REGISTRY: dict[str, type] = {}
@@ -67,9 +67,13 @@ def get(name: str) -> type:
         obj = eps[name].load()
         _REGISTRY.setdefault(name, obj)
         return _REGISTRY[name]
-    close = difflib.get_close_matches(name, available(), n=3, cutoff=0.5)
+    if name in IN_LLM:
+        raise ValueError(f"name: {name} runs inside the LLM: use mmc.apply(model, {name!r}, ...) (mmc.create builds "
+                         "the compressors that run before the LLM)")
+    close = difflib.get_close_matches(name, [*available(), *IN_LLM], n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"name: unknown compressor {name!r}{hint} (available: {', '.join(available())})")
+    raise ValueError(f"name: unknown compressor {name!r}{hint} (available: {', '.join(available())}; inside the "
+                     f"LLM, through mmc.apply: {', '.join(IN_LLM)})")
 
 
 def create(name: str, keep: int | float | str = 0.5, **options: Any):

@@ -187,7 +187,9 @@ def _default_stage(adapter_cls: type[Adapter], comp_cls: type, adapter_opts: dic
 def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **options: Any) -> torch.nn.Module:
     """Compress the multimodal tokens of `model` (this instance only, in place) with compressor `name`.
 
-    Idempotent: a model already wrapped is first restored, so applying twice equals applying once.
+    Idempotent: a model already wrapped is first restored, so applying twice equals applying once, and applying
+    another method replaces the first (methods do not stack).
+    `stats(model)["method"]` and `["keep"]` name the method in effect.
 
     Args:
         model: a supported model instance (see `supported_model_types()`).
@@ -216,6 +218,7 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    applied = {"method": name, "keep": keep}  # as called (an in-LLM method runs as an identity compressor + a rule)
     adapter_cls = adapter_for(model)
     if name in IN_LLM:
         name, keep, options = _inllm_options(adapter_cls, name, keep, dict(options))
@@ -225,6 +228,7 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
     compressor = comp_cls(keep=keep, **comp_opts)
     remove(model)
     adapter = adapter_cls(model, compressor, **adapter_opts)
+    adapter.applied = applied
     adapter.attach()
     object.__setattr__(model, ATTR, adapter)
     return model
@@ -259,8 +263,14 @@ def disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:
-    """Statistics of the last forward of a wrapped model: tokens in/out per sample, compress time (ms)."""
+    """The method in effect and statistics of the last forward of a wrapped model.
+
+    Returns:
+        ``method`` and ``keep`` as passed to the last `apply` (the one in effect: applying again replaces it), then,
+        once a forward has run, ``tokens_in``/``tokens_out`` per sample and ``compress_ms`` (plus what the adapter
+        records, e.g. ``inllm_removed``).
+    """
     adapter = _adapter(model)
     if adapter is None:
         raise ValueError("model: is not wrapped by mmcompress.apply")
-    return dict(adapter.last_stats)
+    return {**getattr(adapter, "applied", {}), **adapter.last_stats}
