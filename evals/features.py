@@ -17,6 +17,7 @@ def tower_features(
     drop_cls: bool = True,
     batch_size: int = 50,
     cache: bool = True,
+    dtype: str = "float32",
 ) -> Any:
     """``hidden_states[vision_feature_layer]`` (CLS dropped for strategy "default") of images 0..n_images-1.
 
@@ -32,9 +33,10 @@ def tower_features(
         drop_cls: Drop the CLS token (strategy ``"default"``).
         batch_size: Images per forward.
         cache: Read/write the on-disk cache.
+        dtype: ``"float32"`` or ``"float16"`` (half the disk and memory, for training sets; the cache key names it).
 
     Returns:
-        ``torch.Tensor [n_images, N, C]`` float32, row ``i`` = image ``i``.
+        ``torch.Tensor [n_images, N, C]`` of `dtype`, row ``i`` = image ``i``.
     """
     import io
 
@@ -43,8 +45,11 @@ def tower_features(
     from mmcompress.zoo._cache import atomic_write_bytes, cache_root, file_sha256
     from mmcompress.zoo.dinov2 import dinov2_onnx_path
 
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype: expected 'float32' or 'float16', got {dtype!r}")
     size = int(getattr(image_processor, "size", 0))
-    key = f"{name}_{file_sha256(dinov2_onnx_path())[:16]}_{size}px_L{vision_feature_layer}_{int(drop_cls)}.pt"
+    tail = "" if dtype == "float32" else "_fp16"
+    key = f"{name}_{file_sha256(dinov2_onnx_path())[:16]}_{size}px_L{vision_feature_layer}_{int(drop_cls)}{tail}.pt"
     path = cache_root() / "features" / key
     if cache and path.is_file():
         return torch.load(path)
@@ -61,7 +66,7 @@ def tower_features(
             pv = image_processor(images(start, min(start + batch_size, n_images)))["pixel_values"]  # [b, 3, S, S]
             hs = vision_tower(pv, output_hidden_states=True).hidden_states[vision_feature_layer]  # [b, 1+N, C]
             out.append(hs[:, 1:] if drop_cls else hs)  # == mmcompress.zoo.refvlm.vision_features for the defaults
-    feats = torch.cat(out).float().contiguous()  # [n_images, N, C]
+    feats = torch.cat(out).to(getattr(torch, dtype)).contiguous()  # [n_images, N, C]
     if cache:
         buf = io.BytesIO()
         torch.save(feats, buf)

