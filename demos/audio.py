@@ -7,6 +7,7 @@ encoder frame with the output slot it went to (``assign``), so a run of one colo
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -124,19 +125,38 @@ def span_summary(assign: np.ndarray, frame_s: float, clip_frames: int | None = N
     return "; ".join(parts)
 
 
+def _wrap_caption(draw: Any, caption: str, font: Any, width: int) -> list[str]:
+    """`caption` in lines no wider than `width` pixels, broken after "; " or ", " where possible, else between
+    words (a single word wider than the line gets a line of its own)."""
+    words: list[str] = []
+    for part in re.split(r"(?<=[;,]) ", caption):
+        fits = draw.textlength(part, font=font) <= width
+        words.append(part) if fits else words.extend(part.split(" "))
+    lines: list[str] = []
+    for w in words:
+        if lines and draw.textlength(f"{lines[-1]} {w}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {w}"
+        else:
+            lines.append(w)
+    return lines
+
+
 def compose_timelines(items: list[tuple[np.ndarray, str]], window_s: float, width: int = 1200, row: int = 22,
-                      gap: int = 18) -> np.ndarray:
+                      font_size: int = 13) -> np.ndarray:
     """Stack timelines into one picture: each caption above its strip (stretched to ``width``), a seconds axis below.
+
+    Text never touches a strip or another label: line heights come from the font's own extent, captions wider than
+    the strip wrap after "; ", and an axis label that would run into the previous one is left out.
 
     Args:
         items: (timeline uint8 [h, w, 3], caption) per method, as `run_audio` returns them.
         window_s: seconds the timelines cover (Whisper's window: 30).
         width: strip width in pixels.
         row: strip height in pixels.
-        gap: caption line height in pixels.
+        font_size: caption and axis font size in pixels.
 
     Returns:
-        uint8 [len(items) * (gap + row) + gap + 6, width + 24, 3] on white.
+        uint8 [H, width + 24, 3] on white.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -144,25 +164,39 @@ def compose_timelines(items: list[tuple[np.ndarray, str]], window_s: float, widt
         raise ValueError("items: expected at least one (timeline, caption)")
     if window_s <= 0:
         raise ValueError(f"window_s must be positive, got {window_s}")
-    pad = 12
-    canvas = Image.new("RGB", (width + 2 * pad, len(items) * (gap + row) + gap + 6), "white")
-    draw = ImageDraw.Draw(canvas)
+    pad, space = 12, 4  # margins; white rows between a text line and anything below it
     try:
-        font = ImageFont.load_default(size=gap - 5)  # scalable with FreeType
+        font = ImageFont.load_default(size=font_size)  # scalable with FreeType
     except (TypeError, OSError, ImportError):
         font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    top, bottom = probe.textbbox((0, 0), "Ag(|)0123456789", font=font)[1::2]
+    line = bottom + space  # drawn at y, a line's ink lies in [y + top, y + bottom)
+    blocks = [(img, _wrap_caption(probe, caption, font, width)) for img, caption in items]
+    tick = 4
+    height = sum(len(lines) * line + row + space for _, lines in blocks) + tick + bottom + space
+    canvas = Image.new("RGB", (width + 2 * pad, height), "white")
+    draw = ImageDraw.Draw(canvas)
     y = 0
-    for img, caption in items:
-        draw.text((pad, y + 2), caption, fill=(20, 20, 20), font=font)
+    for img, lines in blocks:
+        for text in lines:
+            draw.text((pad, y), text, fill=(20, 20, 20), font=font)
+            y += line
         strip = Image.fromarray(np.ascontiguousarray(img)).resize((width, row), Image.NEAREST)
-        canvas.paste(strip, (pad, y + gap))
-        y += gap + row
+        canvas.paste(strip, (pad, y))
+        y += row + space
     step = 5.0 if window_s >= 10 else 1.0 if window_s >= 2 else 0.1
+    right = -1.0  # right end of the last label drawn
     for k in range(int(window_s / step + 1e-9) + 1):
         x = pad + round(k * step / window_s * (width - 1))
-        draw.line([(x, y), (x, y + 4)], fill=(20, 20, 20))
+        draw.line([(x, y), (x, y + tick)], fill=(20, 20, 20))
         label = f"{k * step:g} s"
-        draw.text((min(x + 2, pad + width - 7 * len(label)), y + 4), label, fill=(20, 20, 20), font=font)
+        w = draw.textlength(label, font=font)
+        left = min(x + 2, pad + width - w)  # the last label ends at the strip's end
+        if left < right + 8:
+            continue  # it would run into the previous label
+        draw.text((left, y + tick), label, fill=(20, 20, 20), font=font)
+        right = left + w
     return np.asarray(canvas)
 
 

@@ -99,20 +99,67 @@ def test_span_summary():
     assert span_summary(np.array([-1, -1]), 0.02) == "clip 0.04 s: 2 frames -> 0 tokens; 2 frames dropped"
 
 
+def strip_rows(pic: np.ndarray, pad: int = 12) -> list[tuple[int, int]]:
+    """(first, last + 1) rows of each timeline strip: rows (almost) fully inked across the strip's width (text rows are
+    mostly white; the white part of a strip's clip mark may be left out)."""
+    ink = ~(pic[:, pad:pic.shape[1] - pad] == 255).all(-1)  # [H, width]
+    rows = np.flatnonzero(ink.mean(1) > 0.9)
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
+
+
 def test_compose_timelines():
     a = timeline_image(np.repeat(np.arange(5), 8), clip_frames=30)  # [28, 40 * 22, 3]
     b = timeline_image(np.arange(40))
-    pic = compose_timelines([(a, "audio_merge: x"), (b, "none")], window_s=30.0, width=400, row=20, gap=16)
-    assert pic.shape == (2 * 36 + 16 + 6, 424, 3) and pic.dtype == np.uint8
-    strip = pic[16:36, 12:412]  # [20, 400, 3] the first strip, stretched with nearest neighbours
+    pic = compose_timelines([(a, "audio_merge: x"), (b, "none")], window_s=30.0, width=400, row=20)
+    assert pic.shape[1] == 424 and pic.dtype == np.uint8
+    (s0, e0), (s1, e1) = strip_rows(pic)
+    assert 15 <= e0 - s0 <= 20 and 15 <= e1 - s1 <= 20 and s1 > e0
+    strip = pic[s0:s0 + 20, 12:412]  # [20, 400, 3] the first strip, stretched with nearest neighbours
     assert (strip[0, 0] == a[0, 0]).all() and (strip[0, -1] == a[0, -1]).all()
     assert (strip[-1, 0] == 255).all() and (strip[-1, -1] == 0).all()  # clip strip: white, then padding black
-    assert (pic[:14, 12:100] < 100).any()  # the caption is drawn
+    assert (pic[:s0, 12:100] < 100).any()  # the caption is drawn above it
     with pytest.raises(ValueError, match="items"):
         compose_timelines([], 30.0)
     with pytest.raises(ValueError, match="window_s"):
         compose_timelines([(a, "x")], 0.0)
 
+
+def test_timeline_text_never_touches_strips_or_other_labels():
+    """Captions sat 2 px above a 13 px font's 18 px line, so descenders ran into the strip below; long captions ran
+    off the picture; axis labels of a narrow picture ran into each other."""
+    rng = np.random.default_rng(0)
+    items = []
+    for m in ("audio_merge", "tome", "pool"):
+        a = np.sort(rng.integers(0, 750, 1500))
+        items.append((timeline_image(a, 400), f"{m}: {span_summary(a, 0.02, 400)}"))  # "(8 frames)": descenders
+    for width in (1200, 500):
+        pic = compose_timelines(items, 30.0, width=width)
+        strips = strip_rows(pic)
+        assert len(strips) == 3
+        ink = ~(pic == 255).all(-1)  # [H, W]
+        for s, _ in strips:
+            assert not ink[s - 2:s].any(), (width, s)  # white rows between a caption and its strip
+        above = ink[:strips[0][0]]
+        assert not above[:, pic.shape[1] - 12:].any()  # the caption wraps inside the picture
+    assert len(strip_rows(compose_timelines(items[:1], 30.0, width=500))) == 1
+    pic = compose_timelines(items[:1], 30.0, width=120)  # 7 labels would need more than 120 px
+    inked = (pic[-14:] != 255).any(-1).any(0)  # [W] columns with label ink (the labels: the last rows)
+    runs, gap, start = [], 0, None
+    for x, ink in enumerate(inked):
+        if ink:
+            if start is None or gap >= 6:
+                runs.append([x, x])
+            runs[-1][1] = x
+            start, gap = x, 0
+        else:
+            gap += 1
+    assert len(runs) >= 2 and all(b - a <= 30 for a, b in runs), runs  # separate labels, none run together
 
 def test_word_error_rate():
     assert word_error_rate("he was not an ill disposed young man", "He was not an ill-disposed young man.") == 0.0
