@@ -24,7 +24,7 @@ what the release (hanxunyu/VisionTrim, `CLIPVisionTower.token_prune_visiontrim`)
    release hands them to the LLM. `x` itself is in source order, as for every compressor.
 
 Options: ``merge="mean"`` (the same groups, each complement token the size-weighted mean of its target and the
-tokens of its last-round group: norms stay those of the inputs), ``order="source"``, ``rounds=``.
+tokens of its last-round group: no longer than the longest input), ``order="source"``, ``rounds=``.
 
 Not computed (dead code in the release): its "LTAM" local affinity (`build_token_affinity`) and its combination with
 the CLS attention (`combine_importance`), both overwritten before use, and the multi-layer CLS sum. Its in-LLM stage
