@@ -145,3 +145,39 @@ def test_deprecated_paths_resolve_to_the_new_objects_and_warn():
     assert same and any("mmcompress.inllm.fastv" in m for m in msgs), msgs
     _, msgs = out["lmms"]
     assert any("mmcompress.lmms_eval_plugin" in m for m in msgs), msgs
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Absolute module names `path` imports, minus those under `if TYPE_CHECKING:` (annotations only, never run)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(
+        node.test) for stmt in node.body for n in ast.walk(stmt)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def test_no_import_circle_inside_compressors():
+    """base.py's keep="auto" needs `estimate_keep`; it lives in budget.py, below both base.py and adaptive.py."""
+    mods = {f"mmcompress.compressors.{p.stem}": p for p in (PKG / "compressors").glob("*.py") if p.stem != "__init__"}
+    graph = {m: {d for d in _runtime_imports(p) if d in mods} for m, p in mods.items()}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    circles = sorted(m for m in graph if m in reach(m))
+    assert circles == []
+    assert "mmcompress.compressors.budget" in graph["mmcompress.compressors.base"]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmcompress.compressors.budget import estimate_keep
 from mmcompress.compressors.merge_ops import gather_tokens, grid_coords, segment_mean, segment_sum
 from mmcompress.types import CompressOutput
 
@@ -254,8 +255,6 @@ class Compressor:
 
     def auto_keep(self, inp: Inputs) -> torch.Tensor:
         """[B] int64 per-sample budgets for keep="auto"; default: the `adaptive` estimator at `self.epsilon`."""
-        from mmcompress.compressors.adaptive import estimate_keep
-
         return estimate_keep(inp, self.epsilon)
 
     # ---- the call -----------------------------------------------------------------------------------
