@@ -77,18 +77,46 @@ def test_bad_input():
 
 
 def _release_ttm(x: torch.Tensor, T: int, prune: float) -> torch.Tensor:
-    """Plain reference of the release's rule on one clip: x [T * P, C] -> kept tokens in the release's order."""
+    """Plain reference of the release's rule on one clip: x [T * P, C] -> kept tokens in the release's order.
+
+    As the release computes it: the first stage compares `F.normalize`d frames, the second the frames themselves,
+    by `F.cosine_similarity`; `topk(largest=False)` picks and orders.
+    """
     P = x.shape[0] // T
     q = int((1 - prune) * P)
     frames = list(x.view(T, P, -1))
     out = list(frames)
+    F = torch.nn.functional
     for i in range(0, T - 1, 2):  # stage 1: frame i + 1 against frame i
-        sim = torch.nn.functional.cosine_similarity(frames[i + 1], frames[i], dim=1)
+        sim = F.cosine_similarity(F.normalize(frames[i], p=2, dim=1), F.normalize(frames[i + 1], p=2, dim=1), dim=1)
         out[i + 1] = frames[i + 1][sim.topk(q, largest=False).indices]
     for i in range(0, T - 4, 4):  # stage 2: frame i + 2 against frame i
-        sim = torch.nn.functional.cosine_similarity(frames[i + 2], frames[i], dim=1)
+        sim = F.cosine_similarity(frames[i], frames[i + 2], dim=1)
         out[i + 2] = frames[i + 2][sim.topk(q, largest=False).indices]
     return torch.cat(out)
+
+
+@pytest.mark.parametrize("T", [8, 12, 16])
+@pytest.mark.parametrize("prune", [0.3, 0.5, 0.7])
+def test_near_ties_order_as_the_release(T, prune):
+    """Nearly static clips (frames = one frame + noise of 1e-3 .. 1e-6: similarities equal up to their last bits)
+    with a quarter of the places copied exactly (equal similarities): the kept tokens and their order are the
+    release's, bit for bit, in every clip of a batch. (A similarity rounded otherwise, dot / (|x| |y|), or a stable
+    sort instead of topk, hands the LLM another order here.)"""
+    g = torch.Generator().manual_seed(T)
+    P, C = 49, 96
+    base = torch.randn(1, P, C, generator=g)  # [1, P, C]
+    clips = []
+    for eps in (1e-3, 1e-4, 1e-5, 1e-6):
+        clip = base + eps * torch.randn(T, P, C, generator=g)  # [T, P, C]
+        clip[:, : P // 4] = base[:, : P // 4]  # exact ties
+        clips.append(clip.reshape(T * P, C))
+    x = torch.stack(clips)  # [4, T * P, C]
+    got = mmc.create("dycoke", keep="auto", prune=prune)(x, grid=(T, 7, 7)).ordered()  # [4, M, C]
+    for b in range(len(clips)):
+        want = _release_ttm(x[b], T, prune)
+        assert got.shape[1] == want.shape[0]
+        assert torch.equal(got[b], want), f"clip {b}: not the release's tokens in the release's order"
 
 
 def test_through_apply_on_onevision_video_equals_the_release_rule():

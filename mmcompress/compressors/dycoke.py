@@ -124,8 +124,10 @@ class DyCoke(Compressor):
         if compared:  # the places least similar to the partner frame, by ascending similarity
             rank = rank.clone()
             fs = torch.tensor(compared, device=dev)
-            sim, norm = self._similarity(inp.sim, T, P, pairs, compared)
-            rank[:, fs] = torch.sort(sim, dim=2, stable=True).indices
+            sim, norm = self._similarity(inp.sim, T, P, pairs, compared)  # [B, F, P], [B, T, P]
+            qmax = max(quotas[f] for f in compared)
+            # topk as the release calls it (ties among equal values then come out in its order, too)
+            rank[:, fs, :qmax] = torch.topk(sim, qmax, dim=2, largest=False).indices
             probe = norm if inp.metric is None else None  # [B, T, P] norms of every token of x
         take = torch.arange(P, device=dev) < torch.tensor(quotas, device=dev).unsqueeze(1)  # [T, P]
         seq = (rank + torch.arange(0, N, P, device=dev).view(1, T, 1))[:, take]  # [B, k] token ids in output order
@@ -141,19 +143,32 @@ class DyCoke(Compressor):
         """([B, len(frames), P] cosine similarity of each listed frame's tokens to its partner's at the same place,
         [B, T, P] the norms of all tokens).
 
-        One norm per token (one pass over the clip) and one dot product per compared place, written through a
-        reused [P, d] buffer: no normalised copies of the frames and no clip-sized temporaries.
+        Bit for bit the release's values, so that ties and near-ties order as there: a first-stage pair (odd frame
+        2i + 1 against 2i) is `F.cosine_similarity(F.normalize(x_2i), F.normalize(x_2i+1))`, a second-stage pair
+        (4j + 2 against 4j) `F.cosine_similarity(x_4j, x_4j+2)`, each as those functions round: x / max(|x|, eps)
+        per token, product, sum over channels. A looser product, dot / (|x| |y|), reorders places whose
+        similarities differ in the last bits (measured: 12 of 18 DINOv2 clips handed the LLM another order).
+        Six calls per pair for the whole batch (the release makes about 16 per pair and sample); the norms of the
+        first pass serve F.normalize and the finiteness check.
         """
         B, d = m.shape[0], m.shape[-1]
-        m = m.detach()  # the selection takes no gradient (and the out= buffers below take none)
+        m = m.detach()  # the selection takes no gradient
         if m.dtype in (torch.float16, torch.bfloat16):
             m = m.float()
         u = m.reshape(B, T, P, d)  # [B, T, P, d]
         norm = torch.linalg.vector_norm(u, dim=-1)  # [B, T, P]
-        partners = [pairs[f] for f in frames]
-        dot = torch.empty(B, len(frames), P, dtype=u.dtype, device=u.device)
-        buf = torch.empty(P, d, dtype=u.dtype, device=u.device)
-        for b in range(B):
-            for j, (f, g) in enumerate(zip(frames, partners, strict=True)):
-                torch.sum(torch.mul(u[b, f], u[b, g], out=buf), dim=-1, out=dot[b, j])
-        return dot / (norm[:, frames] * norm[:, partners]).clamp_min(1e-8), norm
+        out = torch.empty(B, len(frames), P, dtype=u.dtype, device=u.device)
+        # pair by pair through one reused [B, 2, P, d] buffer (the whole batch per op): clip-wide normalised copies
+        # were 1.4-1.8x slower on CPU (16 x 196 x 384/896, batch 1/2), per-sample loops 1.05-1.15x
+        buf = torch.empty(B, 2, P, d, dtype=u.dtype, device=u.device)
+        den = norm.clamp_min(1e-12).unsqueeze(-1)  # [B, T, P, 1] F.normalize's denominators
+        for j, f in enumerate(frames):
+            g = pairs[f]
+            if f % 2 == 1:  # first stage: F.cosine_similarity(F.normalize(x_g), F.normalize(x_f)), g = f - 1
+                torch.div(u[:, g:f + 1], den[:, g:f + 1], out=buf)
+                buf.div_(torch.linalg.vector_norm(buf, dim=-1, keepdim=True).clamp_min_(1e-8))
+            else:  # second stage: F.cosine_similarity(x_g, x_f), g = f - 2
+                torch.div(u[:, g], norm[:, g].clamp_min(1e-8).unsqueeze(-1), out=buf[:, 0])
+                torch.div(u[:, f], norm[:, f].clamp_min(1e-8).unsqueeze(-1), out=buf[:, 1])
+            torch.sum(torch.mul(buf[:, 0], buf[:, 1], out=buf[:, 0]), dim=-1, out=out[:, j])  # [B, P]
+        return out, norm
