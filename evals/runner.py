@@ -173,7 +173,19 @@ def read_records(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     return [json.loads(line) for line in raw[:end].decode().splitlines() if line.strip()]
 
 
-def _check_out(cfg: BenchConfig, rank: int) -> None:
+def _holds_samples(out: Path) -> bool:
+    """Whether any part file under `out` holds a finished sample (one complete line)."""
+    for part in out.glob("parts/*/*.jsonl"):
+        with part.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                if b"\n" in chunk:
+                    return True
+    return False
+
+
+def _check_out(cfg: BenchConfig) -> dict[str, Any]:
+    """Check `cfg.out` without writing anything; returns the run's identity. A folder whose config.json has no
+    finished sample beside it (a run that failed before its first sample) counts as empty."""
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ValueError(f"out: {cfg.out} is a file; --out takes a folder (new, or a run's folder with --resume)")
     for parent in cfg.out.parents:
@@ -181,20 +193,61 @@ def _check_out(cfg: BenchConfig, rank: int) -> None:
             raise ValueError(f"out: {parent} is a file, so {cfg.out} cannot be created; --out takes a folder")
     path = cfg.out / "config.json"
     ident = cfg.identity()
-    if path.is_file():
-        old = json.loads(path.read_text()).get("identity")
-        if not cfg.resume:
-            raise ValueError(f"out: {cfg.out} already holds a run; pass --resume to continue it, or another --out")
-        if old != ident:
-            diff = {k: (old.get(k) if old else None, v) for k, v in ident.items() if not old or old.get(k) != v}
-            raise ValueError(f"resume: the run in {cfg.out} was made with different settings {diff} (old, new); "
-                             "resuming would mix samples")
-    elif rank == 0:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        body = {"identity": ident, "config": _json_safe(asdict(cfg)), "argv": sys.argv}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=1))
-        tmp.replace(path)
+    if not cfg.out.is_dir() or not _holds_samples(cfg.out):
+        return ident
+    if not path.is_file():
+        raise ValueError(f"out: {cfg.out} holds samples but no config.json, so they cannot be matched to settings; "
+                         "use another --out")
+    old = json.loads(path.read_text()).get("identity")
+    if not cfg.resume:
+        raise ValueError(f"out: {cfg.out} already holds a run; pass --resume to continue it, or another --out")
+    if old != ident:
+        diff = {k: (old.get(k) if old else None, v) for k, v in ident.items() if not old or old.get(k) != v}
+        raise ValueError(f"resume: the run in {cfg.out} was made with different settings {diff} (old, new); "
+                         "resuming would mix samples")
+    return ident
+
+
+def _write_config(cfg: BenchConfig, ident: dict[str, Any]) -> None:
+    """Write ``out/config.json`` (rank 0), once the model has loaded and the first sample is about to run, so that a
+    run that fails before leaves no trace; a resumed run that already holds samples keeps its config."""
+    path = cfg.out / "config.json"
+    if path.is_file() and _holds_samples(cfg.out):
+        return
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    body = {"identity": ident, "config": _json_safe(asdict(cfg)), "argv": sys.argv}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1))
+    tmp.replace(path)
+
+
+def _first_runnable(cfg: BenchConfig, task: Task, samples: list[Sample], backend: Any,
+                    settings: list[tuple[str, Any]], skipped: dict[str, str]) -> None:
+    """Try the compressed settings on one sample until one runs; those that cannot run are recorded in `skipped`.
+    The reference rows that compress nothing (``none``, and ``resize``, which shrinks the image) are not tried.
+
+    Raises:
+        ValueError: No compressed setting can run on this task (e.g. every ``--keep`` asks more tokens than the
+            model has), so the run would compare nothing.
+    """
+    reasons: dict[str, str] = {}
+    for method, keep in settings:
+        if method in ("none", "resize"):
+            continue
+        try:
+            backend.configure(method, keep, cfg.options.get(method, {}))
+            backend.predict(samples[:1], cfg.max_new_tokens or task.max_new_tokens)
+            break
+        except (ValueError, TypeError) as e:
+            reasons[f"{task.name} {setting_name(method, keep)}"] = str(e)
+    else:
+        if reasons:
+            first, why = next(iter(reasons.items()))
+            raise ValueError(f"nothing to compare on {task.name}: none of the {len(reasons)} compressed settings can "
+                             f"run ({first.split(' ', 1)[1]}: {why})")
+    for name, why in reasons.items():
+        skipped[name] = why
+        print(f"mmcompress bench: skipping {name}: {why}", file=sys.stderr)
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
@@ -283,10 +336,17 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     if cfg.batch_size <= 0:
         raise ValueError(f"batch_size: expected a positive int, got {cfg.batch_size}")
+    if cfg.limit is not None and (isinstance(cfg.limit, bool) or not isinstance(cfg.limit, int) or cfg.limit < 1):
+        raise ValueError(f"limit: expected a positive number of samples per task (or none: all), got {cfg.limit!r}")
     rank, world, dist = _dist()
     tasks = [get_task(t) for t in cfg.tasks]
-    if rank == 0:  # the other ranks wait for rank 0 to check (or create) the output folder
-        _check_out(cfg, rank)
+    ident = _check_out(cfg) if rank == 0 else {}  # the other ranks wait for rank 0 to check the output folder
+    if rank == 0:
+        from mmcompress.evals.backends import BUILTIN_MODELS
+
+        from mmcompress.zoo import check_model
+
+        check_model(cfg.model, list(BUILTIN_MODELS))  # seconds, where loading a bad hub id retries for minutes
     if dist is not None:
         dist.barrier()
     settings = _settings(cfg)
@@ -309,8 +369,13 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             backends[task.modality].predict(samples[: cfg.batch_size], cfg.max_new_tokens or task.max_new_tokens)
             # ^ warm-up, not recorded: first calls pay one-time costs (allocator, kernels) that no setting should
         backend = backends[task.modality]
+        _first_runnable(cfg, task, samples, backend, settings, skipped)
+        if rank == 0:
+            _write_config(cfg, ident)  # the model has loaded and the first sample is about to run
         for method, keep in settings:
             name = setting_name(method, keep)
+            if f"{task.name} {name}" in skipped:
+                continue
             part = cfg.out / "parts" / task.name / f"{name}.rank{rank}.jsonl"
             try:
                 _run_setting(cfg, task, samples, backend, method, keep, part, rank, world)

@@ -111,6 +111,45 @@ def check_methods(methods: list[str], options: dict[str, dict[str, object]]) -> 
                                  f"{', '.join(sorted(adapter_keys))})")
 
 
+def check_device(device: str) -> None:
+    """Check that torch can use `device` here, before any model loads.
+
+    Raises:
+        ValueError: Not a torch device string, or a device this torch build or machine does not have.
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if dev.type == "mps":
+        is_available = torch.backends.mps.is_available
+    if not callable(is_available) or not is_available():
+        why = ("this torch is a CPU-only build" if dev.type == "cuda" and torch.version.cuda is None
+               else f"no {dev.type} device is available")
+        raise ValueError(f"device: {device!r} asked, but {why}; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"device: {device!r} asked, but there are only {count()} {dev.type} devices")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric flags whose bad values would otherwise fail deep inside a run."""
+    if args.limit < 0:
+        raise ValueError(f"limit: expected 0 (all) or a positive number of samples per task, got {args.limit}")
+    if args.threads < 0:
+        raise ValueError(f"threads: expected 0 (leave as is) or a positive number of torch threads, got {args.threads}")
+    if args.batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive number of samples per model call, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive number of tokens, got {args.max_new_tokens}")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """`mmcompress bench`; Ctrl-C ends it with one line saying how to continue."""
     try:
@@ -134,6 +173,8 @@ def _bench(args: argparse.Namespace) -> int:
         for method, key, value in args.option:
             options.setdefault(method, {})[key] = value
         check_methods(methods, options)
+        _check_numbers(args)
+        check_device(args.device)
     except ValueError as e:
         print(f"mmcompress bench: {e}", file=sys.stderr)
         return 2
@@ -141,6 +182,10 @@ def _bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.no_progress:  # transformers' weight-loading bar too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     cfg = BenchConfig(
         model=args.model, tasks=[t for t in args.task.split(",") if t], keeps=keeps,
         methods=methods, limit=args.limit or None, seed=args.seed,
@@ -176,7 +221,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                        description="Run tasks x methods x budgets; per-sample JSONL (resumable), summary CSV/markdown "
                                    "and a Pareto plot. `none` (uncompressed) and `random` are always included. "
                                    "Method names and options are checked before the model loads.")
-    b.add_argument("--model", default="ref-vlm", help="ref-vlm | whisper-tiny.en | dinov2-s14 | local HF dir | hub id")
+    b.add_argument("--model", default="ref-vlm",
+                   help="ref-vlm | ref-vlm-mini | whisper-tiny.en | dinov2-s14 | local HF dir | hub id")
     b.add_argument("--task", default="easyvqa", help="comma list: easyvqa, detail, vqav2, textvqa, gqa, pope, mme, "
                                                      "scienceqa_img, mmbench, asr, knn, or package.module:TaskClass")
     b.add_argument("--methods", default="none,random,tome,visionzip",

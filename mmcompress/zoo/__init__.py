@@ -16,13 +16,17 @@ the source file. This module imports nothing heavy; transformers is imported by 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 from ._cache import MissingAssetError, cache_root
 
-__all__ = ["MissingAssetError", "available", "cache_root", "load", "requirements"]
+__all__ = ["MissingAssetError", "available", "cache_root", "check_model", "load", "requirements"]
 
 # name -> (module, packages needed as (import name, install command))
 _MODELS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
@@ -98,3 +102,77 @@ def load(name: str, **kwargs: Any) -> tuple[Any, Any]:
         raise MissingAssetError(f"{name!r} needs packages that are not installed; install with: {cmds}")
     module = importlib.import_module(f".{_MODELS[name][0]}", __name__)
     return module.load(**kwargs)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def check_model(model: str, builtins: list[str] | tuple[str, ...] | None = None, *, hub_timeout: float = 5.0) -> str:
+    """Say what `model` names, in seconds and before anything loads: ``"builtin"``, ``"dir"`` or ``"hub"``.
+
+    A built-in name and a local folder with a ``config.json`` are accepted as they are. Anything else must look like
+    a hub id (``owner/name``): with ``HF_HUB_OFFLINE=1`` it must be in the local hub cache; otherwise the hub is
+    asked once, with a `hub_timeout`, whether it exists (no retries: transformers' own loader retries an unreachable
+    hub for minutes).
+
+    Args:
+        model: What the user passed as ``--model``.
+        builtins: The built-in names accepted here (default: every zoo name).
+        hub_timeout: Seconds to wait for the hub.
+
+    Raises:
+        ValueError: One line naming ``model``: an unknown name (with the closest built-in names), a file or a folder
+            without ``config.json``, a hub id the hub does not have, or an unreachable hub (naming ``HF_HUB_OFFLINE``).
+    """
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"model: expected a non-empty str, got {model!r}")
+    builtins = list(names() if builtins is None else builtins)
+    if model in builtins:
+        return "builtin"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model: the folder {model!r} has no config.json (expected a Hugging Face model folder)")
+        return "dir"
+    if path.exists():
+        raise ValueError(f"model: {model!r} is a file; --model takes a built-in name, a model folder or a hub id")
+    if not _HUB_ID.fullmatch(model) or model.startswith((".", "~")):
+        close = difflib.get_close_matches(model, builtins, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"model: {model!r} is neither a built-in name ({', '.join(builtins)}), an existing folder, "
+                         f"nor a hub id (owner/name){hint}")
+    what = f"model: {model!r} is not a built-in name ({', '.join(builtins)}) or a local folder"
+    if _hub_offline():
+        if _in_hub_cache(model):
+            return "hub"
+        raise ValueError(f"{what}, and HF_HUB_OFFLINE is set, so the hub is not asked (nor is it in the local hub "
+                         "cache)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(model, timeout=hub_timeout)
+    except GatedRepoError:
+        return "hub"  # exists; access is the loader's business
+    except RepositoryNotFoundError:
+        raise ValueError(f"{what}, and the Hugging Face hub has no model {model!r} (or it is private: log in "
+                         "with `hf auth login`)") from None
+    except HfHubHTTPError as e:
+        raise ValueError(f"{what}, and the Hugging Face hub answered {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - any transport failure (DNS, refused, timeout) means unreachable
+        cached = " (it is in the local hub cache: HF_HUB_OFFLINE=1 loads it from there)" if _in_hub_cache(model) else ""
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{what}, and the Hugging Face hub is unreachable ({reason}){cached}; pass a local model "
+                         "folder, or set HF_HUB_OFFLINE=1 to stop every hub request") from None
+    return "hub"
