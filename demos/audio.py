@@ -246,10 +246,10 @@ class AudioBackend:
         feats = self._processor(np.zeros(SAMPLING_RATE, np.float32), sampling_rate=SAMPLING_RATE,
                                 return_tensors="pt").input_features
         with torch.inference_mode():
-            self._model.generate(input_features=feats, max_new_tokens=2, do_sample=False)
+            self._model.generate(input_features=feats, max_length=2, do_sample=False)
             try:
                 mmc.apply(self._model, "audio_merge", keep=0.5)
-                self._model.generate(input_features=feats, max_new_tokens=2, do_sample=False)
+                self._model.generate(input_features=feats, max_length=2, do_sample=False)
             except (ValueError, TypeError):
                 pass
             finally:
@@ -298,7 +298,9 @@ class AudioBackend:
                 mmc.apply(model, method, keep=keep)
             try:
                 t0 = time.perf_counter()
-                ids = model.generate(input_features=feats, max_new_tokens=self.max_new_tokens, do_sample=False)
+                # Whisper's generate reads max_length as the tokens after its decoder prompt (it adds the prompt's
+                # length); max_new_tokens there prints transformers' max_new_tokens/max_length warning every call
+                ids = model.generate(input_features=feats, max_length=self.max_new_tokens, do_sample=False)
                 generate_ms = (time.perf_counter() - t0) * 1e3
                 if method is not None:
                     st = mmc.stats(model)

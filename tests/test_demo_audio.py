@@ -359,3 +359,24 @@ def test_real_whisper_bundled_clip_audio_merge_half():
     assert base_wer == 0.0 and w <= 0.15, (base_text, text)  # measured 0.0 and 0.0
     img, caption = gallery[0]
     assert img.shape == (28, 1500, 3) and "clip 3.30 s: 165 frames" in caption and "merged groups" in caption
+
+
+def test_transcribe_prints_no_generation_length_warning(backend):
+    """Every request printed transformers' "Both `max_new_tokens` and `max_length`" warning (Whisper's generate
+    fills max_length itself); the backend asks for the answer length in the form Whisper takes without one."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    log = logging.getLogger("transformers")
+    backend.transcribe(tone(0.3), None, 1.0)  # loads and warms up
+    log.addHandler(handler)
+    try:
+        for method in (None, "audio_merge"):
+            r = backend.transcribe(tone(0.5), method, 0.5)
+            assert len(r["text"].split()) <= backend.max_new_tokens
+    finally:
+        log.removeHandler(handler)
+    said = [r.getMessage() for r in records]
+    assert not [m for m in said if "max_new_tokens" in m or "max_length" in m], said
