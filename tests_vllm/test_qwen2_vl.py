@@ -5,6 +5,7 @@ one plain-vLLM engine for the module."""
 from __future__ import annotations
 
 import pytest
+import served
 import tiny
 from conftest import run_engine
 
@@ -31,7 +32,7 @@ CALLS = {
     "single_B_div": [dict(B, **kw("divprune", 6))],
     "mixed": [dict(A, **kw("tome", 0.25)), TEXT, dict(B, **kw("divprune", 6)), A],
     "auto": [dict(A, **kw("tome", "auto"))],
-    "scores": [dict(A, **kw("visionzip", 0.5))],
+    "inllm": [dict(A, **kw("fastv", 0.5))],
     "unknown": [dict(A, **kw("tomee", 0.5))],
     "video_none": [V, W],
     "video_keep1": [dict(V, **kw("tome", 1.0)), dict(W, **kw("tome", 1.0))],
@@ -39,6 +40,10 @@ CALLS = {
     "video_pool": [dict(V, **kw("pool", 0.25)), dict(W, **kw("pool", 0.25))],
     "video_divprune_int": [dict(V, **kw("divprune", 10)), dict(W, **kw("divprune", 10))],
     "mixed_video": [dict(W, **kw("pool", 0.25)), dict(A, **kw("tome", 0.25)), TEXT, dict(V, **kw("tome", 0.25)), V],
+    **served.calls([A, B], served.IMAGE, "img"),
+    **served.calls([V, W], served.VIDEO, "vid"),
+    "mixed_methods": served.mixed([(B, "cdpruner", 0.5), (A, "visionzip", 0.5), (V, "holitom", 0.5), (TEXT, None, 1.0),
+                                   (A, "prumerge", 6), (W, "dycoke", 0.5)]),
 }
 NAMES = list(CALLS)
 
@@ -82,7 +87,7 @@ def test_mixed_batch_equals_single_runs(runs, name):
     tiny.assert_same_runs(got[name], singles)
 
 
-@pytest.mark.parametrize("name,words", [("auto", "data-dependent"), ("scores", "needs scores"),
+@pytest.mark.parametrize("name,words", [("auto", "data-dependent"), ("inllm", "inside the LLM"),
                                         ("unknown", "unknown compressor")])
 def test_refused_with_a_clear_error(runs, name, words):
     got, _ = runs
@@ -97,3 +102,22 @@ def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep)
     """Same weights, same compressor, same inputs: greedy ids equal and first-token log-probs within fp32 noise."""
     got, _ = runs
     tiny.assert_apply_agrees(models["qwen2_vl"], method, keep, CALLS[name], got[name])
+
+
+@pytest.mark.parametrize("name,method,keep", served.names(served.IMAGE, "img") + served.names(served.VIDEO, "vid"))
+def test_scored_text_and_video_methods_shorten_and_agree_with_mmc_apply(runs, models, name, method, keep):
+    """Scores from vLLM's vision tower, the request's question, video methods: the prompt is shorter by exactly
+    the removed tokens, and greedy ids / first-token log-probs equal `mmc.apply` in transformers."""
+    got, plain = runs
+    video = name.startswith("vid")
+    ns = (N_V, N_W) if video else (N_A, N_B)
+    pad = tiny.token_id("<|video_pad|>" if video else "<|image_pad|>")
+    served.assert_shorter(got[name], plain[int(video)], list(ns), [served.kept(n, keep) for n in ns], pad)
+    tiny.assert_apply_agrees(models["qwen2_vl"], method, keep, CALLS[name], got[name])
+
+
+def test_batch_of_different_methods_equals_single_runs(runs):
+    got, _ = runs
+    singles = [got["img:cdpruner"][1], got["img:visionzip"][0], got["vid:holitom"][0], got["single_text"][0],
+               got["img:prumerge"][0], got["vid:dycoke"][1]]
+    tiny.assert_same_runs(got["mixed_methods"], singles)

@@ -20,6 +20,26 @@ def test_budget_is_the_compressors_count(n, keep):
     assert vp.budget(n, keep) == out.x.shape[1]
 
 
+@pytest.mark.parametrize("method,prefix", [("visionzip", 1), ("prunesid", 1), ("prumerge", 0), ("tome", 1)])
+@pytest.mark.parametrize("keep", [1, 6, 0.25, 0.5, 0.99])
+def test_budget_with_a_prefix_is_the_compressors_count(method, prefix, keep):
+    """With a CLS prefix (counted in keep by VisionZip and PruneSID), the planned placeholders equal the tokens the
+    compressor outputs: prefix + budget."""
+    n = 16
+    k = vp.budget(n, keep, method, prefix)
+    if k >= n:
+        return
+    x = torch.randn(1, prefix + n, 8)
+    out = mmc.create(method, keep=keep)(x, grid=(4, 4), prefix=prefix, scores=torch.rand(1, prefix + n),
+                                        metric=torch.randn(1, prefix + n, 4))
+    assert prefix + k == out.x.shape[1]
+
+
+@pytest.mark.parametrize("method", ["visionzip", "prumerge", "cdpruner", "text_recovery", "dycoke", "holitom"])
+def test_scored_text_and_video_methods_are_accepted(method):
+    assert vp.resolve(None, {"mmcompress_method": method, "mmcompress_keep": 0.5}) == vp.Setting(method, 0.5)
+
+
 def test_precedence(monkeypatch):
     class Cfg:
         mmcompress = {"method": "divprune", "keep": 0.5}
@@ -41,8 +61,8 @@ def test_precedence(monkeypatch):
     ({"mmcompress_method": "tome", "mmcompress_keep": 0}, ValueError, ">= 1"),
     ({"mmcompress_method": "tome", "mmcompress_keep": 1.5}, ValueError, "(0, 1]"),
     ({"mmcompress_method": "tome", "mmcompress_keep": [1]}, TypeError, "keep"),
-    ({"mmcompress_method": "visionzip", "mmcompress_keep": 0.5}, ValueError, "needs scores"),
-    ({"mmcompress_method": "text_recovery", "mmcompress_keep": 0.5}, ValueError, "needs scores and text"),
+    ({"mmcompress_method": "fastv", "mmcompress_keep": 0.5}, ValueError, "inside the LLM"),
+    ({"mmcompress_method": "pdrop", "mmcompress_keep": 0.5}, ValueError, "inside the LLM"),
     ({"mmcompress_method": "tomee", "mmcompress_keep": 0.5}, ValueError, "did you mean"),
     ({"mmcompress_keep": 0.5}, ValueError, "without a compressor"),
 ])

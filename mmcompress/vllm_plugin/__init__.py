@@ -22,18 +22,19 @@ budgets are refused.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["register", "Setting", "resolve", "budget", "SUPPORTED", "method_code", "method_name"]
+__all__ = ["register", "Setting", "resolve", "budget", "method_needs", "SUPPORTED", "method_code", "method_name"]
 
 #: vLLM architecture name -> "module:Class" of its compressing subclass.
 SUPPORTED = {
     "Qwen2VLForConditionalGeneration": "mmcompress.vllm_plugin.models:MMCQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "mmcompress.vllm_plugin.models:MMCQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "mmcompress.vllm_plugin.qwen3:MMCQwen3VLForConditionalGeneration",
-    "LlavaForConditionalGeneration": "mmcompress.vllm_plugin.models:MMCLlavaForConditionalGeneration",
+    "LlavaForConditionalGeneration": "mmcompress.vllm_plugin.llava:MMCLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "mmcompress.vllm_plugin.llava:MMCLlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration":
         "mmcompress.vllm_plugin.llava:MMCLlavaOnevisionForConditionalGeneration",
@@ -143,21 +144,17 @@ def _check_method(method: Any, where: str) -> str | None:
     if not isinstance(method, str):
         raise TypeError(f"{where}: method must be a compressor name (str), got {type(method).__name__}")
     import mmcompress as mmc
+    from mmcompress.catalog import IN_LLM
 
+    if method in IN_LLM:
+        raise ValueError(f"{where}: {method!r} prunes image tokens inside the LLM's layers (its attention decides "
+                         "layer by layer); the mmcompress vLLM plugin compresses between the encoder and the LLM and "
+                         "does not change vLLM's decoder, so it cannot serve it; usable with vLLM: "
+                         f"{', '.join(mmc.available())}")
     try:
-        cls = mmc.get(method)
+        mmc.get(method)
     except ValueError as e:  # names the close matches and what is available
         raise ValueError(f"{where}: {e}") from None
-    needs = tuple(n for n in getattr(cls, "needs", ()) if n in ("scores", "text"))
-    enc = getattr(cls, "encoder_needs", None)
-    if enc is not None and (getattr(enc, "metric", None) or getattr(enc, "cls_prefix", False)):
-        needs += ("the vision keys as metric",) if getattr(enc, "metric", None) else ("the vision CLS",)
-    if needs:
-        ok = [n for n in mmc.available() if not set(getattr(mmc.get(n), "needs", ())) & {"scores", "text"}
-              and not getattr(getattr(mmc.get(n), "encoder_needs", None), "metric", None)
-              and not getattr(getattr(mmc.get(n), "encoder_needs", None), "cls_prefix", False)]
-        raise ValueError(f"{where}: compressor {method!r} needs {' and '.join(needs)}, which the vLLM path does not "
-                         f"provide; usable with vLLM: {', '.join(ok)}")
     return method
 
 
@@ -192,14 +189,37 @@ def resolve(hf_config: Any = None, request: dict[str, Any] | None = None) -> Set
     return Setting(method, keep)
 
 
-def budget(n: int, keep: int | float) -> int:
-    """Tokens kept of an item of `n` tokens: the compressors' own rule (int: that many, at most n; float: round(keep *
-    n), at least 1). A pure function of (n, keep), so vLLM can size the placeholder run before the encoder runs."""
+def budget(n: int, keep: int | float, method: str | None = None, prefix: int = 0) -> int:
+    """Tokens the compressor keeps of an item of `n` tokens (not counting `prefix` tokens passed ahead of them, e.g.
+    LLaVA's CLS): the compressors' own rule (`Compressor._budget`: int keep, that many; float keep,
+    round(keep * n), at least 1; a method with `prefix_in_budget` counts the prefix in keep). A pure function of
+    (n, keep, method, prefix), so vLLM can size the placeholder run before the encoder runs; n means "all" (an int
+    keep of n or more tokens is no compression here, where `mmc.apply` refuses it)."""
     if n < 1:
         return n
-    if isinstance(keep, int):
-        return min(keep, n)
-    return max(1, min(n, round(keep * n)))
+    if method is None:
+        method, prefix = "uniform", 0
+    comp = _budget_rule(method, keep)
+    total = n + (prefix if comp.prefix_in_budget else 0)
+    if isinstance(keep, int) and keep >= total:
+        return n
+    return min(n, comp._budget(n, prefix))  # the compressors' own rule, not a copy of it
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _budget_rule(method: str, keep: int | float) -> Any:
+    import mmcompress as mmc
+
+    return mmc.create(method, keep=keep)
+
+
+def method_needs(method: str) -> tuple[frozenset[str], Any]:
+    """(what the compressor needs of "scores", "text", "grid", its `EncoderNeeds`) for the plugin's planning."""
+    import mmcompress as mmc
+    from mmcompress.compressors.base import EncoderNeeds
+
+    cls = mmc.get(method)
+    return frozenset(getattr(cls, "needs", ())), getattr(cls, "encoder_needs", None) or EncoderNeeds()
 
 
 def method_code(method: str | None) -> int:

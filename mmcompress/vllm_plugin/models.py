@@ -1,18 +1,20 @@
-"""vLLM model classes that compress image and video tokens between the encoder and the LLM: Qwen2-VL, Qwen2.5-VL
-(images, videos) and LLaVA-1.5, plus the machinery the other families reuse (`llava` for LLaVA-NeXT and
+"""vLLM model classes that compress image and video tokens between the encoder and the LLM for Qwen2-VL and
+Qwen2.5-VL (images, videos), plus the machinery the other families reuse (`llava` for LLaVA-1.5, LLaVA-NeXT and
 LLaVA-OneVision, `qwen3` for Qwen3-VL).
 
 Imported by vLLM only (through the "module:Class" strings that `vllm_plugin.register` gives its `ModelRegistry`).
 Each class subclasses vLLM's own model and registers a processor subclass; the split is vLLM EVS's:
 
-* Processor (before any encoder runs): the item's token count n is known from its grid, the budget
-  `m = budget(n, keep)` is fixed there, the item's placeholder run is shortened to m tokens, and (m, compressor) ride
-  along with the item's tensors as one extra field, `mmcompress_<modality>_plan` [items, 2].
-  A family whose compressed run holds more than the kept tokens (LLaVA-1.5's CLS prefix, LLaVA-NeXT's newline)
-  declares it in `_PlanProcessor._item_counts`.
-* Model (`embed_multimodal`): the encoder runs unchanged; each item's n tokens are compressed to m with
-  `mmc.create(name, keep=m)`. An item with m == n keeps the encoder's own tensor, so keep=1 is exact. A video is
-  one item with grid (t, h, w) after the merger.
+* Processor (before any encoder runs): the item's token count n is known from its grid, the compressor's budget
+  `k = budget(n, keep, method)` is fixed there, the item's placeholder run is shortened to m tokens (k, plus what
+  the family adds: LLaVA's CLS prefix, LLaVA-NeXT's newline; `_PlanProcessor._item_counts`), and (m, compressor, k)
+  ride along with the item's tensors as one extra field, `mmcompress_<modality>_plan` [items, 3]. A text-guided
+  compressor's question ids ride as `mmcompress_<modality>_text` [items, L] (`text`); what a model cannot give a
+  method (a grid, a question, a scored block) is refused there, with a reason, before anything runs.
+* Model (`embed_multimodal`): the encoder runs unchanged; the attention scores, keys or CLS a compressor declares
+  (`EncoderNeeds`) are recorded by hooks during that same call (`scores`); each item's n tokens are compressed to k
+  with `mmc.create(name, keep=k)`. An item whose budget keeps everything keeps the encoder's own tensor, so keep=1
+  is exact. A video is one item with grid (t, h, w) after the merger.
 * Qwen2-VL / Qwen2.5-VL M-RoPE: the kept tokens keep the (t, h, w) ids they had in the uncompressed sequence, and the
   text after an item keeps its uncompressed ids (the geometry of `mmc.apply` in transformers: the same positions,
   with holes). `get_mrope_input_positions` computes the text ids at request admission and gives every placeholder of
@@ -21,24 +23,19 @@ Each class subclasses vLLM's own model and registers a processor subclass; the s
   `embed_input_ids` and added to that step's positions in `forward`. (vLLM's own `recompute_mrope_positions` hook
   is not used: the CPU model runner never enables it.)
 
-Letters: N tokens of one item, M kept, C hidden size, L prompt length.
+Letters: N tokens of one item, M kept (k by the compressor), C hidden size, L prompt length.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from vllm.model_executor.models.llava import (
-    LlavaDummyInputsBuilder,
-    LlavaForConditionalGeneration,
-    LlavaImageEmbeddingInputs,
-    LlavaMultiModalProcessor,
-    LlavaProcessingInfo,
-)
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -56,85 +53,199 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
 import mmcompress as mmc
-from mmcompress.vllm_plugin import REQUEST_KEYS, budget, method_code, method_name, resolve
+from mmcompress.compressors.base import EncoderNeeds
+from mmcompress.hf.qwen_vl import Qwen2VLFamily
+from mmcompress.vllm_plugin import REQUEST_KEYS, budget, method_code, method_name, method_needs, resolve
+from mmcompress.vllm_plugin.scores import ExtraQK, QwenScores, TowerSignals, tower_layers, wants_signals
+from mmcompress.vllm_plugin.text import (
+    DUMMY_KEY,
+    QUESTION_KEY,
+    decode_ids,
+    encode_ids,
+    excluded_token_ids,
+    media_token_ids,
+    question_ids,
+)
 
 POS_CHANNELS = 6  # (t, h, w) ids, each as (id // 128, id % 128): exact in bf16/fp16 up to id 32767
 _BASE = 128
+PRIVATE_KEYS = REQUEST_KEYS + (QUESTION_KEY, DUMMY_KEY)
 
 
 def _strip(kwargs: Mapping[str, object]) -> dict[str, object]:
-    return {k: v for k, v in kwargs.items() if k not in REQUEST_KEYS}
+    return {k: v for k, v in kwargs.items() if k not in PRIVATE_KEYS}
+
+
+def _request(kwargs: Mapping[str, object]) -> dict[str, object]:
+    """The request's own plugin setting among its `mm_processor_kwargs`."""
+    return {k: v for k, v in kwargs.items() if k in REQUEST_KEYS}
 
 
 def _plan_key(modality: str) -> str:
     return f"mmcompress_{modality}_plan"
 
 
+def _text_key(modality: str) -> str:
+    return f"mmcompress_{modality}_text"
+
+
 @lru_cache(maxsize=256)
-def _compressor(code: int, m: int) -> Any:
-    return mmc.create(method_name(code), keep=m)
+def _compressor(code: int, k: int, prefix: int) -> Any:
+    """The item's compressor at a fixed budget of k non-prefix tokens (a method that counts its prefix in keep gets
+    keep = k + prefix)."""
+    cls = mmc.get(method_name(code))
+    return mmc.create(method_name(code), keep=k + prefix if cls.prefix_in_budget else k)
 
 
-def _plans(value: Any) -> list[tuple[int, int]] | None:
-    """The batched plan field as [(m, code)] per item (a stacked [items, 2] tensor or a list of [2] tensors)."""
+def _plans(value: Any) -> list[tuple[int, int, int]] | None:
+    """The batched plan field as [(m, code, k)] per item: its placeholder run m, the compressor code (-1: none) and
+    the compressor's budget k (a stacked [items, 3] tensor or a list of [3] tensors)."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
-        return [(int(a), int(b)) for a, b in value.reshape(-1, 2).tolist()]
-    return [(int(t.reshape(-1)[0]), int(t.reshape(-1)[1])) for t in value]
+        return [(int(a), int(b), int(c)) for a, b, c in value.reshape(-1, 3).tolist()]
+    return [tuple(int(v) for v in t.reshape(-1)[:3]) for t in value]
 
 
-def compress_item(x: torch.Tensor, grid: tuple[int, ...] | None, m: int, code: int, prefix: int = 0,
-                  ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One item's tokens x [N, C] -> ([M, C], rep [M] representative input index of each, None when kept whole).
+def _question_ids(value: Any, n_items: int) -> list[torch.Tensor | None]:
+    """The batched question field as per-item [L] ids (None: no question)."""
+    if value is None:
+        return [None] * n_items
+    rows = list(value) if not isinstance(value, torch.Tensor) or value.dim() > 1 else [value]
+    return [r.reshape(-1).long() if r.numel() else None for r in rows]
+
+
+def needs_of(code: int) -> tuple[frozenset[str], EncoderNeeds]:
+    """(needs, EncoderNeeds) of a compressor code (nothing for -1)."""
+    if code < 0:
+        return frozenset(), EncoderNeeds()
+    return method_needs(method_name(code))
+
+
+def wants_scores(plan: list[tuple[int, int, int]]) -> bool:
+    """Whether any item of `plan` asks for encoder scores or keys."""
+    for _, code, _ in plan:
+        needs, enc = needs_of(code)
+        if "scores" in needs or enc.metric is not None:
+            return True
+    return False
+
+
+def compress_item(x: torch.Tensor, grid: tuple[int, ...] | None, k: int, code: int, prefix: int = 0,
+                  ordered: bool = False, scores: torch.Tensor | None = None, metric: torch.Tensor | None = None,
+                  text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One item's tokens x [P + N, C] -> ([P + k, C], rep [P + k] representative input index of each; None when
+    kept whole), with what the compressor declared it needs: scores [P + N], metric [P + N, d], text [L, C].
 
     `ordered`: the tokens in the order the method hands them to the LLM (`CompressOutput.ordered`), as `mmc.apply`
     gives them to a 1-D placeholder run (the LLaVA families); otherwise source order (Qwen: positions per token)."""
     n = x.shape[0] - prefix
-    if code < 0 or m >= n:
+    if code < 0 or k >= n:
         return x, None
-    out = _compressor(code, m)(x.unsqueeze(0), grid=grid, prefix=prefix)
+
+    def one(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.unsqueeze(0).to(x.device)
+
+    out = _compressor(code, k, prefix)(x.unsqueeze(0), grid=grid, prefix=prefix, scores=one(scores),
+                                       metric=one(metric), text=None if text is None else one(text.to(x.dtype)))
     rep = out.rep[0] if out.rep is not None else None
     return (out.ordered() if ordered else out.x)[0], rep
 
 
+class ItemCount(NamedTuple):
+    """How one item's placeholder run is planned: `run` its uncompressed length, `n` the tokens the compressor may
+    remove, `extra` tokens a compressed run holds after the kept ones (LLaVA-NeXT's newline), `prefix` tokens passed
+    ahead of the n and kept (LLaVA's CLS), `grid` False when the item has no grid (LLaVA-NeXT anyres images)."""
+
+    run: int
+    n: int
+    extra: int = 0
+    prefix: int = 0
+    grid: bool = True
+
+
 # ---- processors ---------------------------------------------------------------------------------------------------
 class _PlanProcessor:
-    """Mixin over a vLLM multimodal processor: fixes each item's budget and shortens its placeholder run."""
+    """Mixin over a vLLM multimodal processor: fixes each item's budget, shortens its placeholder run, and finds the
+    request's question for text-guided compressors (`text`)."""
 
     mmc_modalities: tuple[str, ...] = ("image",)
+    #: config attributes of token ids never part of the question (the HF family's `structural`)
+    mmc_structural: tuple[str, ...] = ()
 
     def _item_tokens(self, out: Any) -> dict[str, list[int]]:
         """Tokens n of every item of the processed batch, per modality."""
         raise NotImplementedError
 
-    def _prefix_tokens(self) -> int:
-        """Leading tokens of every item passed through untouched and not counted in keep (LLaVA's CLS, "full")."""
-        return 0
+    def _item_counts(self, out: Any, enc: EncoderNeeds) -> dict[str, list[ItemCount]]:
+        """Per modality, per item: its `ItemCount` for a compressor that declares `enc`."""
+        return {mod: [ItemCount(n, n) for n in ns] for mod, ns in self._item_tokens(out).items()}
 
-    def _item_counts(self, out: Any) -> dict[str, list[tuple[int, int, int]]]:
-        """Per modality, per item: (n_run, n, extra): its placeholder run uncompressed, the tokens the compressor
-        sees, and the tokens its compressed run holds besides the kept ones (a prefix, or LLaVA-NeXT's newline)."""
-        p = self._prefix_tokens()
-        return {mod: [(n, n - p, p) for n in ns] for mod, ns in self._item_tokens(out).items()}
+    def _check_needs(self, method: str, needs: frozenset[str], enc: EncoderNeeds) -> None:
+        """Raise ValueError when this model cannot give `method` what it needs (default: it can)."""
+        if ("scores" in needs or enc.metric is not None) and \
+                getattr(self.info.ctx.get_mm_config(), "mm_encoder_tp_mode", "weights") == "data":
+            raise ValueError(f"mmcompress {method!r} reads the vision tower's attention, which the plugin records in "
+                             "the tower's own call; with --mm-encoder-tp-mode data each rank encodes only some images, "
+                             "so drop that option to serve it")
+
+    # vLLM entry points
+    def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's processing of one request; a text-guided setting adds the request's question ids to its kwargs."""
+        kw = dict(inputs.hf_processor_mm_kwargs)
+        kw.pop(QUESTION_KEY, None)
+        setting = resolve(self.info.get_hf_config(), _request(kw))
+        if setting.active and "text" in method_needs(setting.method)[0]:
+            cfg = self.info.get_hf_config()
+            excl = excluded_token_ids(cfg, self.info.ctx.model_config.try_get_generation_config(),
+                                      self.mmc_structural)
+            ids = question_ids(list(inputs.prompt), media_token_ids(cfg), excl)
+            if not ids and kw.get(DUMMY_KEY):
+                ids = [excl[0] if excl else 0]  # vLLM's profiling prompt holds only placeholders
+            if not ids:
+                raise ValueError(f"mmcompress {setting.method!r} is guided by the question, but this prompt has no "
+                                 "text besides its media and special tokens")
+            kw[QUESTION_KEY] = encode_ids(ids)  # part of vLLM's multimodal cache key of each item
+        inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kw)
+        return super().apply(inputs, *args, **kwargs)
+
+    def get_dummy_inputs(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = super().get_dummy_inputs(*args, **kwargs)
+        return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, DUMMY_KEY: True})
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
-        setting = resolve(self.info.get_hf_config(), dict(hf_kwargs))
-        return self._add_plans(super()._call_hf_processor(hf_data, _strip(hf_kwargs)), setting)
+        setting = resolve(self.info.get_hf_config(), _request(hf_kwargs))
+        return self._add_plans(super()._call_hf_processor(hf_data, _strip(hf_kwargs)), setting, hf_kwargs)
 
-    def _add_plans(self, out: Any, setting: Any) -> Any:
-        """Adds each item's [m, code] (placeholder run, compressor code; -1 none) to the processor output."""
+    def _add_plans(self, out: Any, setting: Any, hf_kwargs: Mapping[str, object]) -> Any:
+        """Adds each item's [m, code, k] (placeholder run, compressor code or -1, the compressor's budget) and its
+        question ids [L] (text-guided methods; else L = 0) to the processor output."""
         code = method_code(setting.method) if setting.active else -1
-        for modality, counts in self._item_counts(out).items():
-            ms = [n_run if code < 0 or budget(n, setting.keep) >= n else budget(n, setting.keep) + extra
-                  for n_run, n, extra in counts]
-            out[_plan_key(modality)] = torch.tensor([[m, code] for m in ms], dtype=torch.long).reshape(-1, 2)
+        needs, enc = needs_of(code)
+        if code >= 0:
+            self._check_needs(setting.method, needs, enc)
+        question = decode_ids(hf_kwargs.get(QUESTION_KEY)) if "text" in needs else []
+        for modality, counts in self._item_counts(out, enc).items():
+            rows = []
+            for c in counts:
+                k = budget(c.n, setting.keep, setting.method, c.prefix) if code >= 0 else c.n
+                if code < 0 or k >= c.n:
+                    rows.append([c.run, -1, c.n])
+                    continue
+                if "grid" in needs and not c.grid:
+                    raise ValueError(f"mmcompress {setting.method!r} needs each item's token grid; this model's "
+                                     f"{modality}s of several tiles (base tile + high-resolution grid) are one 1-D "
+                                     "sequence without one, as in mmc.apply")
+                rows.append([c.prefix + k + c.extra, code, k])
+            out[_plan_key(modality)] = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+            out[_text_key(modality)] = torch.tensor([question] * len(rows), dtype=torch.long).reshape(len(rows), -1)
         return out
 
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> dict:
         cfg = dict(super()._get_mm_fields_config(hf_inputs, _strip(hf_processor_mm_kwargs)))
         for modality in self.mmc_modalities:
             cfg[_plan_key(modality)] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
+            cfg[_text_key(modality)] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return cfg
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object],
@@ -178,6 +289,7 @@ class MMCQwen2_5_VLProcessingInfo(_QwenInfoMixin, Qwen2_5_VLProcessingInfo):
 
 class _QwenPlanProcessor(_PlanProcessor):
     mmc_modalities = ("image", "video")
+    mmc_structural = Qwen2VLFamily.structural
 
     def _item_tokens(self, out: Any) -> dict[str, list[int]]:
         m2 = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
@@ -195,23 +307,6 @@ class MMCQwen2VLMultiModalProcessor(_QwenPlanProcessor, Qwen2VLMultiModalProcess
 
 class MMCQwen2_5_VLMultiModalProcessor(_QwenPlanProcessor, Qwen2_5_VLMultiModalProcessor):
     pass
-
-
-class MMCLlavaProcessingInfo(LlavaProcessingInfo):
-    def get_hf_processor(self, **kwargs: object) -> Any:
-        return super().get_hf_processor(**_strip(kwargs))
-
-
-class MMCLlavaMultiModalProcessor(_PlanProcessor, LlavaMultiModalProcessor):
-    def _prefix_tokens(self) -> int:
-        return 1 if self.info.get_hf_config().vision_feature_select_strategy == "full" else 0
-
-    def _item_tokens(self, out: Any) -> dict[str, list[int]]:
-        pv = out.get("pixel_values")
-        if pv is None:
-            return {}
-        sizes = [(int(p.shape[-1]), int(p.shape[-2])) for p in pv]
-        return {"image": [self.info.get_num_image_tokens(image_width=w, image_height=h) for w, h in sizes]}
 
 
 # ---- Qwen2-VL / Qwen2.5-VL ----------------------------------------------------------------------------------------
@@ -234,7 +329,18 @@ def _grid_ids(t: int, h: int, w: int, t_factor: float) -> np.ndarray:
     return g.reshape(3, -1)
 
 
-class _QwenMixin:
+class _QuestionMixin:
+    """The request's question as the LLM's input embeddings (`text` in `mmc.apply`)."""
+
+    def _mmc_question(self, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """[L] question ids -> [L, C] the LLM's input embeddings of them (None: no question)."""
+        if ids is None:
+            return None
+        lm = self.get_language_model()
+        return lm.embed_input_ids(ids.to(next(lm.parameters()).device))
+
+
+class _QwenMixin(_QuestionMixin):
     """Compression in `embed_multimodal` plus the M-RoPE bookkeeping (see the module docstring)."""
 
     _mmc_pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -259,20 +365,33 @@ class _QwenMixin:
             return [1.0] * n_items
         return [float(s) * tps for s in torch.as_tensor(sec).reshape(-1).tolist()]
 
+    def _mmc_encode(self, modality: str, inp: Any, plan: list[tuple[int, int, int]]
+                    ) -> tuple[Any, list[torch.Tensor | None]]:
+        """vLLM's own encoder call for one modality -> (features per item, scores per item or None each), the
+        scores recorded in the same call when an item's compressor asks for them (`scores.QwenScores`)."""
+        cap = QwenScores(self.visual, self.config.vision_config.num_heads) if wants_scores(plan) else None
+        with cap or contextlib.nullcontext():
+            feats = self._process_image_input(inp) if modality == "image" else self._process_video_input(inp)
+        if cap is None:
+            return feats, [None] * len(plan)
+        return feats, cap.scores(inp[f"{modality}_grid_thw"].tolist())
+
     def embed_multimodal(self, **kwargs: object) -> Any:
         plans = {m: _plans(kwargs.pop(_plan_key(m), None)) for m in ("image", "video")}
+        texts = {m: kwargs.pop(_text_key(m), None) for m in ("image", "video")}
         mods = self._parse_and_validate_multimodal_inputs(**kwargs)
         merge = self.visual.spatial_merge_size
         out: list[torch.Tensor] = []
         for key, inp in mods.items():
             modality = "image" if key.startswith("image") else "video"
-            feats = (self._process_image_input(inp) if modality == "image" else self._process_video_input(inp))
             grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in inp[f"{modality}_grid_thw"].tolist()]
-            plan = plans[modality] or [(g[0] * g[1] * g[2], -1) for g in grids]
-            for x, g, (m, code), tf in zip(feats, grids, plan, self._t_factors(modality, inp, len(grids)),
-                                           strict=True):
+            plan = plans[modality] or [(g[0] * g[1] * g[2], -1, 0) for g in grids]
+            feats, scores = self._mmc_encode(modality, inp, plan)
+            questions = _question_ids(texts[modality], len(grids))
+            for x, g, (_, code, k), tf, sc, q in zip(feats, grids, plan, self._t_factors(modality, inp, len(grids)),
+                                                     scores, questions, strict=True):
                 rel = torch.from_numpy(_grid_ids(*g, tf)).T.to(x.device)  # [N, 3]
-                y, rep = compress_item(x, g, m, code)
+                y, rep = compress_item(x, g, k, code, scores=sc, text=self._mmc_question(q))
                 if rep is not None:
                     rel = rel[rep.to(rel.device)]
                 out.append(torch.cat([y, _encode_pos(rel, y.dtype)], 1))  # [M, C + 6]
@@ -346,39 +465,60 @@ class MMCQwen2_5_VLForConditionalGeneration(_QwenMixin, Qwen2_5_VLForConditional
         self.is_multimodal_pruning_enabled = False  # vLLM's own EVS post-processing stays off
 
 
-# ---- LLaVA-1.5 ----------------------------------------------------------------------------------------------------
-@MULTIMODAL_REGISTRY.register_processor(MMCLlavaMultiModalProcessor, info=MMCLlavaProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
-class MMCLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's LLaVA-1.5 with mmcompress on the selected vision features before the projector (the default stage of
-    `mmc.apply` on LLaVA), or after it for methods that declare `encoder_needs.stage="projector"` (divprune, as its
-    release); positions are 1-D, so the shortened prompt needs nothing else."""
-
-    def embed_multimodal(self, **kwargs: object) -> Any:
-        plans = _plans(kwargs.pop(_plan_key("image"), None))
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if isinstance(image_input, LlavaImageEmbeddingInputs) or plans is None or all(c < 0 for _, c in plans):
-            return self._process_image_input(image_input)
-        feats = self._process_image_pixels(image_input)  # [B, N, C'] or a tuple of [N_i, C']
-        prefix = 1 if self.config.vision_feature_select_strategy == "full" else 0
-        out = []
-        for x, (m, code) in zip(feats, plans, strict=True):
-            side = int(round((x.shape[0] - prefix) ** 0.5))
-            grid = (side, side) if side * side == x.shape[0] - prefix else None
-            if _stage(code) == "projector":  # as mmc.apply: the method's declared stage (e.g. divprune's release)
-                y, _ = compress_item(self.multi_modal_projector(x), grid, m - prefix, code, prefix=prefix,
-                                     ordered=True)
-            else:  # default: the selected vision features, then the projector
-                y = self.multi_modal_projector(compress_item(x, grid, m - prefix, code, prefix=prefix,
-                                                             ordered=True)[0])
-            out.append(y)
-        return tuple(out)
+def _stage(code: int) -> str:
+    """Where a compressor runs on the LLaVA families, as `mmc.apply` picks it with no `stage=`: after the projector
+    for text-guided methods (the question lives in the LLM's input space) and for methods that declare it
+    (`encoder_needs.stage`, e.g. divprune's release), else before it ("vision")."""
+    needs, enc = needs_of(code)
+    if "text" in needs:
+        return "projector"
+    return enc.stage or "vision"
 
 
-def _stage(code: int) -> str | None:
-    """The stage a compressor declares in its `encoder_needs` (None: the integration's default)."""
-    if code < 0:
-        return None
-    return getattr(getattr(mmc.get(method_name(code)), "encoder_needs", None), "stage", None)
+class LlavaSignals(_QuestionMixin):
+    """Mixin of the LLaVA families' model classes: the scores, keys, CLS and question their compressors need."""
+
+    def load_weights(self, weights: Any) -> Any:
+        extra = self._mmc_extra()
+        return super().load_weights(weights if extra is None else extra.tee(weights))
+
+    def _mmc_extra(self) -> ExtraQK | None:
+        """The block after the built ones (scored from its own q/k), when vLLM truncated the tower."""
+        if "_mmc_extra_qk" not in self.__dict__:
+            built, vc = len(tower_layers(self.vision_tower)), self.config.vision_config
+            self.__dict__["_mmc_extra_qk"] = (ExtraQK(built, getattr(vc, "layer_norm_eps", 1e-5))
+                                              if built < vc.num_hidden_layers else None)
+        return self.__dict__["_mmc_extra_qk"]
+
+    def _mmc_tower(self, run: Any, plan: list[tuple[int, int, int]], cls_ok: bool = False
+                   ) -> tuple[Any, TowerSignals | None]:
+        """`run()` (vLLM's own tower call) -> (its output, what the plan's compressors need recorded, or None).
+        `cls_ok`: the family hands a `cls_prefix` method the feature layer's CLS (plain LLaVA, "default")."""
+        scored, want_cls = [], False
+        for _, code, _ in plan:
+            needs, enc = needs_of(code)
+            if wants_signals(needs, enc):
+                scored.append(enc)
+            want_cls |= enc.cls_prefix and cls_ok
+        if not scored and not want_cls:
+            return run(), None
+        sig = TowerSignals(self.vision_tower, self.config, scored, want_cls, self._mmc_extra())
+        with sig:
+            out = run()
+        return out, sig
+
+    @staticmethod
+    def _mmc_signals(sig: TowerSignals | None, code: int, tiles: slice, n_patches: int, drop_cls: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One item's ([tiles, N] scores, [tiles, N, d] metric or None) from the recorded tower call; `drop_cls`:
+        the selected features drop the CLS ("default" strategy), so do its scores."""
+        needs, enc = needs_of(code)
+        if sig is None or not wants_signals(needs, enc):
+            return None, None
+        sc, me = sig.signals(enc, n_patches)
+        sc, me = sc[tiles], None if me is None else me[tiles]
+        if drop_cls:
+            sc, me = sc[:, 1:], None if me is None else me[:, 1:]
+        return sc, me
+
+

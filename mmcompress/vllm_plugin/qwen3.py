@@ -45,6 +45,7 @@ from vllm.model_executor.models.qwen3_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
+from mmcompress.hf.qwen_vl import Qwen3VLFamily
 from mmcompress.vllm_plugin import resolve
 from mmcompress.vllm_plugin.models import (
     POS_CHANNELS,
@@ -53,9 +54,12 @@ from mmcompress.vllm_plugin.models import (
     _plan_key,
     _PlanProcessor,
     _plans,
+    _question_ids,
     _QwenInfoMixin,
     _QwenMixin,
+    _request,
     _strip,
+    _text_key,
     compress_item,
 )
 
@@ -66,11 +70,12 @@ class MMCQwen3VLProcessingInfo(_QwenInfoMixin, Qwen3VLProcessingInfo):
 
 class MMCQwen3VLMultiModalProcessor(_PlanProcessor, Qwen3VLMultiModalProcessor):
     mmc_modalities = ("image", "video")
+    mmc_structural = Qwen3VLFamily.structural
 
     def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Any) -> Any:
         # Qwen3-VL calls the HF processor itself (videos frame by frame), not through `_call_hf_processor`
-        setting = resolve(self.info.get_hf_config(), dict(hf_kwargs))
-        return self._add_plans(super()._apply_hf_processor_main(mm_items, _strip(hf_kwargs)), setting)
+        setting = resolve(self.info.get_hf_config(), _request(hf_kwargs))
+        return self._add_plans(super()._apply_hf_processor_main(mm_items, _strip(hf_kwargs)), setting, hf_kwargs)
 
     def _item_tokens(self, out: Any) -> dict[str, list[int]]:
         m2 = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
@@ -120,6 +125,7 @@ class MMCQwen3VLForConditionalGeneration(_QwenMixin, Qwen3VLForConditionalGenera
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         plans = {m: _plans(kwargs.pop(_plan_key(m), None)) for m in ("image", "video")}
+        texts = {m: kwargs.pop(_text_key(m), None) for m in ("image", "video")}
         mods = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not mods:
             return None
@@ -128,11 +134,13 @@ class MMCQwen3VLForConditionalGeneration(_QwenMixin, Qwen3VLForConditionalGenera
         out: list[torch.Tensor] = []
         for modality, inp in mods.items():  # vLLM's order of modalities
             video = modality == "video"
-            feats = self._process_video_input(inp) if video else self._process_image_input(inp)  # [N, C (1 + D)]
             grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in inp[f"{modality}_grid_thw"].tolist()]
-            plan = plans[modality] or [(g[0] * g[1] * g[2], -1) for g in grids]
-            for i, (x, g, (m, code)) in enumerate(zip(feats, grids, plan, strict=True)):
-                y, rep = compress_item(x[:, :c], g, m, code)  # the main features decide
+            plan = plans[modality] or [(g[0] * g[1] * g[2], -1, 0) for g in grids]
+            feats, scores = self._mmc_encode(modality, inp, plan)  # [N, C (1 + D)] each
+            questions = _question_ids(texts[modality], len(grids))
+            for i, (x, g, (_, code, k), sc, q) in enumerate(zip(feats, grids, plan, scores, questions, strict=True)):
+                # the main features decide
+                y, rep = compress_item(x[:, :c], g, k, code, scores=sc, text=self._mmc_question(q))
                 if rep is None:  # kept whole: vLLM's own embedding and positions
                     out.append(torch.cat([x, x.new_zeros(x.shape[0], POS_CHANNELS)], 1))
                     continue

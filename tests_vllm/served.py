@@ -1,0 +1,57 @@
+"""The methods every family's engine test serves beyond the feature-only ones: attention-scored (scores, keys, CLS
+from vLLM's own vision tower), text-guided (the request's question) and video methods, with one budget each; the
+calls that run them on one engine, and the checks shared by the family tests.
+
+A family test adds `calls(...)` to its engine's calls (one engine per family) and parametrizes its checks over
+`names(...)`: prompt shorter by exactly the removed tokens, agreement with `mmc.apply` in transformers, and a batch
+of requests with different methods equal to their single runs.
+"""
+
+from __future__ import annotations
+
+import tiny
+
+#: attention-scored and text-guided image methods, (name, keep)
+IMAGE = [("visionzip", 0.5), ("vispruner", 0.5), ("scope", 0.5), ("holov", 0.5), ("prumerge", 6), ("prumerge+", 6),
+         ("prunesid", 0.5), ("cdpruner", 0.5), ("text_recovery", 0.5)]
+#: video methods (and an attention-scored one on video)
+VIDEO = [("dycoke", 0.5), ("holitom", 0.5), ("temporal", 0.5), ("visionzip", 0.25), ("text_recovery", 0.5)]
+
+
+def calls(reqs: list[dict], methods: list[tuple[str, float | int]], tag: str) -> dict[str, list[dict]]:
+    """One engine call per method over the requests `reqs` (each with that method's setting)."""
+    return {f"{tag}:{m}": [dict(r, **tiny.request_kw(m, k)) for r in reqs] for m, k in methods}
+
+
+def names(methods: list[tuple[str, float | int]], tag: str) -> list[tuple[str, str, float | int]]:
+    """(call name, method, keep) for pytest.mark.parametrize."""
+    return [(f"{tag}:{m}", m, k) for m, k in methods]
+
+
+def mixed(reqs: list[tuple[dict, str, float | int]]) -> list[dict]:
+    """One batch of requests with their own methods."""
+    return [dict(r, **tiny.request_kw(m, k)) for r, m, k in reqs]
+
+
+#: methods that hand the LLM the tower's CLS too, counted in keep (on LLaVA-1.5 with the "default" strategy)
+CLS_IN_BUDGET = ("visionzip", "prunesid")
+#: a smaller set for the families whose tower is already covered by another family's test
+IMAGE_SOME = [("visionzip", 0.5), ("prumerge", 6), ("vispruner", 0.5), ("cdpruner", 0.5), ("text_recovery", 0.5)]
+
+
+def kept(n: int, keep: float | int, cls: bool = False) -> int:
+    """Placeholders an item of n tokens keeps at a fixed budget: the compressors' rule; `cls`: the CLS is handed
+    to the LLM ahead of the kept patches and counted in keep."""
+    if cls:
+        return min(keep, n) if isinstance(keep, int) else max(2, min(n, round(keep * (n + 1))))
+    return min(keep, n) if isinstance(keep, int) else max(1, round(keep * n))
+
+
+def assert_shorter(got: list[dict], plain: list[dict], runs: list[int], new_runs: list[int], pad: int) -> None:
+    """Each item's placeholder run went from `runs` (plain vLLM) to `new_runs` tokens, and the prompt is shorter by
+    exactly the difference; generation ran."""
+    assert isinstance(got, list), got  # a refused call is {"error": ...}
+    for r, p, n, m in zip(got, plain, runs, new_runs, strict=True):
+        assert r["prompt_token_ids"].count(pad) == m
+        assert len(r["prompt_token_ids"]) == len(p["prompt_token_ids"]) - (n - m), (len(r["prompt_token_ids"]), m)
+        assert len(r["token_ids"]) == 5
