@@ -207,7 +207,7 @@ class PruneSID(Compressor):
         epsilon: target error for keep="auto" (the `adaptive` estimator picks the per-sample budget).
     """
 
-    family, modality, needs = "diversity", "image", ("scores",)
+    family, modality, needs = "attention, diversity", "image", ("scores",)
     select_only = True
     #: the release hands the LLM the CLS plus K - 1 patches of the feature layer
     prefix_in_budget = True
