@@ -65,9 +65,9 @@ class SlowToyTask(ToyTask):
         return out
 
 
-def save_tiny_llava(path: Path, seed: int = 0) -> Path:
-    """Write a tiny random `LlavaForConditionalGeneration` + `LlavaProcessor` to `path` (loadable offline with
-    ``AutoModelForImageTextToText``/``AutoProcessor``); returns `path`."""
+def save_tiny_llava(path: Path, seed: int = 0, layers: int = 2) -> Path:
+    """Write a tiny random `LlavaForConditionalGeneration` (a Llama decoder of `layers` layers) + `LlavaProcessor` to
+    `path` (loadable offline with ``AutoModelForImageTextToText``/``AutoProcessor``); returns `path`."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -87,7 +87,7 @@ def save_tiny_llava(path: Path, seed: int = 0) -> Path:
                                        num_additional_image_tokens=1)
     vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
-    tc = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    tc = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=4, vision_feature_layer=-2,
