@@ -4,8 +4,12 @@ Every backend has the same two calls, so the runner does not care what the model
 
     backend.configure(method, keep, options)     # "none" = uncompressed; else mmcompress.apply(model, method, ...)
     rows = backend.predict(samples, max_new_tokens)
-    # one dict per sample: prediction, tokens (media tokens entering the LLM), encode_ms, compress_ms, prefill_ms,
-    # decode_ms (this sample's share of its batch: batch time / batch size), peak_mem_mb
+    # one dict per sample: prediction, tokens (media tokens entering the LLM; in-LLM methods: mean over its layers),
+    # encode_ms, compress_ms, prefill_ms, decode_ms (this sample's share of its batch: batch time / batch size),
+    # peak_mem_mb; VLMs also text_tokens, layer_tokens (image tokens each LLM layer processed), prefill_flops
+
+`configure("resize", keep)` is the downsampling reference: no compressor, the image itself resized so that the encoder
+yields the budget's token count (`resize_inputs`).
 
 `load_backend(model, modality)` picks the backend of a task's modality: image tasks -> `VLMBackend` (this module),
 audio -> `mmcompress.evals.asr`, encoder -> `mmcompress.evals.knn`.
@@ -14,15 +18,17 @@ audio -> `mmcompress.evals.asr`, encoder -> `mmcompress.evals.knn`.
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmcompress.evals.cost import budget_tokens
 from mmcompress.evals.tasks import Sample
 
 __all__ = ["VLMBackend", "llm_media_tokens", "load_backend", "model_fingerprint", "peak_memory", "timed_generate",
-           "BUILTIN_MODELS"]
+           "resize_inputs", "BUILTIN_MODELS"]
 
 # Built-in names of `--model` and the modality they serve.
 BUILTIN_MODELS = {"ref-vlm": "image", "ref-vlm-mini": "image", "whisper-tiny.en": "audio", "dinov2-s14": "encoder"}
@@ -248,7 +254,15 @@ class VLMBackend:
         if self.image_token_id is None:
             self.image_token_id = getattr(model.config, "image_token_index", None)
         self.vision = _find_vision(model)
-        self.method = "none"
+        self.method, self.keep = "none", 1.0
+        self.timing_cache: dict[Any, Any] = {}  # kept uncompressed encoder outputs of timing batches
+        self._resize_hook: Any = None
+        try:
+            from mmcompress.evals.cost import LLMShape
+
+            self.shape: Any = LLMShape.from_model(model)
+        except ValueError:  # not a decoder config we can count: no FLOPs column
+            self.shape = None
 
     @classmethod
     def load(cls, model: str, device: str = "cpu", dtype: str = "float32") -> VLMBackend:
@@ -278,8 +292,19 @@ class VLMBackend:
         import mmcompress as mmc
 
         mmc.remove(self.model)
-        self.method = method
-        if method != "none":
+        if self._resize_hook is not None:
+            self._resize_hook.remove()
+            self._resize_hook = None
+        self.method, self.keep = method, keep
+        if method == "resize":
+            if options:
+                raise ValueError(f"option: the resize reference takes no options, got {sorted(options)}")
+            budget_tokens(keep, 1)  # the budget is checked here; the grid is chosen per batch (`resize_inputs`)
+            if self.vision is not None and "interpolate_pos_encoding" in inspect.signature(
+                    self.vision.forward).parameters:  # e.g. CLIP: position table resampled for the smaller grid
+                self._resize_hook = self.vision.register_forward_pre_hook(
+                    lambda _m, a, kw: (a, {**kw, "interpolate_pos_encoding": True}), with_kwargs=True)
+        elif method != "none":
             mmc.apply(self.model, method, keep=keep, **(options or {}))
 
     def _inputs(self, images: list[Any], prompts: list[str]) -> dict[str, Any]:
@@ -308,18 +333,130 @@ class VLMBackend:
         dec = getattr(self.processor, "batch_decode", None) or self.processor.tokenizer.batch_decode
         return [t.strip() for t in dec(ids, skip_special_tokens=True)]
 
-    def predict(self, samples: Sequence[Sample], max_new_tokens: int) -> list[dict[str, Any]]:
-        """Greedy answers of one batch, with per-sample shares of the batch's measured times."""
-        import mmcompress as mmc
-
+    def inputs_for(self, samples: Sequence[Sample], resize: bool = True) -> dict[str, Any]:
+        """Model inputs of a batch; with the `resize` reference configured (and `resize`), the images downsampled."""
         if not samples:
             raise ValueError("samples: expected at least one sample")
         inputs = self._inputs([s.load_image() for s in samples], [s.prompt for s in samples])
+        if resize and self.method == "resize":
+            inputs = resize_inputs(inputs, self.keep, self.image_token_id, self._patch_size(), self._pad_id())
+        return inputs
+
+    def _patch_size(self) -> int:
+        vc = getattr(self.model.config, "vision_config", None)
+        p = getattr(vc, "patch_size", None)
+        if not isinstance(p, int):
+            raise ValueError("model: the resize reference needs vision_config.patch_size")
+        return p
+
+    def _pad_id(self) -> int:
+        tok = getattr(self.processor, "tokenizer", None)
+        pid = getattr(tok, "pad_token_id", None)
+        if pid is None:
+            pid = getattr(self.processor, "pad_token_id", None)
+        return int(pid) if pid is not None else 0
+
+    def media_tokens(self, sample: Sample) -> int:
+        """Image tokens the uncompressed model hands its LLM for `sample` (placeholders after processing)."""
+        ids = self._inputs([sample.load_image()], [sample.prompt])["input_ids"]
+        return int(ids.eq(self.image_token_id).sum())
+
+    def llm_layers(self) -> int:
+        """Decoder layers of the LLM (0 when the config does not say)."""
+        return self.shape.layers if self.shape is not None else 0
+
+    def predict(self, samples: Sequence[Sample], max_new_tokens: int) -> list[dict[str, Any]]:
+        """Greedy answers of one batch, with per-sample shares of the batch's measured times, the image tokens each
+        LLM layer processed (`layer_tokens`), the text tokens and the exact prefill FLOPs (`mmcompress.evals.cost`)."""
+        import mmcompress as mmc
+        from mmcompress.compressors.baselines import sample_keys
+
+        inputs = self.inputs_for(samples)
         B = len(samples)
-        out, t = timed_generate(self.model, inputs, self.vision, self.device, max_new_tokens=max_new_tokens)
+        with sample_keys([s.id for s in samples]):  # `random` draws per sample id: the same tokens in any batch
+            out, t = timed_generate(self.model, inputs, self.vision, self.device, max_new_tokens=max_new_tokens)
         texts = self._decode(out[:, inputs["input_ids"].shape[1]:])
-        wrapped = self.method != "none"
+        wrapped = self.method not in ("none", "resize")
         st = mmc.stats(self.model) if wrapped else {}
-        tokens = llm_media_tokens(st if wrapped else {}, inputs["input_ids"], self.image_token_id, B)
-        return [{"prediction": text, "tokens": n, **per_sample(t, B, st)}
-                for text, n in zip(texts, tokens, strict=True)]
+        tokens = llm_media_tokens(st, inputs["input_ids"], self.image_token_id, B)
+        costs = self._costs(inputs, st, tokens)
+        return [{"prediction": text, "tokens": n, **c, **per_sample(t, B, st)}
+                for text, n, c in zip(texts, tokens, costs, strict=True)]
+
+    def _costs(self, inputs: dict[str, Any], st: dict[str, Any], tokens: list[float]) -> list[dict[str, Any]]:
+        """Per sample: text tokens, image tokens per LLM layer, prefill FLOPs (empty dicts without a shape)."""
+        from mmcompress.evals.cost import prefill_flops
+
+        if self.shape is None:
+            return [{} for _ in tokens]
+        ids = inputs["input_ids"]  # [B, L]
+        am = inputs.get("attention_mask")
+        live = ids.new_ones(ids.shape).bool() if am is None else am.bool()
+        text = (live & ids.ne(self.image_token_id)).sum(1).tolist() if self.image_token_id is not None \
+            else live.sum(1).tolist()
+        per_layer = st.get("inllm_layer_tokens")
+        if per_layer is None or len(per_layer) != len(tokens):
+            per_layer = [[n] * self.shape.layers for n in tokens]
+        out = []
+        for t, media in zip(text, per_layer, strict=True):
+            media = [int(round(m)) for m in media]
+            out.append({"text_tokens": int(t), "layer_tokens": media,
+                        "prefill_flops": prefill_flops(self.shape, [int(t) + m for m in media])})
+        return out
+
+
+def resize_inputs(inputs: dict[str, Any], keep: Any, image_token_id: int, patch: int, pad_id: int) -> dict[str, Any]:
+    """The `resize` reference: each image downsampled (bilinear, antialiased, on the processed pixels) to the patch
+    grid `mmcompress.evals.cost.resize_grid` picks for the budget, and its placeholder run cut to the new count.
+
+    Args:
+        inputs: processor outputs: ``pixel_values`` [B_img, 3, S_h, S_w], ``input_ids`` / ``attention_mask`` [B, L]
+            (left-padded), one run of placeholders per image.
+        keep: the budget (fraction of the image's tokens, or a token count).
+        image_token_id: the placeholder id. patch: the encoder's patch side in pixels. pad_id: padding id.
+
+    Returns:
+        The inputs with ``pixel_values`` [B_img, 3, g_h * patch, g_w * patch] and the placeholder runs cut.
+
+    Raises:
+        ValueError: images that are not one placeholder run each, or pixels that are not a patch grid.
+    """
+    import torch
+    import torch.nn.functional as F
+    from mmcompress.evals.cost import budget_tokens, resize_grid
+
+    pv = inputs.get("pixel_values")
+    if not isinstance(pv, torch.Tensor) or pv.dim() != 4:
+        raise ValueError("pixel_values: the resize reference needs one [B, 3, H, W] image tensor per batch")
+    G = (pv.shape[-2] // patch, pv.shape[-1] // patch)
+    ids, am = inputs["input_ids"], inputs.get("attention_mask")
+    n_per = ids.eq(image_token_id).sum(1)  # [B] placeholders per sample
+    if int(n_per.sum()) % pv.shape[0]:
+        raise ValueError("input_ids: the resize reference needs the same placeholder count for every image")
+    n = int(n_per.sum()) // pv.shape[0]
+    extra = n - G[0] * G[1]  # tokens besides the patch grid (a CLS kept by the "full" strategy)
+    if budget_tokens(keep, n) >= n:
+        raise ValueError(f"keep: resize to {keep!r} keeps every one of the {n} image tokens; nothing to compare")
+    gh, gw = resize_grid(budget_tokens(keep, n) - extra, G)
+    small = F.interpolate(pv.float(), size=(gh * patch, gw * patch), mode="bilinear", antialias=True,
+                          align_corners=False).to(pv.dtype)
+    m = gh * gw + extra
+    live = torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
+    rows = []
+    for b in range(ids.shape[0]):
+        row = ids[b][live[b]]
+        img = row.eq(image_token_id).nonzero().squeeze(1).tolist()
+        if len(img) % n:
+            raise ValueError(f"input_ids: sample {b} has {len(img)} placeholders, not whole runs of {n}")
+        drop = [p for r in range(0, len(img), n) for p in img[r + m: r + n]]
+        mask = torch.ones(row.shape[0], dtype=torch.bool)
+        mask[drop] = False
+        rows.append(row[mask])
+    L = max(r.shape[0] for r in rows)
+    new_ids = torch.full((len(rows), L), pad_id, dtype=ids.dtype)
+    new_am = torch.zeros((len(rows), L), dtype=am.dtype if am is not None else torch.long)
+    for b, r in enumerate(rows):  # left padding, as generate() needs
+        new_ids[b, L - r.shape[0]:] = r
+        new_am[b, L - r.shape[0]:] = 1
+    return {**inputs, "pixel_values": small, "input_ids": new_ids.to(ids.device),
+            "attention_mask": new_am.to(ids.device)}

@@ -8,6 +8,8 @@ Layout of ``out``:
     config.json                         what was asked (a resumed run must ask the same)
     parts/<task>/<method>@<keep>.rank<r>.jsonl
                                         one line per finished sample, appended and flushed as each batch ends
+    parts/<task>/<method>@<keep>.timing.json
+                                        the interleaved timing of the setting (`mmcompress.evals.timing`, rank 0)
     samples.jsonl                       every sample line of every setting, in a fixed order (written at the end)
     summary.csv, summary.md, pareto.png one row per task x method x keep (see `mmcompress.evals.report`)
 
@@ -27,11 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmcompress.evals.plan import read_timings, run_timing, setting_plan, timing_path
 from mmcompress.evals.tasks import Sample, Task, get_task
 
 __all__ = ["BenchConfig", "run", "parse_keeps", "setting_name", "read_records"]
 
-BASELINES = ("none", "random")  # always in every table: the uncompressed row and random at the same budgets
+BASELINES = ("none", "random", "resize")  # in every table: uncompressed, and random and resize at the same budgets
+IMAGE_ONLY = ("resize",)  # references that only image tasks have (the image downsampled to the budget)
 
 
 @dataclass
@@ -56,6 +60,10 @@ class BenchConfig:
         skip_bad: Skip malformed dataset rows (counted) instead of failing.
         options: Extra options per method (``{"tome": {"metric_dim": 64}}``), passed to `mmcompress.apply`.
         progress: Show tqdm bars.
+        timing_threads: torch threads while the time columns are measured (`mmcompress.evals.timing`).
+        timing_repeats: interleaved (none, setting) prefill pairs per task x setting; 0: no interleaved timing
+            (times are then each sample's share of its batch).
+        timing_samples: the timing batch: each task's first `timing_samples` samples.
     """
 
     model: str = "ref-vlm"
@@ -75,6 +83,9 @@ class BenchConfig:
     skip_bad: bool = False
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: bool = True
+    timing_threads: int = 1
+    timing_repeats: int = 7
+    timing_samples: int = 8
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide which samples and batches a run has (a resumed run must not change them)."""
@@ -134,6 +145,8 @@ def _settings(cfg: BenchConfig) -> list[tuple[str, Any]]:
         for k in cfg.keeps:
             if isinstance(k, float) and k >= 1.0:
                 continue  # keep 100% is the uncompressed row (identity compression is bit-identical to it)
+            if m == "resize" and k == "auto":
+                continue  # the resize reference has a fixed budget only
             out.append((m, k))
     return out
 
@@ -235,7 +248,7 @@ def _first_runnable(cfg: BenchConfig, task: Task, samples: list[Sample], backend
         if method in ("none", "resize"):
             continue
         try:
-            backend.configure(method, keep, cfg.options.get(method, {}))
+            backend.configure(method, *setting_plan(method, keep, cfg.options.get(method, {}), backend, samples[0])[:2])
             backend.predict(samples[:1], cfg.max_new_tokens or task.max_new_tokens)
             break
         except (ValueError, TypeError) as e:
@@ -267,7 +280,9 @@ def _setting_records(folder: Path, name: str) -> list[dict[str, Any]]:
 
 
 def _run_setting(cfg: BenchConfig, task: Task, samples: list[Sample], backend: Any, method: str, keep: Any,
-                 part: Path, rank: int, world: int) -> None:
+                 part: Path, rank: int, world: int, run_keep: Any = None, run_options: dict | None = None) -> None:
+    """Run the unfinished batches of one setting; `run_keep`/`run_options` are what the backend is configured with
+    (the in-LLM schedule of the budget `keep`, `mmcompress.evals.plan`)."""
     read_records(part, repair=True)  # cut a torn last line off this rank's file before appending to it
     done = {r["id"] for r in _setting_records(part.parent, setting_name(method, keep))}
     B = cfg.batch_size
@@ -282,7 +297,8 @@ def _run_setting(cfg: BenchConfig, task: Task, samples: list[Sample], backend: A
         if bar is not None:
             bar.close()
         return
-    backend.configure(method, keep, cfg.options.get(method, {}))
+    backend.configure(method, keep if run_options is None else run_keep,
+                      cfg.options.get(method, {}) if run_options is None else run_options)
     max_new = cfg.max_new_tokens or task.max_new_tokens
     backend.predict(todo[0][1][:1], max_new)  # warm-up, not recorded: a setting's first call pays one-time costs
     scores: list[float] = []
@@ -354,6 +370,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     order: dict[str, list[str]] = {}
     skipped: dict[str, str] = {}
     bad_rows: dict[str, int] = {}
+    schedules: dict[str, dict[str, Any]] = {}  # the in-LLM schedule of each "task method@keep"
     for task in tasks:
         samples = task.samples(cfg.data, cfg.split, cfg.limit, cfg.seed, skip_bad=cfg.skip_bad)
         if not samples:
@@ -374,11 +391,18 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             _write_config(cfg, ident)  # the model has loaded and the first sample is about to run
         for method, keep in settings:
             name = setting_name(method, keep)
-            if f"{task.name} {name}" in skipped:
+            if f"{task.name} {name}" in skipped or (method in IMAGE_ONLY and task.modality != "image"):
                 continue
             part = cfg.out / "parts" / task.name / f"{name}.rank{rank}.jsonl"
             try:
-                _run_setting(cfg, task, samples, backend, method, keep, part, rank, world)
+                run_keep, run_opts, sched = setting_plan(method, keep, cfg.options.get(method, {}), backend,
+                                                         samples[0])
+                if sched is not None:
+                    schedules[f"{task.name} {name}"] = sched
+                _run_setting(cfg, task, samples, backend, method, keep, part, rank, world, run_keep, run_opts)
+                if rank == 0:
+                    run_timing(cfg, samples, backend, method, run_keep, run_opts,
+                               timing_path(cfg.out, task.name, name))
             except (ValueError, TypeError) as e:  # a method that cannot run this model/budget: said, not hidden
                 if method == "none":
                     raise
@@ -393,6 +417,15 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     with tmp.open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     tmp.replace(cfg.out / "samples.jsonl")
+    names = {setting_name(m, k): (m, report.keep_label(m, k)) for m, k in settings}
+    timings = read_timings(cfg.out, list(order), names)
+    notes = []
+    if timings:
+        from mmcompress.evals.timing import TimingConfig
+
+        notes.append(TimingConfig(cfg.timing_threads, cfg.timing_repeats, cfg.timing_samples).describe())
+    notes += [f"{k}: schedule {json.dumps(v, sort_keys=True)}" for k, v in schedules.items()]
     rows = report.write_reports(cfg.out, records, tasks, settings, skipped=skipped, bad_rows=bad_rows,
+                                timings=timings, notes=notes,
                                 model=cfg.model, expected={t: len(ids) for t, ids in order.items()})
     return {"summary": rows, "skipped": skipped, "out": cfg.out}

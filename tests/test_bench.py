@@ -23,7 +23,7 @@ from tests.bench_fixtures import save_tiny_llava
 REPO = Path(__file__).resolve().parent.parent
 TASK = "tests.bench_fixtures:ToyTask"
 TIME_COLS = {"encode_ms", "compress_ms", "prefill_ms", "decode_ms", "peak_mem_mb"}
-SUMMARY_TIME_COLS = TIME_COLS | {"prefill_ratio"}
+SUMMARY_TIME_COLS = TIME_COLS | {"prefill_ratio", "ratio_spread"}
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +66,26 @@ def test_outputs_hold_baselines_and_every_sample(tiny_dir, tmp_path):
                           out=out, progress=False))
     rows = res["summary"]
     assert [(r["method"], r["keep"]) for r in rows] == [("none", "1"), ("random", "0.5"), ("random", "4"),
-                                                       ("tome", "0.5"), ("tome", "4")]
+                                                       ("resize", "0.5"), ("resize", "4"), ("tome", "0.5"),
+                                                       ("tome", "4")]
     assert all(r["n"] == 23 and r["complete"] for r in rows)
     none = rows[0]
     assert none["tokens"] == 16 and none["pct_of_none"] == 1.0
-    assert [r["tokens"] for r in rows[1:]] == [8, 4, 8, 4]
-    assert json.loads(rows[3]["metrics"]) == {"answered": 23}  # the task's own extra metric is kept
+    # resize: the 4 x 4 patch grid downsampled to 2 x 3 (8 tokens) and 2 x 2 (4 tokens)
+    assert [r["tokens"] for r in rows[1:]] == [8, 4, 6, 4, 8, 4]
+    assert [r["at_budget"] for r in rows] == ["", True, True, True, True, True, True]
+    assert rows[1]["flops_ratio"] < 1 and rows[4]["prefill_gflops"] < rows[3]["prefill_gflops"]
+    assert json.loads(rows[5]["metrics"]) == {"answered": 23}  # the task's own extra metric is kept
     recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(recs) == 5 * 23 and len({(r["method"], r["keep"], r["id"]) for r in recs}) == 5 * 23
+    assert len(recs) == 7 * 23 and len({(r["method"], r["keep"], r["id"]) for r in recs}) == 7 * 23
     assert {"id", "prediction", "answer", "score", "tokens", "encode_ms", "compress_ms", "prefill_ms", "decode_ms",
-            "peak_mem_mb", "meta"} <= set(recs[0])
+            "peak_mem_mb", "meta", "text_tokens", "layer_tokens", "prefill_flops"} <= set(recs[0])
+    timing = json.loads((out / "parts" / "toy" / "resize@4.timing.json").read_text())
+    assert timing["replay"] and timing["threads"] == 1 and len(timing["prefill_ms_runs"]) == 7
+    assert all(r["timing"].startswith("interleaved") for r in rows)
     assert (out / "pareto.png").stat().st_size > 10_000
     md = (out / "summary.md").read_text()
-    assert "| none | 1 | 16.0 |" in md and "n = 23" in md
+    assert "| none | 1 | 16.0 |" in md and "n = 23" in md and "1 torch thread(s)" in md
     # the same out folder without --resume is refused, a resume with other settings too
     with pytest.raises(ValueError, match="--resume"):
         run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["tome"], keeps=[0.5], batch_size=4, out=out,
@@ -93,7 +100,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_dir, tmp_path):
     p = _cli(_args(tiny_dir, ref))
     assert p.wait(timeout=600) == 0, p.stderr.read()
     total_ref = len((ref / "samples.jsonl").read_text().splitlines())
-    assert total_ref == 23 * (1 + 3 * 4)
+    assert total_ref == 23 * (1 + 3 * 5)  # none; random, resize, tome, uniform, pool at 3 budgets
 
     p = _cli(_args(tiny_dir, killed))
     deadline = time.time() + 600
@@ -152,9 +159,9 @@ def test_cli_bad_input_names_the_argument(tiny_dir, tmp_path):
 
 def test_unrunnable_setting_is_reported_not_hidden(tiny_dir, tmp_path):
     out = tmp_path / "fv"
-    res = run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["fastv"], keeps=[8], batch_size=8, out=out,
-                          progress=False))
-    assert "toy fastv@8" in res["skipped"] and "fraction" in res["skipped"]["toy fastv@8"]
+    res = run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["fastv"], keeps=["auto", 8], batch_size=8,
+                          out=out, progress=False, timing_repeats=0))
+    assert "toy fastv@auto" in res["skipped"] and "fraction" in res["skipped"]["toy fastv@auto"]
     assert "Skipped settings" in (out / "summary.md").read_text()
 
 
@@ -183,10 +190,10 @@ def test_every_setting_is_warmed_up_before_it_is_timed(tiny_dir, tmp_path, monke
     res = run(BenchConfig(model=str(tiny_dir), tasks=[TASK], methods=["tome"], keeps=[0.5], batch_size=8,
                           out=tmp_path / "w", progress=False))
     recs = [json.loads(x) for x in (tmp_path / "w" / "samples.jsonl").read_text().splitlines()]
-    assert len(recs) == 3 * 23 and {r["prefill_ms"] for r in recs} == {1.0}  # no cold call was recorded
+    assert len(recs) == 4 * 23 and {r["prefill_ms"] for r in recs} == {1.0}  # no cold call was recorded
     assert {r["prefill_ratio"] for r in res["summary"]} == {1.0}
     # one untimed call of one sample before each setting (besides the warm-up batch at load)
-    assert [c for c in fake.calls if c[1] == 1] == [("none", 1), ("random", 1), ("tome", 1)]
+    assert [c for c in fake.calls if c[1] == 1][-4:] == [("none", 1), ("random", 1), ("resize", 1), ("tome", 1)]
 
 
 def test_out_pointing_at_a_file_is_one_line(tiny_dir, tmp_path):

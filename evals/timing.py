@@ -1,0 +1,219 @@
+"""Stable time columns of `mmcompress bench`: the encoder, the compressor and the LLM prefill timed apart, on a fixed
+thread count, with the uncompressed prefill interleaved with the setting's own.
+
+Protocol (`time_setting`), per task x setting, on one fixed batch (the task's first ``samples`` samples):
+
+1. ``torch.set_num_threads(threads)`` for the whole measurement (restored after), so that the ratio does not depend on
+   how many cores the rest of the run was given.
+2. One full prefill of the setting (``model(**inputs, logits_to_keep=1)``: encoder, compressor, LLM; what
+   ``generate()`` runs before its first token), untimed except for the encoder; the encoder's output is kept.
+3. ``repeats`` pairs of prefills, alternating the order within a pair (none, setting / setting, none): the setting
+   on its kept encoder output (``mm_encoder_outputs``, so the compressor and the LLM run again but the encoder does
+   not), and the uncompressed model (`mmcompress.disabled`) on the uncompressed encoder output. The LLM's share is
+   timed by hooks on the language model alone; the compressor's by the wrapper (`mmcompress.stats`).
+4. Per-sample ms = median over repeats / batch size; ``prefill_ratio`` = median over pairs of (setting / none), so a
+   load change on a shared machine moves both halves of a pair alike.
+
+Replaying on a kept encoder output is checked once per setting: its last-position logits must equal the full
+prefill's; where they do not (or the model takes no ``mm_encoder_outputs``), every repeat runs the full prefill and
+only the language model's share is taken (same numbers, more time).
+
+Letters: B timing batch, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["TimingConfig", "time_setting", "language_model", "capture_encoder"]
+
+
+class TimingConfig:
+    """How time columns are measured (written to ``config.json`` and stated in ``summary.md``).
+
+    Args:
+        threads: torch threads during the measurement (>= 1).
+        repeats: interleaved (none, setting) pairs (>= 1).
+        samples: the timing batch: the task's first `samples` samples (>= 1).
+    """
+
+    def __init__(self, threads: int = 1, repeats: int = 7, samples: int = 8) -> None:
+        for name, v in (("timing_threads", threads), ("timing_repeats", repeats), ("timing_samples", samples)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        self.threads, self.repeats, self.samples = threads, repeats, samples
+
+    def describe(self) -> str:
+        """One sentence for ``summary.md``."""
+        return (f"times: {self.threads} torch thread(s), the task's first {self.samples} samples as one batch, "
+                f"{self.repeats} interleaved (none, setting) prefill pairs; medians per sample; prefill ratio = "
+                "median over the pairs")
+
+
+def language_model(model: Any) -> Any:
+    """The decoder stack of a VLM (``model.model.language_model`` on LLaVA-style models, else ``get_decoder()``)."""
+    core = getattr(model, "model", None)
+    lm = getattr(core, "language_model", None) if core is not None else None
+    if lm is None and hasattr(model, "get_decoder"):
+        lm = model.get_decoder()
+    if lm is None:
+        raise ValueError(f"model: {type(model).__name__} has no language model to time")
+    return lm
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Stopwatch:
+    """Sums the wall time spent inside `module`'s forward calls (pre/post hooks)."""
+
+    def __init__(self, module: Any, sync: Any) -> None:
+        self.module, self.sync, self.total, self._t0 = module, sync, 0.0, 0.0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Stopwatch:
+        if self.module is not None:
+            self._handles = [self.module.register_forward_pre_hook(self._pre),
+                             self.module.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _pre(self, *_: Any) -> None:
+        self.sync()
+        self._t0 = time.perf_counter()
+
+    def _post(self, *_: Any) -> None:
+        self.sync()
+        self.total += time.perf_counter() - self._t0
+
+
+@contextlib.contextmanager
+def capture_encoder(model: Any) -> Iterator[list[Any]]:
+    """Within the context, every call of the model's ``get_image_features`` (whatever wraps it: `mmcompress.apply`'s
+    adapter attaches the per-item metadata its compressor needs) appends its output to the yielded list."""
+    core = getattr(model, "model", None)
+    got: list[Any] = []
+    if core is None or not hasattr(core, "get_image_features"):
+        yield got
+        return
+    had = "get_image_features" in core.__dict__
+    prev = core.__dict__.get("get_image_features")
+    inner = core.get_image_features
+
+    def grab(*args: Any, **kwargs: Any) -> Any:
+        out = inner(*args, **kwargs)
+        got.append(out)
+        return out
+
+    grab.__signature__ = inspect.signature(inner)  # type: ignore[attr-defined]  # the adapter binds by signature
+    core.__dict__["get_image_features"] = grab
+    try:
+        yield got
+    finally:
+        if had:
+            core.__dict__["get_image_features"] = prev
+        else:
+            del core.__dict__["get_image_features"]
+
+
+def _takes_encoder_outputs(model: Any) -> bool:
+    return "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[str, Any]:
+    """Time one setting (the one `backend` is configured with) against the uncompressed model (see the module doc).
+
+    Args:
+        backend: a `mmcompress.evals.backends.VLMBackend`, configured.
+        samples: the timing batch.
+        cfg: threads / repeats.
+
+    Returns:
+        ``{"encode_ms", "compress_ms", "prefill_ms", "none_prefill_ms", "none_encode_ms", "prefill_ratio",
+        "replay", "threads", "repeats", "samples", "prefill_ms_runs", "none_prefill_ms_runs"}`` (ms per sample).
+    """
+    import torch
+
+    import mmcompress as mmc
+    from mmcompress.compressors.baselines import sample_keys
+
+    model = backend.model
+    lm = language_model(model)
+    B = len(samples)
+    keys = [s.id for s in samples]
+    wrapped = backend.method not in ("none", "resize")
+    base_inputs = backend.inputs_for(samples, resize=False)
+    set_inputs = backend.inputs_for(samples, resize=True)
+
+    def sync() -> None:
+        if torch.device(backend.device).type == "cuda":
+            torch.cuda.synchronize(backend.device)
+
+    def forward(inputs: dict[str, Any], compressed: bool, enc: Any = None) -> tuple[float, float, float, Any]:
+        """One prefill: (encoder s, LLM s, compressor s, last-position logits [B, V])."""
+        kw = dict(inputs)
+        if enc is not None:
+            kw = {k: v for k, v in kw.items() if k not in ("pixel_values", "image_sizes")}
+            kw["mm_encoder_outputs"] = {"image": enc}
+        ctx = contextlib.nullcontext() if compressed else mmc.disabled(model)
+        with ctx, sample_keys(keys), torch.inference_mode(), _Stopwatch(lm, sync) as llm, \
+                _Stopwatch(backend.vision if enc is None else None, sync) as vis:
+            out = model(**kw, logits_to_keep=1)
+        comp = float(mmc.stats(model).get("compress_ms", 0.0)) / 1e3 if compressed and wrapped else 0.0
+        return vis.total, llm.total, comp, out.logits[:, -1].float()
+
+    with _threads(cfg.threads):
+        with capture_encoder(model) as got:
+            enc_s, _, _, ref = forward(set_inputs, True)  # warm-up of the setting, and its encoder output
+        key = ("none", tuple(keys))
+        if key not in backend.timing_cache:
+            with capture_encoder(model) as got_none:
+                none_enc_s, _, _, _ = forward(base_inputs, False)
+            backend.timing_cache[key] = (got_none[0] if len(got_none) == 1 else None, none_enc_s)
+        none_enc, none_enc_s = backend.timing_cache[key]
+        enc = got[0] if len(got) == 1 else None
+        replay = enc is not None and none_enc is not None and _takes_encoder_outputs(model)
+        if replay:
+            again = forward(set_inputs, True, enc)[3]
+            replay = bool(torch.allclose(again, ref, rtol=1e-4, atol=1e-4))
+        set_enc, base_enc = (enc, none_enc) if replay else (None, None)
+        forward(base_inputs, False, base_enc)  # warm-up of the uncompressed replay
+        runs: dict[str, list[float]] = {"set": [], "none": [], "comp": []}
+        for r in range(cfg.repeats):
+            order = ("none", "set") if r % 2 == 0 else ("set", "none")
+            for which in order:
+                if which == "set":
+                    _, llm_s, comp_s, _ = forward(set_inputs, True, set_enc)
+                    runs["set"].append(llm_s)
+                    runs["comp"].append(comp_s)
+                else:
+                    runs["none"].append(forward(base_inputs, False, base_enc)[1])
+    ratios = [s / n for s, n in zip(runs["set"], runs["none"], strict=True) if n > 0]
+    per = 1e3 / B
+    return {"encode_ms": enc_s * per, "none_encode_ms": none_enc_s * per,
+            "compress_ms": _median(runs["comp"]) * per, "prefill_ms": _median(runs["set"]) * per,
+            "none_prefill_ms": _median(runs["none"]) * per, "prefill_ratio": _median(ratios), "replay": replay,
+            "threads": cfg.threads, "repeats": cfg.repeats, "samples": B,
+            "prefill_ms_runs": [round(x * per, 4) for x in runs["set"]],
+            "none_prefill_ms_runs": [round(x * per, 4) for x in runs["none"]]}
