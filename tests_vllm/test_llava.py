@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import served
 import tiny
 from conftest import run_engine
 
@@ -23,6 +24,9 @@ CALLS = {
     "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tome", 1.0))],
     "mixed": [dict(B, **kw("tome", 0.5)), TEXT, A],
     "text": [TEXT],
+    **served.calls([A, B], served.IMAGE, "img"),
+    "mixed_methods": served.mixed([(B, "cdpruner", 0.5), (A, "visionzip", 0.5), (TEXT, None, 1.0),
+                                   (A, "prumerge", 6)]),
 }
 NAMES = list(CALLS)
 
@@ -53,3 +57,18 @@ def test_mixed_batch_equals_single_runs(runs):
                                               ("keep1", None, 1.0)])
 def test_agrees_with_mmc_apply_in_transformers(runs, models, name, method, keep):
     tiny.assert_apply_agrees(models["llava"], method, keep, CALLS[name], runs[name])
+
+
+@pytest.mark.parametrize("name,method,keep", served.names(served.IMAGE, "img"))
+def test_scored_and_text_methods_shorten_and_agree_with_mmc_apply(runs, models, name, method, keep):
+    """CLIP's CLS row of the feature block (or PruMerge's last block, past the blocks vLLM builds), keys, the CLS
+    handed to the LLM, the question: the prompt is shorter by exactly the removed tokens and outputs equal
+    `mmc.apply` in transformers."""
+    cls = method in served.CLS_IN_BUDGET
+    served.assert_shorter(runs[name], runs["keep1"], [N, N], [served.kept(N, keep, cls)] * 2, tiny.token_id("<image>"))
+    tiny.assert_apply_agrees(models["llava"], method, keep, CALLS[name], runs[name])
+
+
+def test_batch_of_different_methods_equals_single_runs(runs):
+    singles = [runs["img:cdpruner"][1], runs["img:visionzip"][0], runs["text"][0], runs["img:prumerge"][0]]
+    tiny.assert_same_runs(runs["mixed_methods"], singles)
