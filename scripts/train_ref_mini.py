@@ -57,16 +57,17 @@ MIX = ("random", "uniform", "pool", "tome", "divprune", "cls_random")
 EVAL_BUDGETS = (("full", 1.0), ("random", 0.25), ("pool", 0.25), ("random", 0.125))
 
 
-def features(kind: str, n: int, image_size: int) -> torch.Tensor:
-    """Cached DINOv2 features ``[n, 1 + N, 384]`` (fp16, CLS first) of the first `n` images of `kind` (``"detail"``
-    train scenes, ``"detail_val"`` scenes, ``"easyvqa"`` train images), computed shard by shard on first use."""
+def features(kind: str, n: int, image_size: int, device: str = "cpu") -> torch.Tensor:
+    """Cached DINOv2 features ``[n, 1 + N, 384]`` (fp16 on the CPU, CLS first) of the first `n` images of `kind`
+    (``"detail"`` train scenes, ``"detail_val"`` scenes, ``"easyvqa"`` train images), computed shard by shard on
+    first use (the tower on `device`)."""
     from mmcompress.evals.features import tower_features
     from PIL import Image
 
     from mmcompress.zoo.dinov2 import DinoImageProcessor, load_dinov2
 
     proc = DinoImageProcessor(image_size)
-    tower = _Lazy(load_dinov2)
+    tower = _Lazy(load_dinov2, device)
 
     def images(lo: int):
         if kind == "easyvqa":
@@ -84,15 +85,17 @@ def features(kind: str, n: int, image_size: int) -> torch.Tensor:
 
 
 class _Lazy:
-    """The DINOv2 tower, loaded only if a feature cache misses."""
+    """The DINOv2 tower, loaded (onto `device`) only if a feature cache misses; outputs come back to the CPU."""
 
-    def __init__(self, fn) -> None:
-        self.fn, self.m = fn, None
+    def __init__(self, fn, device: str = "cpu") -> None:
+        self.fn, self.m, self.device = fn, None, device
 
-    def __call__(self, *a, **k):
+    def __call__(self, pixel_values, **k):
         if self.m is None:
-            self.m = self.fn()
-        return self.m(*a, **k)
+            self.m = self.fn().to(self.device)
+        out = self.m(pixel_values.to(self.device), **k)
+        out.hidden_states = tuple(h.cpu() for h in out.hidden_states)
+        return out
 
 
 def conversations(proc, rows: list[tuple[int, str, str, str]], turns: int) -> list[list[tuple]]:
@@ -242,7 +245,7 @@ def evaluate(model, proc, evalsets, grid, bs: int = 128) -> dict[str, float]:
                 chunk = rows[s: s + bs]
                 img = image_tokens(model, [r[0] for r in chunk], feats_of, lambda i, m=method: m, keep, grid)
                 seqs = [sequence(proc, conv, random.Random(0), len(img[i])) for i, (_, _, conv) in enumerate(chunk)]
-                ids, labels, mask = pad_batch(seqs, proc.pad_token_id)
+                ids, labels, mask = (t.to(model.mean.device) for t in pad_batch(seqs, proc.pad_token_id))
                 pred = model.forward_tokens(ids, mask, img).argmax(-1)  # [B, L]
                 tgt_pos = labels[:, 1:] != -100
                 ok = ((pred[:, :-1] == labels[:, 1:]) | ~tgt_pos).all(1)
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=250, help="(default %(default)s)")
     p.add_argument("--ckpt-every", type=int, default=25, help="(default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="where the tower (feature caching) and training run: cpu, cuda")
     p.add_argument("--out-dir", type=Path, default=Path("~/.cache/mmcompress/train_mini_v2").expanduser())
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     p.add_argument("--export-only", action="store_true", help="only export the checkpoint to --assets")
@@ -346,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # data: (image key, type, question, answer); image keys: ("d", i) detail train, ("e", i) easy-VQA train
     t0 = time.time()
-    vfeat = features("detail_val", 500, shape.image_size)
-    efeat = features("easyvqa", 4000, shape.image_size)
-    dfeat = features("detail", a.detail_scenes, shape.image_size)
+    vfeat = features("detail_val", 500, shape.image_size, a.device)
+    efeat = features("easyvqa", 4000, shape.image_size, a.device)
+    dfeat = features("detail", a.detail_scenes, shape.image_size, a.device)
     if a.cache_only:
         print(f"features cached ({time.time() - t0:.0f} s)", flush=True)
         return 0
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def feats_of(key):
         src, i = key
-        return {"d": dfeat, "e": efeat, "v": vfeat}[src][i]
+        return {"d": dfeat, "e": efeat, "v": vfeat}[src][i].to(a.device)
 
     train_convs = conversations(proc, rows_d, 1) + conversations(proc, rows_e, 1)
     evalsets = {"detail_val": (conversations(proc, rows_dv, 1), feats_of),
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     allf = allf.float()
     mean, std = allf.mean(0), allf.std(0).clamp_min(1e-3)
     torch.manual_seed(a.seed)
-    model = Trainable(cfg, mean, std)
+    model = Trainable(cfg, mean, std).to(a.device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd = "python scripts/train_ref_mini.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log_path = a.out_dir / "train_log.tsv"
     if (a.resume or a.export_only) and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=a.device)
         model.load_state_dict(ck["model"])
         if "opt" in ck:
             opt.load_state_dict(ck["opt"])
@@ -428,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                            seed=a.seed * 1_000_003 + step)  # the random draws: the same after --resume
         rng = random.Random(a.seed * 1_000_003 + step)
         seqs = [sequence(proc, train_convs[i], rng, len(img[j])) for j, i in enumerate(idx)]
-        ids, labels, mask = pad_batch(seqs, proc.pad_token_id)
+        ids, labels, mask = (t.to(a.device) for t in pad_batch(seqs, proc.pad_token_id))
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         logits = model.forward_tokens(ids, mask, img)
@@ -462,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import save_file
 
         a.assets.mkdir(parents=True, exist_ok=True)
-        save_file(model.export(), str(a.assets / mini.WEIGHTS_FILE))
+        save_file({k: v.cpu() for k, v in model.export().items()}, str(a.assets / mini.WEIGHTS_FILE))
         shutil.copyfile(tok_path, a.assets / mini.TOKENIZER_FILE)
         shutil.copyfile(log_path, a.assets / "refvlm_mini_train_log.tsv")
         final = evaluate(model, proc, evalsets, grid)
