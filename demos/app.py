@@ -5,18 +5,31 @@ One model instance is shared by all users behind a lock; Gradio's queue serialis
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .image import ImageBackend
+from .questions import QuestionForms, forms_for, question_note, words
 from .results import TABLE_HEADERS, plot_summary, read_summary, summary_table
 from .safety import keep_fraction, load_image_safely
 
 DEFAULT_METHODS = ("tome", "divprune", "pool")
 DEFAULT_QUESTION = "What is in the image?"
 N_SAMPLES = 3  # bundled benchmark samples per dataset
+PREVIEW_SIDE = 224  # smaller pictures (easy-VQA: 64 px) are shown enlarged to at least this side, pixels kept sharp
+ANSWER_HEADERS = ["method", "answer", "tokens in", "tokens out", "compress ms", "generate ms", "inside the LLM"]
+IN_LLM_NOTE = ("**In-LLM methods** (`fastv`, `pdrop`, `dart`, `sparsevlm`) let every image token into the LLM and drop "
+               "tokens inside it, at a layer: *tokens out* is what the last layers see, the caption how many image "
+               "tokens each LLM layer saw, the map which tokens the last layers see (dimmed: dropped inside the "
+               "LLM; PyramidDrop's earlier stages see more of them). `sparsevlm` has no map: it recycles pruned "
+               "tokens into merged ones placed in freed positions, so which input token a position holds is not "
+               "recorded. On this tab `keep` is each method's own budget, as in `mmc.apply` (docs/methods.md).")
+# Gradio keeps an error toast up for 10 s: a successful run closes the old ones, so an error never sits beside a
+# result it does not belong to.
+CLOSE_TOASTS = "() => { document.querySelectorAll('[data-testid=\"toast-close\"]').forEach(b => b.click()); }"
 # Gradio caps an auto-height gallery at 55% of the window and scrolls inside it, which hid every token map after
 # the first row; the maps' gallery grows with the number of methods instead (pass to `launch(css=...)`).
 APP_CSS = ("#image-overlays .fixed-height { max-height: none !important; }\n"
@@ -125,12 +138,14 @@ def image_compressible(modality: str) -> bool:
 
 
 def image_methods() -> list[str]:
-    """Compressors offered on the image tab: video-only (`temporal`) and audio-only (`audio_merge`) ones are left
-    out, since an image has no frames or time axis for them to work along."""
+    """Methods offered on the image tab: the compressors that work on an image's tokens (video-only `temporal` and
+    audio-only `audio_merge` are left out: an image has no frames or time axis for them), then the in-LLM methods
+    (they prune inside the LLM; a model whose adapter has no in-LLM stage says so in the answer column)."""
     import mmcompress as mmc
+    from mmcompress.catalog import IN_LLM
     from mmcompress.registry import get
 
-    return [m for m in mmc.available() if image_compressible(getattr(get(m), "modality", "any"))]
+    return [m for m in mmc.available() if image_compressible(getattr(get(m), "modality", "any"))] + list(IN_LLM)
 
 
 def pick_image(photos: dict[str, Any], upload: str | None, photo: str | None) -> np.ndarray:
@@ -160,11 +175,13 @@ def run_image(backend: ImageBackend, photos: dict[str, Any], upload: str | None,
     method runs with keep="auto" (its own per-image budget, shown as "tokens out") and `keep` is ignored.
 
     Returns:
-        (rows [method, answer, tokens in, tokens out, compress ms, generate ms], [(overlay, caption)]).
+        (rows [method, answer, tokens in, tokens out, compress ms, generate ms, inside the LLM], [(overlay,
+        caption)]); "inside the LLM" is an in-LLM method's image tokens per LLM layer (and why it has no map).
 
     Raises:
         ValueError: no image or two, an unreadable/oversized upload, no question, or a keep outside (0, 1].
     """
+    from mmcompress.catalog import IN_LLM
     from mmcompress.registry import get
 
     image = pick_image(photos, upload, photo)
@@ -172,45 +189,90 @@ def run_image(backend: ImageBackend, photos: dict[str, Any], upload: str | None,
         raise ValueError("type a question")
     budget = "auto" if auto else keep_fraction(keep, "image tokens")  # the UI sends 1 (int) for 1.0
     ref = backend.answer(image, question, None, 1.0)
-    rows = [["none", ref["answer"], ref["tokens_in"], ref["tokens_out"], 0.0, round(ref["generate_ms"])]]
+    rows = [["none", ref["answer"], ref["tokens_in"], ref["tokens_out"], 0.0, round(ref["generate_ms"]), ""]]
     gallery = []
     for m in methods:
         try:
-            modality = getattr(get(m), "modality", "any")
+            modality = "image" if m in IN_LLM else getattr(get(m), "modality", "any")
         except ValueError:
             modality = "any"  # an unknown name: the backend's own error says so below
         if not image_compressible(modality):
             rows.append([m, f"(cannot run: {m} compresses {modality} tokens, not an image's)", ref["tokens_in"],
-                         None, None, None])
+                         None, None, None, ""])
             continue
         try:
             r = backend.answer(image, question, m, budget)
         except (ValueError, TypeError) as e:
-            rows.append([m, f"(cannot run: {e})", ref["tokens_in"], None, None, None])
+            rows.append([m, f"(cannot run: {e})", ref["tokens_in"], None, None, None, ""])
             continue
+        note = r.get("note", "")
         rows.append([m, r["answer"], r["tokens_in"], r["tokens_out"], round(r["compress_ms"], 1),
-                     round(r["generate_ms"])])
+                     round(r["generate_ms"]), note])
         if r["overlay"] is not None:
-            gallery.append((r["overlay"], f"{m}: {r['answer']} ({r['tokens_in']} -> {r['tokens_out']} tokens)"))
+            caption = f"{m}: {r['answer']} ({r['tokens_in']} -> {r['tokens_out']} tokens)"
+            gallery.append((r["overlay"], f"{caption}; {note}" if note else caption))
     return rows, gallery
+
+
+def enlarge(image: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """`image` [H, W, 3] repeated by the smallest integer factor that brings its long side to at least `side`
+    (easy-VQA's 64 px pictures previewed at 256 px, pixels kept sharp); larger pictures unchanged."""
+    k = -(-side // max(image.shape[:2]))
+    return image if k <= 1 else np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+
+
+def same_question(a: str, b: str) -> bool:
+    """Whether two questions are the same words (case, spacing and punctuation spacing ignored)."""
+    return words(a) == words(b)
+
+
+def expected_note(photos: dict[str, Any], questions: dict[str, tuple[str, str]], upload: str | None,
+                  photo: str | None, question: str) -> str:
+    """The line under the question: the picked sample's expected answer while its own question is asked, and says
+    that there is none once the question is edited."""
+    if upload:
+        return "Your upload is the image (the bundled choice was cleared)."
+    if not photo or photo not in photos:
+        return ""
+    if photo not in questions:
+        return f"**{photo}**: a photo without a reference answer; ask anything."
+    q, a = questions[photo]
+    if same_question(question or "", q):
+        return f"**{photo}**: the sample's own question is filled in; **expected answer: {a}**"
+    return (f"**{photo}**: your own question, so no reference answer (the sample's question \"{q}\" expects "
+            f"\"{a}\").")
 
 
 def preview(photos: dict[str, Any], questions: dict[str, tuple[str, str]], upload: str | None,
             photo: str | None) -> tuple[np.ndarray | None, str | None, str]:
-    """What the image tab shows when an image is picked or uploaded: (preview, the sample's question or None to
-    leave the question as typed, the expected-answer line)."""
+    """What the image tab shows when an image is picked or uploaded: (preview, enlarged when small; the sample's
+    question or None to leave the question as typed; the expected-answer line)."""
     if upload:
         try:
-            return load_image_safely(upload), None, "Your upload is the image (the bundled choice was cleared)."
+            return enlarge(load_image_safely(upload)), None, expected_note(photos, questions, upload, None, "")
         except ValueError as e:
             return None, None, f"**Cannot use this upload:** {e}"
     if not photo or photo not in photos:
         return None, None, ""
-    image = np.asarray(photos[photo]())[..., :3]
-    if photo in questions:
-        q, a = questions[photo]
-        return image, q, f"**{photo}**: the sample's own question is filled in; **expected answer: {a}**"
-    return image, None, f"**{photo}**: a photo without a reference answer; ask anything."
+    image = enlarge(np.asarray(photos[photo]())[..., :3])
+    q = questions[photo][0] if photo in questions else None
+    return image, q, expected_note(photos, questions, None, photo, q or "")
+
+
+def default_question(forms: QuestionForms | None, unknown: Any = None) -> str:
+    """The question the tab opens on: `DEFAULT_QUESTION`, unless the model reads only its own question forms (then
+    its first form without a colour or shape) or cannot read it (then the first form it can, if it has forms)."""
+    if forms is None or (forms.matches(DEFAULT_QUESTION) and not (unknown and unknown(DEFAULT_QUESTION))):
+        return DEFAULT_QUESTION
+    plain = [q for q in forms.examples if not any(w in forms.slots for w in words(q))]
+    return next(iter(plain), forms.examples[0])
+
+
+def results_initial(folder: str) -> tuple[Any, list[list[Any]], str]:
+    """The Results tab as it opens: the `--bench-dir` folder's plot and table when it holds a summary, else a hint."""
+    if (Path(folder) / "summary.csv").is_file():
+        return results_view(folder)
+    return None, [], f"No summary.csv in `{folder}` yet: run `mmcompress bench`, or type a folder and press Load."
 
 
 def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench", audio_backend: Any = None,
@@ -232,13 +294,20 @@ def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench", audio_
     backend = image_backend or ImageBackend(model_name)
     photos = bundled_photos()
     questions = benchmark_questions()
+    forms = forms_for(model_name)
     shown = model_name if model_name in ("ref-vlm", "ref-vlm-mini") else Path(model_name).name or model_name
+    first_question = default_question(forms, backend.unknown_words)
+
+    def refused(e: ValueError) -> Any:
+        """A bad input: one line in the server log and a toast, no traceback (it is the user's input, not a bug)."""
+        print(f"mmcompress demo: refused: {e}", file=sys.stderr, flush=True)
+        return gr.Error(str(e), print_exception=False)
 
     def safe_run_image(*args: Any):
         try:
             return run_image(backend, photos, *args)
         except ValueError as e:
-            raise gr.Error(str(e)) from e
+            raise refused(e) from None
 
     def on_pick(photo: str | None):
         image, question, note = preview(photos, questions, None, photo)
@@ -247,6 +316,10 @@ def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench", audio_
     def on_upload(upload: str | None):
         image, _, note = preview(photos, questions, upload, None)
         return None, image, note
+
+    def on_question(question: str, upload: str | None, photo: str | None):
+        note = question_note(question or "", forms, backend.unknown_words(question or ""))
+        return note, expected_note(photos, questions, upload, photo, question or "")
 
     with gr.Blocks(title=f"mmcompress demo: {shown}") as app:
         gr.Markdown(f"# mmcompress demo: {shown}\n"
@@ -260,27 +333,36 @@ def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench", audio_
                                         elem_id="image-photo")
                     upload = gr.File(label="or upload an image (replaces the bundled choice)", type="filepath",
                                      elem_id="image-upload")
-                    question = gr.Textbox(label="question", value=DEFAULT_QUESTION, elem_id="image-question")
+                    question = gr.Textbox(label="question", value=first_question, elem_id="image-question")
+                    qnote = gr.Markdown(question_note(first_question, forms, backend.unknown_words(first_question)),
+                                        elem_id="image-question-note")
+                    if forms is not None:
+                        form = gr.Dropdown(list(forms.examples), value=None, elem_id="image-question-forms",
+                                           label=f"or one of {shown}'s own question forms (the only ones it was "
+                                                 f"trained on; change a colour or shape freely)")
+                        form.input(lambda q: q, [form], [question])
                     expected = gr.Markdown("", elem_id="image-expected")
                 with gr.Column(scale=1):
-                    shown_image = gr.Image(label="the image", interactive=False, type="numpy", height=224,
+                    shown_image = gr.Image(label="the image", interactive=False, type="numpy", height=PREVIEW_SIDE,
                                            elem_id="image-preview")
             methods = gr.CheckboxGroup(image_methods(), value=list(DEFAULT_METHODS), label="methods",
                                        elem_id="image-methods")
+            gr.Markdown(IN_LLM_NOTE, elem_id="image-inllm-note")
             with gr.Row():
                 keep = gr.Number(value=0.25, minimum=None, maximum=None, step=0.05, elem_id="image-keep",
                                  label="keep: fraction of the image tokens, in (0, 1]; 1 keeps them all")
                 auto = gr.Checkbox(False, label='keep="auto": each method picks the budget of this image',
                                    elem_id="image-auto")
             go = gr.Button("Run", elem_id="image-run")
-            table = gr.Dataframe(headers=["method", "answer", "tokens in", "tokens out", "compress ms",
-                                          "generate ms"], label="answers", elem_id="image-answers")
-            gallery = gr.Gallery(label="token maps (merged groups tinted by slot, kept alone outlined, dropped dimmed)",
+            table = gr.Dataframe(headers=ANSWER_HEADERS, label="answers", wrap=True, elem_id="image-answers")
+            gallery = gr.Gallery(label="token maps (merged groups tinted by slot, kept alone outlined, dropped dimmed; "
+                                       "tiled images: every tile)",
                                  columns=4, height="auto", object_fit="contain", elem_id="image-overlays")
             photo.input(on_pick, [photo], [upload, shown_image, question, expected])
             upload.upload(on_upload, [upload], [photo, shown_image, expected])
+            question.change(on_question, [question, upload, photo], [qnote, expected])
             go.click(safe_run_image, [upload, photo, question, methods, keep, auto], [table, gallery],
-                     concurrency_limit=1, api_name="run_image")
+                     concurrency_limit=1, api_name="run_image").success(None, None, None, js=CLOSE_TOASTS)
         with gr.Tab("Audio"):
             ok, why = audio_available()
             if ok:
@@ -292,10 +374,11 @@ def build_app(model_name: str = "ref-vlm", bench_dir: str = "runs/bench", audio_
         with gr.Tab("Results"):
             gr.Markdown(f"A `mmcompress bench` folder: the same plot as its `pareto.png` ({Y_LABEL} vs "
                         f"{X_LABELS['tokens']} and vs {X_LABELS['prefill_ms']}) and its summary table.")
-            folder = gr.Textbox(value=bench_dir, label="bench folder")
-            load = gr.Button("Load")
-            plot = gr.Plot()
-            rtable = gr.Dataframe(headers=TABLE_HEADERS, elem_id="results-table")
-            msg = gr.Markdown()
+            fig0, rows0, msg0 = results_initial(bench_dir)  # shown at once: --bench-dir needs no Load
+            folder = gr.Textbox(value=bench_dir, label="bench folder", elem_id="results-folder")
+            load = gr.Button("Load", elem_id="results-load")
+            plot = gr.Plot(value=fig0, elem_id="results-plot")
+            rtable = gr.Dataframe(value=rows0 or None, headers=TABLE_HEADERS, elem_id="results-table")
+            msg = gr.Markdown(msg0, elem_id="results-message")
             load.click(results_view, [folder], [plot, rtable, msg])
     return app

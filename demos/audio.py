@@ -8,6 +8,7 @@ encoder frame with the output slot it went to (``assign``), so a run of one colo
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -407,8 +408,9 @@ def build_audio_tab(gr: Any, backend: AudioBackend | None = None, clips: dict[st
         try:
             rows, items = run_audio(backend, clips, clip_id, up, ref, ms, k)
             return rows, compose_timelines(items, backend.window_s) if items else None
-        except ValueError as e:
-            raise gr.Error(str(e)) from e
+        except ValueError as e:  # a bad input: one line in the server log, a toast, no traceback
+            print(f"mmcompress demo: refused: {e}", file=sys.stderr, flush=True)
+            raise gr.Error(str(e), print_exception=False) from None
 
     upload.upload(lambda up: None, [upload], [clip])  # an upload replaces the bundled clip, visibly
     clip.input(lambda c: None, [clip], [upload])

@@ -1,22 +1,28 @@
 """Image tab backend: one VLM (ref-vlm or any local HF VLM that `mmcompress.apply` supports) shared by all requests.
 
-The token map is the ``assign`` of the very compressor call the model made (recorded on the adapter's compressor
+The token map is the ``assign`` of the very compressor calls the model made (recorded on the adapter's compressor
 for the duration of one ``generate``), so attention and text-guided methods get their real scores and question
-embeddings, and the map shows exactly what the LLM received. It is drawn over the pixels the vision tower saw.
+embeddings, and the map shows exactly what the LLM received. It is drawn over the pixels the vision tower saw, every
+tile of a tiled family (`demos.maps`). In-LLM methods (fastv, pdrop, dart, sparsevlm) drop tokens inside the LLM: their
+map shows what the last LLM layers see, their caption how many image tokens each layer saw.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from .overlay import overlay_token_map
+from .maps import image_grid, inllm_assign, items_map, layer_counts, tile_views, token_map, unnormalise
+from .questions import unknown_words
 from .safety import keep_fraction
 
-VIEW_SIDE = 224  # the overlay is upscaled (nearest) to about this side, so small grids stay readable
+__all__ = ["CompressorRecorder", "ImageBackend", "image_grid", "model_view", "record_compressions", "token_map"]
+IN_LLM_NO_MAP = {"sparsevlm": "no map: SparseVLM recycles pruned tokens into merged ones placed in freed positions, "
+                              "so which input token each position holds is not recorded"}
 
 
 class CompressorRecorder:
@@ -52,50 +58,31 @@ def model_view(pixel_values: Any, image_processor: Any, image: np.ndarray) -> np
     processor's mean/std (min-max when it has none); other layouts (tiles, video) fall back to ``image``."""
     if pixel_values is None or pixel_values.ndim != 4 or pixel_values.shape[0] != 1 or pixel_values.shape[1] != 3:
         return np.asarray(image)
-    x = pixel_values[0].float().permute(1, 2, 0).cpu().numpy()  # [S, S, 3]
-    mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
-    if mean is not None and std is not None:
-        x = x * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    else:
-        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
-    return (x.clip(0, 1) * 255).round().astype(np.uint8)
+    return unnormalise(pixel_values[0], image_processor)
 
 
-def token_map(view: np.ndarray, assign: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Overlay of ``assign`` [gh * gw] on ``view`` [H, W, 3], resized to a multiple of the grid near `VIEW_SIDE`."""
-    from PIL import Image
-
-    gh, gw = grid
-    p = max(1, round(VIEW_SIDE / max(gh, gw)))
-    img = np.asarray(Image.fromarray(view).resize((gw * p, gh * p), Image.BICUBIC))  # [gh * p, gw * p, 3]
-    return overlay_token_map(img, assign, (gh, gw))
-
-
-def image_grid(grid: Any, n: int) -> tuple[int, int] | None:
-    """The (h, w) patch grid of one image's `n` tokens from the grid its compressor got: ``(h, w)`` (LLaVA), or
-    ``(1, h, w)`` (Qwen2-VL and other M-RoPE families record images as one frame); None when the tokens are not one
-    2-D grid (several frames, tiles, audio)."""
-    if grid is None:
-        return None
-    g = tuple(int(v) for v in grid)
-    while len(g) > 2 and g[0] == 1:
-        g = g[1:]
-    return g if len(g) == 2 and g[0] * g[1] == n else None
-
-
-def _first_assign(rec: CompressorRecorder | None, st: dict[str, Any]) -> tuple[np.ndarray | None, Any]:
-    """([N] assign of the first image item, its (gh, gw) grid or None): from the recorded compressor call (exact
-    grid), else from ``mmcompress.stats(model)["assign"]`` (placeholder families) with a square grid."""
+def _items(rec: CompressorRecorder | None, st: dict[str, Any]) -> list[tuple[np.ndarray, Any]]:
+    """([N] assign, grid) of every item the compressor got in the prefill, in order: from the recorded calls (exact
+    grids; a call holds a group of items of one shape, e.g. the tiles of InternVL), else from
+    ``mmcompress.stats(model)["assign"]`` (placeholder families) with square grids guessed."""
     if rec is not None and rec.calls:
-        grid, prefix, out = rec.calls[0]  # the first (prefill) call: [1, prefix + N] assign
-        assign = out.assign[0, prefix:].cpu().numpy()
-        return assign, image_grid(grid, assign.size)
+        return [(a[prefix:].cpu().numpy(), grid) for grid, prefix, out in rec.calls for a in out.assign]
+    items = []
     for mod, _, a in st.get("assign", []):
         if mod == "image" and a is not None:
             assign = a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a)  # [N]
             g = int(round(assign.size ** 0.5))
-            return assign, (g, g) if g * g == assign.size else None
-    return None, None
+            items.append((assign, (g, g) if g * g == assign.size else None))
+    return items
+
+
+def _tile_grid(model: Any) -> tuple[int, int] | None:
+    """(h, w) tokens of one square tile of the vision tower (LLaVA-NeXT anyres items start with a base tile)."""
+    vc = getattr(getattr(model, "config", None), "vision_config", None)
+    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+    if isinstance(size, int) and isinstance(patch, int) and patch > 0:
+        return size // patch, size // patch
+    return None
 
 
 class ImageBackend:
@@ -111,6 +98,8 @@ class ImageBackend:
         self.max_new_tokens = max_new_tokens
         self.lock = threading.Lock()
         self._vlm: Any = None
+        self._tokenizer: Any = None  # a copy of the model's tokenizer for question checks, outside `lock`
+        self._tok_lock = threading.Lock()
         self.warm_ups = 0  # how many times a loaded model was warmed up (once per load)
 
     def _load(self) -> Any:
@@ -119,8 +108,22 @@ class ImageBackend:
 
             vlm = VLMBackend.load(self.model_name)
             self._warm_up(vlm)
+            self._tokenizer = copy.deepcopy(getattr(vlm.processor, "tokenizer", None))
             self._vlm = vlm
         return self._vlm
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is loaded (the question check needs its tokenizer)."""
+        return self._vlm is not None
+
+    def unknown_words(self, question: str) -> list[str]:
+        """Words of `question` the loaded model's tokenizer cannot read (maps to its unknown token); [] before the
+        model is loaded or for tokenizers that read every string. Does not wait for a running answer."""
+        if self._tokenizer is None:
+            return []
+        with self._tok_lock:
+            return unknown_words(self._tokenizer, question)
 
     def load(self) -> None:
         """Load (and warm up) the model now rather than on the first request."""
@@ -153,17 +156,19 @@ class ImageBackend:
         Args:
             image: uint8 [H, W, 3].
             question: the question text.
-            method: compressor name or None.
+            method: compressor or in-LLM method name, or None.
             keep: fraction of image tokens kept, (0, 1], or "auto" (the method's own per-image budget).
 
         Returns:
-            dict with answer, tokens_in, tokens_out, compress_ms, generate_ms, overlay (uint8 [S, S, 3] or None when
-            the model's tokens are not one 2-D grid).
+            dict with answer, tokens_in, tokens_out (for in-LLM methods: what the last LLM layers see), compress_ms,
+            generate_ms, overlay (uint8 picture of every tile's map, or None when there is no map) and note (for
+            in-LLM methods: image tokens per LLM layer, and why there is no map where there is none).
         """
         import torch
         from PIL import Image
 
         import mmcompress as mmc
+        from mmcompress.catalog import IN_LLM
 
         if keep != "auto":
             keep = keep_fraction(keep, "image tokens")  # an int 1 from the UI means all tokens, not one
@@ -171,8 +176,9 @@ class ImageBackend:
             vlm = self._load()
             model = vlm.model
             inputs = vlm._inputs([Image.fromarray(np.asarray(image)).convert("RGB")], [question])
-            n_img = int(inputs["input_ids"].eq(vlm.image_token_id).sum()) if vlm.image_token_id is not None else 0
-            rec, st = None, {}
+            img_cols = (inputs["input_ids"][0] == vlm.image_token_id).nonzero().squeeze(1).cpu().numpy() \
+                if vlm.image_token_id is not None else np.zeros(0, np.int64)  # [n] image columns of the LLM input
+            rec, st, pruned = None, {}, None
             if method is not None:
                 mmc.apply(model, method, keep=keep)
                 rec = record_compressions(model)
@@ -182,16 +188,56 @@ class ImageBackend:
                 generate_ms = (time.perf_counter() - t0) * 1e3
                 if method is not None:
                     st = mmc.stats(model)
+                    pruned = _inllm_pruned(model) if method in IN_LLM else None
             finally:
                 if method is not None:
                     mmc.remove(model)
             text = vlm._decode(ids[:, inputs["input_ids"].shape[1]:])[0]
+            items = _items(rec, st)
+            note = ""
+            if method in IN_LLM:
+                items, note = _inllm_items(method, items, img_cols, pruned, st)
             overlay = None
-            assign, grid = _first_assign(rec, st)
-            if assign is not None and grid is not None:
+            if items:
                 ip = getattr(vlm.processor, "image_processor", None)
-                overlay = token_map(model_view(inputs.get("pixel_values"), ip, image), assign, grid)
-        tokens_in = int(sum(st.get("tokens_in", []))) or n_img
+                views = tile_views(inputs.get("pixel_values"), ip)
+                overlay = items_map(items, views, np.asarray(image), _tile_grid(model))
+        tokens_in = int(sum(st.get("tokens_in", []))) or img_cols.size
         tokens_out = int(sum(st.get("tokens_out", []))) if st else tokens_in
+        if method in IN_LLM and st.get("inllm_removed"):
+            tokens_out = tokens_in - int(st["inllm_removed"][0])
         return {"answer": text, "tokens_in": tokens_in, "tokens_out": tokens_out,
-                "compress_ms": float(st.get("compress_ms", 0.0)), "generate_ms": generate_ms, "overlay": overlay}
+                "compress_ms": float(st.get("compress_ms", 0.0)), "generate_ms": generate_ms, "overlay": overlay,
+                "note": note}
+
+
+def _inllm_pruned(model: Any) -> np.ndarray | None:
+    """Columns of the LLM input whose image tokens the in-LLM stage dropped in the last prefill (sample 0)."""
+    from mmcompress import hf
+
+    adapter = getattr(hf, "_adapter", lambda m: None)(model)
+    stage = getattr(adapter, "inllm", None)
+    last = getattr(stage, "last_pruned", None)
+    return last[0].cpu().numpy() if last else None
+
+
+def _inllm_items(method: str, items: list[tuple[np.ndarray, Any]], img_cols: np.ndarray, pruned: np.ndarray | None,
+                 st: dict[str, Any]) -> tuple[list[tuple[np.ndarray, Any]], str]:
+    """The items of an in-LLM run with each token's fate inside the LLM (kept by the last layers, or dropped), and
+    the caption note: image tokens per LLM layer, and why there is no map where there is none."""
+    per_layer = st.get("inllm_layer_tokens") or []
+    note = layer_counts(per_layer[0]) if per_layer else ""
+    why = IN_LLM_NO_MAP.get(method)
+    if why is None and pruned is None:
+        why = "no map: the in-LLM stage recorded no dropped positions"
+    if why is None and img_cols.size != sum(a.size for a, _ in items):
+        why = ("no map: the LLM's image run holds tokens the encoder's items do not (e.g. LLaVA-NeXT's row "
+               "newlines)")
+    if why is not None:
+        return [], f"{note}; {why}" if note else why
+    full = inllm_assign(img_cols, pruned)  # [n] over the image tokens of the LLM input, in order
+    out, start = [], 0
+    for a, grid in items:
+        out.append((full[start:start + a.size], grid))
+        start += a.size
+    return out, f"{note}; map: the tokens the last layers see" if note else "map: the tokens the last layers see"

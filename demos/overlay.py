@@ -53,7 +53,8 @@ def token_classes(assign: np.ndarray) -> np.ndarray:
     return out
 
 
-def overlay_token_map(image: np.ndarray, assign: np.ndarray, grid: tuple[int, int], alpha: float = 0.45) -> np.ndarray:
+def overlay_token_map(image: np.ndarray, assign: np.ndarray, grid: tuple[int, int], alpha: float = 0.45,
+                      classes: np.ndarray | None = None) -> np.ndarray:
     """Draw the token map over an image.
 
     Dropped tokens are dimmed, merged tokens tinted with their slot's colour, tokens kept alone outlined in white.
@@ -64,6 +65,8 @@ def overlay_token_map(image: np.ndarray, assign: np.ndarray, grid: tuple[int, in
         assign: int [N] with N = gh * gw (row-major patches); -1 = dropped.
         grid: (gh, gw) patch grid.
         alpha: tint strength for merged tokens.
+        classes: int [N] `token_classes` of these tokens when they are part of a larger item (a slot merged with
+            tokens drawn elsewhere is still "merged"); default: computed from ``assign``.
 
     Returns:
         uint8 [H, W, 3] overlay.
@@ -79,7 +82,7 @@ def overlay_token_map(image: np.ndarray, assign: np.ndarray, grid: tuple[int, in
     if h % gh or w % gw:
         raise ValueError(f"image size {h}x{w} is not a multiple of the grid {grid}")
     ph, pw = h // gh, w // gw
-    cls = token_classes(assign).reshape(gh, gw)
+    cls = (token_classes(assign) if classes is None else np.asarray(classes)).reshape(gh, gw)
     a2 = assign.reshape(gh, gw)
     colours = slot_colours(int(assign.max()) + 1 if (assign >= 0).any() else 0)
     out = img.astype(np.float32).copy()

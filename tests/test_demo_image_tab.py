@@ -15,7 +15,15 @@ import pytest
 pytest.importorskip("transformers")
 
 import mmcompress as mmc  # noqa: E402
-from demos.app import benchmark_questions, bundled_photos, image_methods, pick_image, preview, run_image  # noqa: E402
+from demos.app import (  # noqa: E402
+    benchmark_questions,
+    bundled_photos,
+    enlarge,
+    image_methods,
+    pick_image,
+    preview,
+    run_image,
+)
 from demos.image import ImageBackend, image_grid  # noqa: E402
 from tests.bench_fixtures import save_tiny_llava  # noqa: E402
 
@@ -134,14 +142,14 @@ def test_picking_a_benchmark_sample_shows_it_with_its_question_and_expected_answ
     scene = "detail test scene 0"
     assert scene in photos and scene in questions
     img, question, note = preview(photos, questions, None, scene)
-    assert img.shape[-1] == 3 and np.array_equal(img, photos[scene]()[..., :3])
+    assert img.shape[-1] == 3 and np.array_equal(img, enlarge(photos[scene]()[..., :3]))  # 112 px shown at 224
     q, a = questions[scene]
     assert question == q and q.endswith("?") and f"expected answer: {a}" in note
     from mmcompress.evals import detail
 
     assert (q, a) in {(qq, aa) for _, qq, aa in detail.questions(detail.make_scene(detail.SPLIT_SEEDS["test"]))}
     img, question, note = preview(photos, questions, image, None)  # an upload: shown, the question left as typed
-    assert img.shape == (40, 50, 3) and question is None and "upload" in note
+    assert img.shape == (200, 250, 3) and question is None and "upload" in note  # 40 x 50 shown 5x
     assert preview(photos, questions, None, None) == (None, None, "")
 
 
