@@ -116,8 +116,49 @@ def test_small_budgets_and_bad_options():
         assert out.x.shape[1] == max(keep, 2)
     with pytest.raises(TypeError, match="seed"):
         mmc.create("prunesid", seed=1.5)
+    with pytest.raises(ValueError, match="variant"):
+        mmc.create("prunesid", variant="qwen")
     with pytest.raises(ValueError, match="scores"):
         mmc.create("prunesid", keep=3)(x)
+
+
+def _plain_qwen2vl(x: torch.Tensor, k: int, seed: int) -> list[int]:
+    """The release's Qwen2-VL rule written plainly for one image x [N, C]: torch.pca_lowrank under a seeded global
+    RNG, importance = own-component loading, threshold max(k / (N / 18), 1) x mean of triu(cos) (diagonal
+    included, over all N^2 entries), sequential NMS per group, `group_budgets`, sorted above 150 tokens."""
+    N, C = x.shape
+    G = max(1, min(max(k // 4, 4), k, C, N))
+    torch.manual_seed(seed)
+    V = torch.pca_lowrank(torch.sigmoid(x).T, q=G)[2].abs()  # [N, G]
+    imp, group = V.max(dim=1)
+    u = torch.nn.functional.normalize(x, dim=-1)
+    sim = u @ u.T
+    thr = max(k / (N / 18), 1) * float(sim.triu().mean())
+    ranked, nms = [], []
+    for g in range(G):
+        members = sorted((i for i in range(N) if group[i] == g), key=lambda i: (-float(imp[i]), i))
+        kept: list[int] = []
+        for i in members:
+            if all(float(sim[j, i]) <= thr for j in kept):
+                kept.append(i)
+        ranked.append(kept + [i for i in members if i not in kept])
+        nms.append(len(kept))
+    sizes = torch.tensor([[len(r) for r in ranked]])
+    d = group_budgets(sizes, torch.tensor([nms]), K=k, k=k)[0].tolist()
+    seq = [i for g in range(G) for i in ranked[g][: d[g]]]
+    return sorted(seq) if k > 150 else seq
+
+
+@pytest.mark.parametrize("N,C,k", [(120, 48, 20), (200, 32, 40), (400, 64, 160)])
+def test_qwen2vl_variant_equals_a_plain_reading_of_its_rule(N, C, k):
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, C, generator=g) + torch.randn(1, C, generator=g)
+    comp = mmc.create("prunesid", keep=k, variant="qwen2vl", seed=3)
+    assert comp.needs == () and not comp.prefix_in_budget  # no attention, no CLS
+    out = comp(x[None])  # no scores needed: the importance is the PCA loading
+    want = _plain_qwen2vl(x, k, seed=3)
+    assert torch.equal(out.ordered()[0], x[want])
+    assert (out.order is None or torch.equal(out.order[0], torch.arange(k))) == (k > 150)
 
 
 def test_through_apply_on_llava_the_cls_and_the_release_sequence():
@@ -158,3 +199,30 @@ def test_apply_qwen2_vl():
     from test_vispruner import apply_runs_on_qwen2_vl
 
     apply_runs_on_qwen2_vl("prunesid", keep=5)
+
+
+def test_apply_qwen2_vl_variant_on_the_merger_output():
+    """variant="qwen2vl" through apply on a tiny Qwen2-VL: no scores asked for, each sample keeps `keep` tokens, and
+    the kept set is the compressor's on the merger's output."""
+    from family_tiny import SPECS
+    from family_tiny import batch as family_batch
+    from family_tiny import build as family_build
+
+    spec = SPECS["qwen2_vl"]
+    m = family_build("qwen2_vl")
+    kb = family_batch(spec, [spec.sample(0), spec.sample(1, post=3)])
+    with torch.no_grad():
+        feats = m.model.get_image_features(kb["pixel_values"], kb["image_grid_thw"])  # the merger's output per image
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    comp = mmc.create("prunesid", keep=5, variant="qwen2vl")
+    want = [comp(f[None]).assign[0] for f in feats]
+    mmc.apply(m, "prunesid", keep=5, variant="qwen2vl")
+    try:
+        with torch.no_grad():
+            assert torch.isfinite(m(**kb).logits).all()
+        st = mmc.stats(m)
+        assert st["tokens_out"] == [5, 5]
+        for b in range(2):
+            assert torch.equal(st["assign"][b][2], want[b])
+    finally:
+        mmc.remove(m)

@@ -33,6 +33,7 @@ Differences from the release (docs/fidelity_frontier.md): the seeded draw (above
 [1, min(k, C, N)] (the release fails for K < 4 and for K / 4 above C or N); every group member is an NMS candidate
 (the release marks suppressed tokens by a zero score, so a token whose score is exactly 0 could never be kept
 there); similarities in float32 (the release: in the features' dtype); NMS order ties go to the lower index.
+The release's Qwen2-VL path is a different rule; `variant="qwen2vl"` computes it (see `PruneSID`).
 
 Letters: B batch, N tokens (prefix removed), P prefix tokens, K budget with the prefix, k without, C channels,
 G groups.
@@ -156,15 +157,17 @@ def group_budgets(sizes: torch.Tensor, nms: torch.Tensor, K: int, k: int) -> tor
     return d.scatter_add(1, fill_order, add)
 
 
-def prunesid_select(x: torch.Tensor, scores: torch.Tensor, K: int, k: int, seed: int = 0) -> torch.Tensor:
+def prunesid_select(x: torch.Tensor, scores: torch.Tensor | None, K: int, k: int, seed: int = 0,
+                    variant: str = "llava") -> torch.Tensor:
     """The kept tokens in the release's sequence.
 
     Args:
         x: [B, N, C] tokens (the prefix removed).
-        scores: [B, N] importance.
+        scores: [B, N] importance (unused by the "qwen2vl" variant, whose importance is the PCA loading).
         K: budget with the prefix (groups, threshold and caps follow it).
         k: tokens to keep, 1 <= k < N.
         seed: seed of the PCA's test matrix.
+        variant: "llava" (the release's LLaVA path) or "qwen2vl" (its Qwen2-VL path, see `PruneSID`).
 
     Returns:
         [B, k] int64 kept token indices, group by group, within a group in ranking order.
@@ -172,15 +175,22 @@ def prunesid_select(x: torch.Tensor, scores: torch.Tensor, K: int, k: int, seed:
     B, N, C = x.shape
     dev = x.device
     xf = x.detach().float()
-    G = max(1, min(K // 4, k, C, N))
-    loads = pca_loadings(torch.sigmoid(xf).transpose(1, 2), G, seed)  # [B, N, G]
-    group = loads.abs().argmax(dim=2)  # [B, N]
+    qwen = variant == "qwen2vl"
+    G = max(1, min(max(K // 4, 4) if qwen else K // 4, k, C, N))
+    loads = pca_loadings(torch.sigmoid(xf).transpose(1, 2), G, seed).abs()  # [B, N, G]
+    top = loads.max(dim=2)  # [B, N] each token's largest loading and its component
+    group = top.indices  # [B, N]
+    if qwen:  # the importance is the token's loading on its own component
+        scores = top.values
     u = F.normalize(xf, p=2, dim=-1)  # [B, N, C]
     sim = torch.bmm(u, u.transpose(1, 2))  # [B, N, N]
-    # mean cosine over the pairs i < j, from |sum u|^2 = sum_ij u_i . u_j
-    tot = u.sum(1).square().sum(1)  # [B]
-    mean = (tot - u.square().sum((1, 2))) / (N * (N - 1))  # [B]
-    thr = (K / 32) * mean  # [B]
+    # sum over the pairs i < j of the cosine, from |sum u|^2 = sum_ij u_i . u_j
+    diag = u.square().sum((1, 2))  # [B] sum_i |u_i|^2
+    pairs = (u.sum(1).square().sum(1) - diag) / 2  # [B]
+    if qwen:  # the mean over the whole upper triangle, diagonal included, of the N x N matrix
+        thr = max(K / (N / 18), 1.0) * (pairs + diag) / (N * N)  # [B]
+    else:  # the mean over the pairs i < j
+        thr = (K / 32) * pairs / (N * (N - 1) / 2)  # [B]
     # NMS order: by group, then descending score, ties to the lower index
     by_score = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [B, N]
     perm = by_score.gather(1, torch.sort(group.gather(1, by_score), dim=1, stable=True).indices)  # [B, N]
@@ -196,7 +206,8 @@ def prunesid_select(x: torch.Tensor, scores: torch.Tensor, K: int, k: int, seed:
     g_seq = group.gather(1, seq)  # [B, N]
     pos = torch.arange(N, device=dev).expand(B, N) - start.gather(1, g_seq)  # [B, N] rank within the group
     take = pos < d.gather(1, g_seq)  # [B, N]
-    return seq[take].view(B, k)
+    idx = seq[take].view(B, k)
+    return idx.sort(dim=1).values if qwen and k > 150 else idx  # the Qwen2-VL path sorts above 150 tokens
 
 
 @register("prunesid")
@@ -206,6 +217,12 @@ class PruneSID(Compressor):
     Args:
         keep: budget (see `Compressor`); the prefix (LLaVA's CLS) counts in it, as in the release.
         seed: seed of the randomized PCA's Gaussian test matrix (the release draws it from the global RNG).
+        variant: "llava" (default: the release's LLaVA path, the paper's headline, described in this module) or
+            "qwen2vl" (the release's Qwen2-VL path, a different rule on the merger's output: no `scores`, each
+            token's importance is its loading on its own component; G = max(floor(K / 4), 4) groups; threshold
+            max(K / (N / 18), 1) x the mean of the N x N cosine matrix's upper triangle, diagonal included; no
+            prefix in the budget; the sequence group by group, sorted back to source order above 150 tokens).
+            The release's `--need_token_num n` is keep = max(round(N n / 576), 16) there.
         epsilon: target error for keep="auto" (the `adaptive` estimator picks the per-sample budget).
     """
 
@@ -217,16 +234,21 @@ class PruneSID(Compressor):
     # similarity on the feature layer's hidden state before the projector, the CLS handed on first
     encoder_needs = EncoderNeeds(layer="feature", heads="mean", cls_prefix=True)
 
-    def __init__(self, keep: int | float | str = 0.5, *, seed: int = 0, epsilon: float = 0.1):
+    def __init__(self, keep: int | float | str = 0.5, *, seed: int = 0, variant: str = "llava", epsilon: float = 0.1):
         super().__init__(keep, epsilon=epsilon)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-        self.seed = seed
+        if variant not in ("llava", "qwen2vl"):
+            raise ValueError(f"variant: expected 'llava' or 'qwen2vl', got {variant!r}")
+        self.seed, self.variant = seed, variant
+        if variant == "qwen2vl":  # no attention, no CLS: `apply` then reads nothing off the encoder
+            self.needs, self.prefix_in_budget, self.encoder_needs = (), False, EncoderNeeds()
 
     def plan(self, inp: Inputs, k: int) -> Plan:
         N = inp.x.shape[1]
         P = 0 if inp.head is None else inp.head.shape[1]
-        idx = prunesid_select(inp.x, inp.scores, k + P, k, self.seed)  # [B, k] in the release's sequence
+        K = k + P if self.prefix_in_budget else k
+        idx = prunesid_select(inp.x, inp.scores, K, k, self.seed, self.variant)  # [B, k] in the release's sequence
         plan = selection_plan(idx, N)
         plan.order = idx.argsort(dim=1).argsort(dim=1)  # [B, k] slot (source-order rank) of each pick, in sequence
         return plan
