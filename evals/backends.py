@@ -305,7 +305,28 @@ class VLMBackend:
                 self._resize_hook = self.vision.register_forward_pre_hook(
                     lambda _m, a, kw: (a, {**kw, "interpolate_pos_encoding": True}), with_kwargs=True)
         elif method != "none":
-            mmc.apply(self.model, method, keep=keep, **(options or {}))
+            options = dict(options or {})
+            if "text_exclude_ids" not in options and self._needs_text(method):
+                options["text_exclude_ids"] = self.template_ids()
+            mmc.apply(self.model, method, keep=keep, **options)
+
+    @staticmethod
+    def _needs_text(method: str) -> bool:
+        import mmcompress as mmc
+
+        try:
+            return "text" in getattr(mmc.get(method), "needs", ())
+        except (KeyError, ValueError):  # in-LLM methods read their text inside the LLM
+            return False
+
+    def template_ids(self) -> list[int]:
+        """The tokenizer's special-token ids (chat-template markers such as ``<|user|>``/``<|assistant|>``): left out
+        of the question that text-guided methods read. On a template that puts the question BEFORE the image
+        (ref-vlm-mini), the tokens after the image are template markers only; without this the question span would
+        be ``<|assistant|>`` alone (`mmcompress.hf.plumbing.question_mask` then falls back to every non-image,
+        non-excluded token: the question)."""
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        return sorted(int(i) for i in (getattr(tok, "all_special_ids", None) or ()))
 
     def _inputs(self, images: list[Any], prompts: list[str]) -> dict[str, Any]:
         proc = self.processor

@@ -167,3 +167,32 @@ def test_step_plan_is_a_pure_function_of_the_step():
     assert 60 <= full <= 140  # ~25% full steps
     assert min(keeps) <= 8 and any(30 <= k <= 40 for k in keeps)
     assert {m for _, ms in plans for m in ms} == set(train.MIX) | {"full"}
+
+
+@pytest.mark.parametrize("method", ["cdpruner", "text_recovery"])
+def test_bench_hands_text_guided_methods_the_question(monkeypatch, method):
+    """ref-vlm-mini's template puts the question BEFORE the image, so the tokens after the image are template
+    markers only; the bench leaves the tokenizer's special ids out of the question span, so a text-guided method
+    reads the question's words (without it, `<|assistant|>` alone)."""
+    import mmcompress.hf.items as items
+    from mmcompress.evals.backends import VLMBackend
+    from mmcompress.evals.tasks import Sample
+
+    proc = mini.RefVLMMiniProcessor(mini.build_tokenizer(WORDS), 112)
+    model, _ = mini.build_mini(None, tokenizer=proc.tokenizer, vision=tiny_vision(), shape=mini.ARCH_V1)
+    seen = []
+    real = items.question_mask
+
+    def spy(ids, am, media, exclude=()):
+        qm = real(ids, am, media, exclude)
+        seen.extend(proc.tokenizer.convert_ids_to_tokens(ids[b][qm[b]].tolist()) for b in range(ids.shape[0]))
+        return qm
+
+    monkeypatch.setattr(items, "question_mask", spy)
+    backend = VLMBackend(model, proc)
+    backend.configure(method, 0.5)
+    from PIL import Image
+
+    img = Image.fromarray((torch.rand(112, 112, 3) * 255).to(torch.uint8).numpy())
+    backend.predict([Sample(id=0, prompt="what color is the circle?", answer="red", image=lambda: img)], 2)
+    assert seen and seen[0] == ["what", "color", "is", "the", "circle", "?"], seen
