@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mmcompress as mmc
+import mmcompress.compressors.divprune as divprune_module
 from mmcompress.compressors.divprune import greedy_maxmin
 
 
@@ -32,8 +33,10 @@ def min_chord(u: torch.Tensor, idx) -> float:
     return float(d.min())
 
 
+@pytest.mark.parametrize("matrix_max", [4096, 8], ids=["matrix", "products"])  # N <= 8: the [N, N] matrix path
 @pytest.mark.parametrize("N,k,d,seed", [(9, 4, 3, 0), (12, 5, 4, 1), (40, 10, 8, 2), (100, 30, 16, 3)])
-def test_equals_independent_greedy(N, k, d, seed):
+def test_equals_independent_greedy(N, k, d, seed, matrix_max, monkeypatch):
+    monkeypatch.setattr(divprune_module, "MATRIX_MAX", matrix_max)
     g = torch.Generator().manual_seed(seed)
     m = torch.randn(2, N, d, generator=g, dtype=torch.float64)
     got = greedy_maxmin(m, k)
@@ -81,16 +84,45 @@ def test_duplicates_and_half_precision():
     assert a.x.dtype == torch.bfloat16 and torch.equal(a.assign, b.assign)
 
 
-def _release_divprune(v: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Plain reference of the release's rule on one image's LLM input embeddings v [N, C]: the full cosine-distance
-    matrix, the token with the largest nearest-neighbour distance first, then the farthest from the chosen set; the
-    int(round(ratio * N)) picks in source order."""
+def _release_picks(v: torch.Tensor, k: int) -> list[int]:
+    """Plain reference of the release's rule on one sample v [N, C]: the full cosine-distance matrix 1 - mm(u, u^T),
+    first the token whose column has the largest second-smallest entry (topk(2, dim=0); the smallest is its own),
+    then the farthest from the chosen set (min over the chosen rows); picks in selection order."""
     u = v / v.norm(dim=1, keepdim=True)
-    dist = 1.0 - u @ u.T  # [N, N]
+    dist = 1.0 - torch.mm(u, u.t())  # [N, N]
     picks = [int(dist.topk(2, dim=0, largest=False).values[1].argmax())]
-    for _ in range(1, int(round(ratio * v.shape[0]))):
+    for _ in range(1, k):
         picks.append(int(dist[picks].min(0).values.argmax()))
-    return v[sorted(picks)]
+    return picks
+
+
+def _release_divprune(v: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The release's int(round(ratio * N)) picks on one image's LLM input embeddings v [N, C], in source order."""
+    return v[sorted(_release_picks(v, int(round(ratio * v.shape[0]))))]
+
+
+def _near_ties(kind: str, seed: int) -> torch.Tensor:
+    """[97, 48] tokens whose distances tie or nearly tie: near-duplicates of 8 centres (distances within rounding of
+    each other and of a token's own distance), or integer lattice points (many equal cosines in exact arithmetic)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "clusters":
+        centres = torch.randn(8, 48, generator=g)
+        return centres[torch.randint(0, 8, (97,), generator=g)] + 1e-4 * torch.randn(97, 48, generator=g)
+    return torch.randint(-2, 3, (97, 48), generator=g).float()
+
+
+@pytest.mark.parametrize(("kind", "k"), [("clusters", 8), ("lattice", 8), ("lattice", 16), ("lattice", 32)])
+def test_near_ties_pick_as_the_release(kind, k):
+    """On ties and near-ties the picks are the release's, in its order: the same distance matrix bit for bit (one
+    mm of the same unit rows, where a matrix-vector product per step rounds otherwise) and the same first step
+    (a column's second-smallest entry). Cases where the release picks a token twice (fewer distinct directions
+    than k: its defect, ours never repeats) are not among these."""
+    xs = torch.stack([_near_ties(kind, seed) for seed in range(6)])  # [6, 97, 48]
+    got = greedy_maxmin(xs, k)  # [6, k] in selection order
+    for b in range(xs.shape[0]):
+        want = _release_picks(xs[b], k)
+        assert len(set(want)) == k
+        assert got[b].tolist() == want, f"sample {b}"
 
 
 def test_through_apply_equals_the_release_rule_on_the_llm_inputs():
