@@ -1,11 +1,14 @@
 """End-to-end: `mmcompress demo` in a subprocess on a free 127.0.0.1 port, driven by Debian's Chromium through
 Playwright (browsers are never downloaded: ``executable_path="/usr/bin/chromium"``, installed by ``make setup``).
 
-Checks the title names the app and the model; picks a bundled benchmark sample and sees its preview, its own
-question and its expected answer; runs two methods on it and checks both answers (equal to the same calls made
-in-process) and both token maps; saves a screenshot; uploads an image, which clears the picked sample and replaces
-the preview, runs 8 methods and checks that all 8 token maps are visible without scrolling inside the gallery; fires
-8 concurrent requests that all complete; and checks a non-image upload's error.
+Checks the title names the app and the model; the opening question is flagged with the words the model cannot read;
+picks a bundled benchmark sample and sees its preview, its own question and its expected answer, which gives way
+when the question is edited; runs three methods on it (one in-LLM) and checks the answers (equal to the same calls
+made in-process) and the token maps; saves a screenshot; uploads an image, which clears the picked sample and
+replaces the preview, runs 8 methods and checks that all 8 token maps are visible without scrolling inside the
+gallery; fires 8 concurrent requests that all complete; checks a non-image upload's error (one log line, no
+traceback) and that the next successful run closes its toast; an easy-VQA sample previews at full size; and the
+Results tab shows the --bench-dir folder without Load.
 
 By default the model is a tiny random LLaVA (tests/bench_fixtures.py; ~30 s in all). With
 ``MMCOMPRESS_WRITE_SCREENSHOT=1`` it runs the real ref-vlm on an easy-VQA test image with tome and visionzip at 25%
@@ -32,7 +35,7 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 WRITE_SCREENSHOT = os.environ.get("MMCOMPRESS_WRITE_SCREENSHOT") == "1"
-METHODS = ["tome", "visionzip"]
+METHODS = ["tome", "visionzip"] if WRITE_SCREENSHOT else ["tome", "visionzip", "fastv"]  # docs/demo.png: two
 KEEP = 0.25
 
 pytestmark = [
@@ -81,21 +84,27 @@ def setup(tmp_path_factory):
         sys.path.insert(0, str(ROOT))
         from tests.bench_fixtures import save_tiny_llava
 
-        model = str(save_tiny_llava(tmp / "tiny_llava"))
+        model = str(save_tiny_llava(tmp / "tiny_llava", layers=4))  # 4 layers: FastV prunes at layer 2
         image, question = tmp / "shape.png", "what colour is the shape"
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    bench = tmp / "bench"
+    bench.mkdir()
+    (bench / "summary.csv").write_text("task,method,keep,n,accuracy,stderr,tokens,prefill_ms,compress_ms\n"
+                                       "easyvqa,none,1,100,0.9,0.03,64,10.0,0.0\n"
+                                       "easyvqa,tome,0.25,100,0.7,0.04,16,4.0,0.3\n")
     port = free_port()
     log = tmp / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "mmcompress", "demo", "--model", model, "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "mmcompress", "demo", "--model", model, "--port", str(port),
+                                 "--bench-dir", str(bench)],
                                 cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_http(url, proc, log, timeout=600.0 if WRITE_SCREENSHOT else 180.0)  # the model loads first
-        yield model, image, question, url, tmp
+        yield model, image, question, url, tmp, log
     finally:
         proc.terminate()
         try:
@@ -134,7 +143,7 @@ def test_browser_sample_upload_eight_maps_concurrency_and_bad_upload(setup):
 
     from demos.app import benchmark_questions
 
-    model, image, question, url, tmp = setup
+    model, image, question, url, tmp, log = setup
     sample = "easy-VQA test image 0" if WRITE_SCREENSHOT else "detail test scene 0"
     s_question, s_answer = benchmark_questions()[sample]
     t0 = time.monotonic()
@@ -146,11 +155,19 @@ def test_browser_sample_upload_eight_maps_concurrency_and_bad_upload(setup):
         expect(page.locator("#title")).to_contain_text(f"mmcompress demo: {shown}")
         assert page.title() == f"mmcompress demo: {shown}"
 
+        if not WRITE_SCREENSHOT:  # the tiny model's vocabulary lacks words of the opening question
+            expect(page.locator("#image-question-note")).to_contain_text("The model cannot read: in, image")
+
         # pick a benchmark sample: its preview, its own question and its expected answer appear
         page.locator("#image-photo input").click()
         page.get_by_role("option", name=sample, exact=True).click()
         expect(page.locator("#image-question textarea")).to_have_value(s_question, timeout=30_000)
         expect(page.locator("#image-expected")).to_contain_text(f"expected answer: {s_answer}")
+        page.locator("#image-question textarea").fill("what colour is the shape")  # the caption follows the edit
+        expect(page.locator("#image-expected")).to_contain_text("your own question", timeout=30_000)
+        expect(page.locator("#image-expected")).not_to_contain_text("expected answer")
+        page.locator("#image-question textarea").fill(s_question)
+        expect(page.locator("#image-expected")).to_contain_text(f"expected answer: {s_answer}", timeout=30_000)
         preview = page.locator("#image-preview img")
         expect(preview).to_be_visible(timeout=30_000)
         assert preview.evaluate("im => im.complete && im.naturalWidth") > 0
@@ -161,8 +178,10 @@ def test_browser_sample_upload_eight_maps_concurrency_and_bad_upload(setup):
         for m in METHODS:
             expect(answers).to_contain_text(m, timeout=60_000)
         overlays = page.locator("#image-overlays img")
-        expect(overlays).to_have_count(2, timeout=30_000)
-        for i in range(2):  # both token maps loaded and drawn
+        expect(overlays).to_have_count(len(METHODS), timeout=30_000)
+        if "fastv" in METHODS:
+            expect(answers).to_contain_text("layers 0-1:")  # FastV's image tokens per LLM layer
+        for i in range(len(METHODS)):  # every token map loaded and drawn, the in-LLM one too
             expect(overlays.nth(i)).to_be_visible()
             assert overlays.nth(i).evaluate("im => im.complete && im.naturalWidth") == 224
         want = expected_answers(model, None, sample, s_question, METHODS)
@@ -215,6 +234,31 @@ def test_browser_sample_upload_eight_maps_concurrency_and_bad_upload(setup):
         expect(page.locator(f'#image-upload a[href$="/{bad.name}"]')).to_have_count(1, timeout=30_000)
         page.locator("#image-run").click()
         expect(page.get_by_text("the uploaded file is not an image").first).to_be_visible(timeout=30_000)
+        text = log.read_text()
+        assert "refused: the uploaded file is not an image" in text and "Traceback" not in text, text[-3000:]
+        # the next successful run closes the error toast (it stayed up beside the new result)
+        page.locator("#image-photo input").click()  # picking a sample clears the bad upload
+        page.get_by_role("option", name=sample, exact=True).click()
+        expect(page.locator("#image-question textarea")).to_have_value(s_question, timeout=30_000)
+        choose_methods(page, ["tome"])
+        page.locator("#image-run").click()
+        expect(overlays).to_have_count(1, timeout=60_000)
+        expect(page.locator('[data-testid="toast-body"]')).to_have_count(0, timeout=3_000)
+
+        # a small benchmark picture (easy-VQA: 64 px) previews at full size, not ~50 px
+        page.reload()
+        page.locator("#image-photo input").click()
+        options = page.get_by_role("option").all_inner_texts()
+        easy = next((o for o in options if o.startswith("easy-VQA test image")), None)
+        if easy is not None:
+            page.get_by_role("option", name=easy, exact=True).click()
+            expect(preview).to_be_visible(timeout=30_000)
+            assert preview.bounding_box()["width"] >= 200, preview.bounding_box()
+
+        # the Results tab shows the --bench-dir folder at once
+        page.get_by_role("tab", name="Results").click()
+        expect(page.locator("#results-table")).to_contain_text("tome", timeout=30_000)
+        expect(page.locator("#results-message")).to_contain_text("2 rows from")
         browser.close()
     if not WRITE_SCREENSHOT:
         assert time.monotonic() - t0 < 300  # a loaded 2-core machine; unloaded it takes about a minute
