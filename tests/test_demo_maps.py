@@ -144,3 +144,28 @@ def test_anyres_item_shows_base_tile_and_high_res_grid(tmp_path, monkeypatch):
     assert r["tokens_in"] == 52 and r["tokens_out"] < 30  # the LLM's image run: 48 + 4 row newlines
     fastv = backend.answer(img, Q, "fastv", 0.5)  # the LLM's run holds row newlines: counts, no map
     assert fastv["overlay"] is None and "no map" in fastv["note"] and fastv["note"].startswith("layers")
+
+
+def test_internvl_tiles_each_reach_the_map():
+    """A tiny InternVL with two tiles: the recorded compressor call holds both tiles, and both get a panel."""
+    pytest.importorskip("transformers")
+    import torch
+    from family_tiny import SPECS, batch, build
+
+    import mmcompress as mmc
+    from demos.image import _items, record_compressions
+
+    spec = SPECS["internvl"]
+    model = build("internvl")
+    kw = batch(spec, [spec.sample(0)])
+    mmc.apply(model, "tome", keep=0.5)
+    rec = record_compressions(model)
+    with torch.no_grad():
+        model(**kw)
+    items = _items(rec, mmc.stats(model))
+    mmc.remove(model)
+    assert [(a.size, g) for a, g in items] == [(16, (4, 4)), (16, (4, 4))]  # one item per tile
+    views = tile_views(kw["pixel_values"], None)
+    pic = items_map(items, views, views[0], None)
+    assert len(views) == 2 and pic.shape == (224, 2 * 224 + 6, 3)
+    assert np.array_equal(pic[:, 230:], token_map(views[1], *items[1]))  # the second tile, not only the first
