@@ -2,8 +2,10 @@
 
 `stage` owns the mechanics once for every method (scoring without eager attention, pruning by pre-hooks on the
 decoder layers, masks, position ids and KV cache, `generate()`, exact `detach`); `fastv`, `pdrop`, `dart` and
-`sparsevlm` each state one rule. They run through `mmc.apply(model, "fastv" | "pdrop" | "dart" | "sparsevlm", ...)`
-(not `mmc.create`); `mmcompress list` names them from `mmcompress.catalog.IN_LLM`.
+`sparsevlm` each state one rule, and `options` turns `mmc.apply`'s `keep` and `<name>_*` options into a rule
+(FastV's `fastv_k`/`fastv_r` are adapter options). They run through
+`mmc.apply(model, "fastv" | "pdrop" | "dart" | "sparsevlm", ...)` (not `mmc.create`); `mmcompress list` names them
+from `mmcompress.catalog.IN_LLM`.
 
 This package imports only `mmcompress.compressors` (attention scoring), never the Hugging Face adapter
 (`mmcompress.hf`).
