@@ -28,6 +28,8 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "idpruner": ("idpruner", "importance, diversity", "image", (), "MMR: importance vs max similarity to the kept"),
     "visiontrim": ("visiontrim", "attention, query", "image", ("scores", "text"),
                    "top DVTS attention + text-guided merging of the rest"),
+    "flashvid": ("flashvid", "attention, similarity", "video", ("grid", "scores"),
+                 "segments, attention+diversity per frame, tree merging across frames, DPC-kNN"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 
