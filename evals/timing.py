@@ -11,8 +11,14 @@ Protocol (`time_setting`), per task x setting, on one fixed batch (the task's fi
    on its kept encoder output (``mm_encoder_outputs``, so the compressor and the LLM run again but the encoder does
    not), and the uncompressed model (`mmcompress.disabled`) on the uncompressed encoder output. The LLM's share is
    timed by hooks on the language model alone; the compressor's by the wrapper (`mmcompress.stats`).
-4. Per-sample ms = median over repeats / batch size; ``prefill_ratio`` = median over pairs of (setting / none), so a
-   load change on a shared machine moves both halves of a pair alike.
+4. What is timed: on CPU the CPU time the process spent (`time.process_time`), on one thread; on a quiet machine
+   that is the wall time, and unlike the wall time it does not grow while other processes hold the cores (on a
+   machine shared with a training job, wall-clock ratios of the same command moved by 40 %). On CUDA the wall
+   time, synchronized.
+5. Per-sample ms = the fastest repeat / batch size (on a shared machine other work only ever adds time, so the
+   minimum is the estimate that load disturbs least); ``prefill_ratio`` = fastest setting / fastest none.
+   ``ratio_spread`` checks it within the run: the same ratio from the even and from the odd pairs, half their
+   difference relative to the ratio (each half has both orders, none first and setting first).
 
 Replaying on a kept encoder output is checked once per setting: its last-position logits must equal the full
 prefill's; where they do not (or the model takes no ``mm_encoder_outputs``), every repeat runs the full prefill and
@@ -25,12 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import statistics
 import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["TimingConfig", "time_setting", "language_model", "capture_encoder"]
+__all__ = ["TimingConfig", "time_setting", "language_model", "capture_encoder", "fastest_ratio", "split_half_spread"]
 
 
 class TimingConfig:
@@ -51,8 +56,8 @@ class TimingConfig:
     def describe(self) -> str:
         """One sentence for ``summary.md``."""
         return (f"times: {self.threads} torch thread(s), the task's first {self.samples} samples as one batch, "
-                f"{self.repeats} interleaved (none, setting) prefill pairs; medians per sample; prefill ratio = "
-                "median over the pairs")
+                f"{self.repeats} interleaved (none, setting) prefill pairs; the fastest repeat per sample; prefill "
+                "ratio = fastest setting / fastest none")
 
 
 def language_model(model: Any) -> Any:
@@ -79,10 +84,10 @@ def _threads(n: int) -> Iterator[None]:
 
 
 class _Stopwatch:
-    """Sums the wall time spent inside `module`'s forward calls (pre/post hooks)."""
+    """Sums the time spent inside `module`'s forward calls (pre/post hooks), read from `clock`."""
 
-    def __init__(self, module: Any, sync: Any) -> None:
-        self.module, self.sync, self.total, self._t0 = module, sync, 0.0, 0.0
+    def __init__(self, module: Any, sync: Any, clock: Any = time.perf_counter) -> None:
+        self.module, self.sync, self.clock, self.total, self._t0 = module, sync, clock, 0.0, 0.0
         self._handles: list[Any] = []
 
     def __enter__(self) -> _Stopwatch:
@@ -97,11 +102,11 @@ class _Stopwatch:
 
     def _pre(self, *_: Any) -> None:
         self.sync()
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
 
     def _post(self, *_: Any) -> None:
         self.sync()
-        self.total += time.perf_counter() - self._t0
+        self.total += self.clock() - self._t0
 
 
 @contextlib.contextmanager
@@ -137,8 +142,18 @@ def _takes_encoder_outputs(model: Any) -> bool:
     return "mm_encoder_outputs" in inspect.signature(model.forward).parameters
 
 
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
+def fastest_ratio(setting: list[float], none: list[float]) -> float:
+    """min(setting) / min(none): the ratio of the least disturbed repeats."""
+    return min(setting) / min(none) if setting and none and min(none) > 0 else float("nan")
+
+
+def split_half_spread(setting: list[float], none: list[float]) -> float:
+    """|ratio of the even pairs - ratio of the odd pairs| / 2 / the ratio of all (NaN below 2 pairs)."""
+    if len(setting) < 2:
+        return float("nan")
+    whole = fastest_ratio(setting, none)
+    even, odd = fastest_ratio(setting[0::2], none[0::2]), fastest_ratio(setting[1::2], none[1::2])
+    return abs(even - odd) / 2 / whole if whole else float("nan")
 
 
 def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[str, Any]:
@@ -151,7 +166,8 @@ def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[st
 
     Returns:
         ``{"encode_ms", "compress_ms", "prefill_ms", "none_prefill_ms", "none_encode_ms", "prefill_ratio",
-        "replay", "threads", "repeats", "samples", "prefill_ms_runs", "none_prefill_ms_runs"}`` (ms per sample).
+        "ratio_spread", "replay", "threads", "repeats", "samples", "prefill_ms_runs", "none_prefill_ms_runs"}``
+        (ms per sample).
     """
     import torch
 
@@ -166,8 +182,11 @@ def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[st
     base_inputs = backend.inputs_for(samples, resize=False)
     set_inputs = backend.inputs_for(samples, resize=True)
 
+    cuda = torch.device(backend.device).type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time  # CPU: the CPU time this process spent (see above)
+
     def sync() -> None:
-        if torch.device(backend.device).type == "cuda":
+        if cuda:
             torch.cuda.synchronize(backend.device)
 
     def forward(inputs: dict[str, Any], compressed: bool, enc: Any = None) -> tuple[float, float, float, Any]:
@@ -177,8 +196,8 @@ def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[st
             kw = {k: v for k, v in kw.items() if k not in ("pixel_values", "image_sizes")}
             kw["mm_encoder_outputs"] = {"image": enc}
         ctx = contextlib.nullcontext() if compressed else mmc.disabled(model)
-        with ctx, sample_keys(keys), torch.inference_mode(), _Stopwatch(lm, sync) as llm, \
-                _Stopwatch(backend.vision if enc is None else None, sync) as vis:
+        with ctx, sample_keys(keys), torch.inference_mode(), _Stopwatch(lm, sync, clock) as llm, \
+                _Stopwatch(backend.vision if enc is None else None, sync, clock) as vis:
             out = model(**kw, logits_to_keep=1)
         comp = float(mmc.stats(model).get("compress_ms", 0.0)) / 1e3 if compressed and wrapped else 0.0
         return vis.total, llm.total, comp, out.logits[:, -1].float()
@@ -209,11 +228,11 @@ def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[st
                     runs["comp"].append(comp_s)
                 else:
                     runs["none"].append(forward(base_inputs, False, base_enc)[1])
-    ratios = [s / n for s, n in zip(runs["set"], runs["none"], strict=True) if n > 0]
     per = 1e3 / B
     return {"encode_ms": enc_s * per, "none_encode_ms": none_enc_s * per,
-            "compress_ms": _median(runs["comp"]) * per, "prefill_ms": _median(runs["set"]) * per,
-            "none_prefill_ms": _median(runs["none"]) * per, "prefill_ratio": _median(ratios), "replay": replay,
+            "compress_ms": min(runs["comp"]) * per, "prefill_ms": min(runs["set"]) * per,
+            "none_prefill_ms": min(runs["none"]) * per, "prefill_ratio": fastest_ratio(runs["set"], runs["none"]),
+            "ratio_spread": split_half_spread(runs["set"], runs["none"]), "replay": replay,
             "threads": cfg.threads, "repeats": cfg.repeats, "samples": B,
             "prefill_ms_runs": [round(x * per, 4) for x in runs["set"]],
             "none_prefill_ms_runs": [round(x * per, 4) for x in runs["none"]]}
