@@ -21,7 +21,9 @@ tower features.
 
 Features are cached per 1,000-image shard (fp16, CLS kept) under the mmcompress cache, so an interrupted caching
 run resumes at its shard. Checkpoints (``ckpt.pt``, atomic) every ``--ckpt-every`` steps; ``--resume`` continues
-exactly (same data order, budgets and methods). The log (``train_log.tsv``) records the loss and, every
+exactly (same data order, budgets and methods). ``--light-ckpt FILE`` writes the checkpoint's weights alone (bf16,
+~7 MB) to carry a run to another machine: copied there as ``ckpt.pt``, ``--resume`` continues from it with fresh
+AdamW moments and a 50-step re-warm-up of the learning rate. The log (``train_log.tsv``) records the loss and, every
 ``--eval-every`` steps, the first-turn greedy accuracy on held-out questions (detail val scenes, per type; held-out
 easy-VQA train images) uncompressed and at fixed budgets (``random``/``pool`` at 25%, ``random`` at 12.5%).
 Export writes ``refvlm_mini.safetensors``, ``refvlm_mini_tokenizer.json``, ``refvlm_mini.json`` (with the
@@ -317,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
     p.add_argument("--export-only", action="store_true", help="only export the checkpoint to --assets")
     p.add_argument("--cache-only", action="store_true", help="only compute the feature caches, then stop")
+    p.add_argument("--light-ckpt", type=Path, default=None,
+                   help="write the checkpoint's weights (bf16, no optimizer state) to this file and stop: small enough "
+                        "to carry to another machine, where `--resume` from it re-warms the learning rate")
     p.add_argument("--assets", type=Path, default=None, help="export the result here (e.g. mmcompress/zoo/assets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=None, help="with --assets: also draw the learning curve to this PNG")
@@ -340,6 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     a.out_dir = a.out_dir.expanduser()
     a.out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = a.out_dir / "ckpt.pt"
+    if a.light_ckpt is not None:
+        if not ckpt_path.is_file():
+            p.error(f"--light-ckpt: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        ck["model"] = {k: v if k in ("mean", "std") else v.to(torch.bfloat16)  # the standardisation stays exact
+                       for k, v in ck["model"].items()}
+        ck.pop("opt", None)
+        torch.save(ck, a.light_ckpt)
+        print(f"light checkpoint of step {ck['step']} written to {a.light_ckpt}", flush=True)
+        return 0
 
     tok_path = a.out_dir / mini.TOKENIZER_FILE
     if not tok_path.is_file():
@@ -386,9 +401,16 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
+    rewarm = [0]  # a resume without optimizer state warms up again over 50 steps from where it starts
+
     def lr_at(step: int) -> float:
         if step < a.warmup:
             return a.lr * (step + 1) / a.warmup
+        if step < rewarm[0] + 50:
+            return lr_cos(step) * (step - rewarm[0] + 1) / 50
+        return lr_cos(step)
+
+    def lr_cos(step: int) -> float:
         prog = (step - a.warmup) / max(1, a.steps - a.warmup)
         return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
@@ -398,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     if (a.resume or a.export_only) and ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False, map_location=a.device)
         model.load_state_dict(ck["model"])
+        step, presented, elapsed = ck["step"], ck["presented"], ck["elapsed"]
         if "opt" in ck:
             opt.load_state_dict(ck["opt"])
-        step, presented, elapsed = ck["step"], ck["presented"], ck["elapsed"]
+        else:  # a light checkpoint (`--light-ckpt`): weights only, fresh AdamW moments
+            rewarm[0] = step
         tokens_fed = ck.get("tokens_fed", 0)
         train_cmd = ck.get("command", train_cmd)
         print(f"resumed at step {step} ({presented} question presentations, {elapsed:.0f} s)", flush=True)
