@@ -264,17 +264,24 @@ class FlashVID(Compressor):
         self.llm_layer, self.llm_keep = llm_layer, float(llm_keep)
 
     # ---- the in-LLM stage (run by mmc.apply) ------------------------------------------------------------
-    def inllm_builder(self):
-        """None, or build(n_layers) -> the FastV rule of FlashVID's in-LLM stage (layer `llm_layer`, ceil count)."""
+    def inllm_builder(self, model=None):
+        """None, or build(n_layers) -> the FastV rule of FlashVID's in-LLM stage, for `mmc.apply`.
+
+        Layer `llm_layer` keeps ceil(n * llm_keep) of the n video tokens by the last token's attention in layer
+        `llm_layer - 1`; on LLaVA-OneVision (`model.config.model_type`) the video's trailing newline is no
+        candidate, as in the release (which prunes the range of the compressed frame tokens only).
+        """
         if self.llm_layer is None:
             return None
-        from mmcompress.inllm.fastv import FastVRule, check_fastv
+        from mmcompress.inllm.fastv import FastVRule
+        from mmcompress.inllm.options import check_layer
 
-        k, r = self.llm_layer, 1.0 - self.llm_keep
+        k, keep = self.llm_layer, self.llm_keep
+        newline = getattr(getattr(model, "config", None), "model_type", None) == "llava_onevision"
 
         def build(n_layers: int) -> FastVRule:
-            check_fastv(k, r, n_layers)
-            return FastVRule(k=k, r=r, count="ceil", skip_last=True)
+            check_layer("llm_layer", k, n_layers)
+            return FastVRule(k=k, r=1.0 - keep, ceil_keep=keep, skip_last=newline)
 
         return build
 

@@ -54,26 +54,40 @@ class FastVRule:
     Args:
         k: first layer that sees the pruned sequence (>= 1). Release default 2.
         r: fraction of each sample's image tokens pruned, in [0, 1). Release default 0.5.
+        ceil_keep: None (FastV's count, round(n * (1 - r))), or the fraction KEPT rounded up, ceil(n * ceil_keep)
+            (FlashVID's in-LLM stage: `math.ceil(visual_token_length * llm_retention_ratio)`; r is then unused).
+        skip_last: the last live image token of each sample is no candidate: always kept, never counted in n
+            (LLaVA-OneVision's video newline, which FlashVID's release leaves out of the range it prunes).
     """
 
     name = "fastv"
     compact_positions = False
 
-    def __init__(self, k: int = 2, r: float = 0.5):
+    def __init__(self, k: int = 2, r: float = 0.5, *, ceil_keep: float | None = None, skip_last: bool = False):
         self.k, self.r = k, float(r)
+        self.ceil_keep, self.skip_last = ceil_keep, bool(skip_last)
         self.points = (k,)
 
     @property
     def active(self) -> bool:
-        return self.r > 0.0
+        return self.r > 0.0 if self.ceil_keep is None else self.ceil_keep < 1.0
 
     def score_layer(self, point: int) -> int:
         return point - 1
 
     def drop(self, ctx: PruneContext) -> torch.Tensor:
         s = ctx.last_token_attention()  # [B, L]
-        n = ctx.img.sum(1)
-        return drop_lowest(s, ctx.img, n - fastv_keep_count(n, self.r))
+        img = ctx.img
+        if self.skip_last:  # each sample's last image column stays (LLaVA-OneVision's video newline)
+            ar = torch.arange(img.shape[1], device=img.device)
+            last = torch.where(img, ar, torch.full_like(ar, -1)).max(1).values  # [B]
+            img = img & (ar.unsqueeze(0) != last.unsqueeze(1))
+        n = img.sum(1)
+        if self.ceil_keep is not None:  # ceil(n * f) in float64, as the release's math.ceil on Python floats
+            kept = torch.ceil(n.double() * float(self.ceil_keep)).long()
+        else:
+            kept = fastv_keep_count(n, self.r)
+        return drop_lowest(s, img, n - kept)
 
 
 class FastV(InLLM):
