@@ -16,9 +16,11 @@ averaged, pooled like the features). Per video, at a per-frame budget b (the rel
 3. Tree merging (TSTM) within a segment over the other tokens: each token of frame t + 1 finds its most similar
    unselected token of frame t; it merges into it when the similarity exceeds `temporal_threshold` (lowered to the
    largest value that still leaves `b` tokens per frame when too many would merge); a retained token stands for
-   the mean of its whole tree (the tokens merged into it, transitively, from later frames).
+   its whole tree (the tokens merged into it, transitively, from later frames): the release's value is the tree's
+   SUM over 1 + the number of tokens merged straight into the root (a merged token passes its subtree's sum on but
+   counts as one), so chains longer than one step weigh more than a mean; `merge="mean"` takes the tree's mean.
 4. Spatial merging: per frame, its retained trees are clustered by DPC-kNN (knn = min(clusters, 7)) into
-   ceil(n_t * n_sttm * frames / trees in segment) clusters; a cluster outputs the mean of its trees' means, at its
+   ceil(n_t * n_sttm * frames / trees in segment) clusters; a cluster outputs the mean of its trees' values, at its
    centre's place. With n_sttm = 0 the unselected tokens are dropped.
 
 Outputs are in source order (the release sorts by the representative's index: a selected token's own, a cluster's
@@ -28,7 +30,8 @@ Budget: keep=k asks for exactly k tokens, the release for a retention ratio. Its
 [T * b, T * b + T - 1] (the clusters' ceilings), so b = k // T, or one less when that count exceeds k, is the
 release's own budget whenever the release produces k tokens; then the result is the release's. The few slots left
 go to the dropped tokens with the highest `scores`, then to tokens taken out of merged slots (highest `scores`
-first, each its own slot; the slot it left is the mean over what remains of its trees). keep="auto" is the
+first, each its own slot; the slot it left loses that token's term: its tree keeps its divisor, or, with
+merge="mean", becomes the mean of its remaining tokens). keep="auto" is the
 release's rule at `retention * expansion` (defaults 0.25 and 1.25; the count depends on the content, so a batch is
 ragged). Below one token per frame (k < T) the k tokens with the highest `scores` are kept.
 
@@ -38,7 +41,9 @@ ALL its tokens, the selected ones included, so a selected token can be output tw
 only the unselected ones); its "attn_div_v2" greedy step does not exclude selected tokens, so a column of
 calibrated distances all below a selected token's own (about 0) re-selects it and repeats it for the rest of the
 budget (here the best unselected token is taken); its DPC adds uniform noise of 1e-6 to the densities (here no
-noise, ties by index); duplicate complementary cuts (empty segments, no output) are merged. Similarities use x
+noise, ties by index: a frame with ONE cluster has knn = 1, so every density is exp(0) = 1 and the release's
+centre is drawn by the noise, here the first root); duplicate complementary cuts (empty segments, no output) are
+merged. Similarities use x
 (the release has no `metric`); `size` does not enter the values; `out.size` counts members as usual.
 
 FlashVID's in-LLM stage (FastV at LLM layer 20 keeping ceil(30%) of the video tokens) is not part of this pure
