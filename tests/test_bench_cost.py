@@ -186,3 +186,15 @@ def test_report_bolds_only_rows_at_their_budget():
     assert time_panel_stable(rows) and len(pareto_figure(rows).axes) == 3  # tokens, GFLOPs, ms
     rows[2]["ratio_spread"] = 0.2
     assert not time_panel_stable(rows) and len(pareto_figure(rows).axes) == 2
+
+
+def test_timing_ratio_is_fastest_over_fastest_with_a_split_half_check():
+    from mmcompress.evals.timing import TimingConfig, fastest_ratio, split_half_spread
+
+    setting, none = [3.0, 2.0, 9.0, 2.2], [5.0, 4.0, 4.4, 30.0]  # a loaded repeat only ever adds time
+    assert fastest_ratio(setting, none) == 0.5
+    # even pairs: 3 / 4.4 = 0.682; odd pairs: 2 / 4 = 0.5; half the gap over 0.5
+    assert split_half_spread(setting, none) == pytest.approx((3 / 4.4 - 0.5) / 2 / 0.5)
+    assert math.isnan(split_half_spread([1.0], [1.0]))
+    with pytest.raises(ValueError, match="timing_repeats"):
+        TimingConfig(repeats=0)
