@@ -42,17 +42,19 @@ def test_group_nms_is_the_sequential_greedy(seed):
     u = torch.nn.functional.normalize(torch.randn(B, N, 3, generator=g), dim=-1)  # 3-d: many close pairs
     sim = u @ u.transpose(1, 2)
     group = torch.randint(0, 3, (B, N), generator=g)
-    order = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
-    rank = order.argsort(1)
+    order = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])  # the NMS order within each group
+    perm = order.gather(1, group.gather(1, order).sort(dim=1, stable=True).indices)  # group by group, in order
+    sizes = torch.stack([torch.bincount(group[b], minlength=3) for b in range(B)])
     thr = torch.tensor([0.5, 0.9])
-    alive = group_nms(sim, group, rank, thr)
+    alive = group_nms(u, perm, sizes, thr)
     for b in range(B):
         want = _greedy_nms(sim[b].tolist(), group[b].tolist(), order[b].tolist(), float(thr[b]))
         assert set(alive[b].nonzero().squeeze(1).tolist()) == want
     # a threshold of 1 suppresses nothing, exact duplicates included
     dup = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]), dim=-1)
-    s = dup @ dup.transpose(1, 2)
-    assert group_nms(s, torch.zeros(1, 3, dtype=torch.long), torch.arange(3)[None], torch.tensor([1.0])).all()
+    assert group_nms(dup, torch.arange(3)[None], torch.tensor([[3]]), torch.tensor([1.0])).all()
+    assert group_nms(dup, torch.arange(3)[None], torch.tensor([[3]]), torch.tensor([0.5])).tolist() == [
+        [True, False, True]]
 
 
 def test_group_budgets_by_hand():

@@ -25,9 +25,10 @@ K = keep tokens out in all (the prefix, LLaVA's CLS, counts in K: `prefix_in_bud
    descending score.
 
 The kept tokens pass on unchanged (`select_only`); `order` is the release's sequence (the prefix, then group by
-group in ranking order), which `apply` hands to the LLM. Cost: one [N, N] similarity (O(N²·C)), the randomized
-PCA (O(N·C·G)), NMS as a fixed-point iteration over the group-restricted conflict matrix (exact greedy NMS; a few
-[N, N] matrix-vector products).
+group in ranking order), which `apply` hands to the LLM. Cost: the randomized PCA (O(N·C·G)), similarities within
+each group only (sum over groups of n_g²·C, about N²·C / G; the release computes the whole [N, N] matrix and a
+masked copy of it per group), the mean cosine from the sum of the unit tokens (O(N·C)), and NMS as a fixed-point
+iteration over the block-diagonal conflicts (exact greedy NMS; a few [N, N] matrix-vector products).
 
 Differences from the release (docs/fidelity_frontier.md): the seeded draw (above); G is clamped to
 [1, min(k, C, N)] (the release fails for K < 4 and for K / 4 above C or N); every group member is an NMS candidate
@@ -86,38 +87,52 @@ def pca_loadings(a: torch.Tensor, q: int, seed: int = 0, niter: int = 2) -> torc
     return vh.transpose(-2, -1)  # [B, n, q]
 
 
-def group_nms(sim: torch.Tensor, group: torch.Tensor, rank: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    """Greedy NMS within each group, all groups and samples at once.
+def group_nms(u: torch.Tensor, perm: torch.Tensor, sizes: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """Greedy NMS within each group.
 
-    A token survives unless an earlier survivor (in `rank` order) of its own group has similarity above its
-    sample's threshold. Solved as the fixed point of "survive iff no earlier surviving conflicting token"
-    (Cluster-NMS): after t rounds the first t tokens of the order are final, and the fixed point is unique, so it is
-    exactly the sequential greedy result; rounds stop when nothing changes. Rounds are bounded by the longest chain
-    of suppressions (2-8 on real DINOv2 features at K = 8 ... 64, 0 when nothing conflicts), each one [N, N]
-    matrix-vector product per sample.
+    A token survives unless an earlier survivor (in NMS order) of its own group has cosine similarity above its
+    sample's threshold. Only within-group similarities are computed (one [n_g, C] x [C, n_g] product per group:
+    about 1/G of the full [N, N] matrix). The survivors are the fixed point of "survive iff no earlier surviving
+    conflicting token" (Cluster-NMS): after t rounds the first t tokens of the order are final and the fixed point
+    is unique, so it is exactly the sequential greedy result; rounds stop when nothing changes. Rounds are bounded
+    by the longest chain of suppressions (2-8 on real DINOv2 features at K = 8 ... 64, none when nothing
+    conflicts), each one [N, N] matrix-vector product over the block-diagonal conflicts.
 
     Args:
-        sim: [B, N, N] similarities.
-        group: [B, N] int64 group of each token.
-        rank: [B, N] int64 position of each token in the NMS order (0 first).
+        u: [B, N, C] unit-norm tokens (float32).
+        perm: [B, N] int64 tokens in NMS order: group by group (groups 0, 1, ...), within a group first to last.
+        sizes: [B, G] int64 group sizes (perm's runs).
         thr: [B] thresholds.
 
     Returns:
-        [B, N] bool survivors.
+        [B, N] bool survivors, indexed by token.
     """
-    B, N, _ = sim.shape
-    same = group.unsqueeze(2) == group.unsqueeze(1)  # [B, N, N]
-    earlier = rank.unsqueeze(2) < rank.unsqueeze(1)  # [B, N, N] row j before column i
-    conflict = (same & earlier & (sim > thr.view(B, 1, 1))).float()  # [B, N(j), N(i)]
-    alive = torch.ones(B, N, dtype=sim.dtype, device=sim.device)
-    if not bool(conflict.any()):
-        return alive.bool()
-    ct = conflict.transpose(1, 2)  # [B, N(i), N(j)]
-    while True:
-        new = (torch.bmm(ct, alive.unsqueeze(2)).squeeze(2) == 0).to(sim.dtype)  # [B, N]
-        if torch.equal(new, alive):
-            return alive.bool()
-        alive = new
+    B, N, _ = u.shape
+    alive = torch.ones(B, N, dtype=torch.bool, device=u.device)
+    for b, row in enumerate(sizes.tolist()):
+        up = u[b].index_select(0, perm[b])  # [N, C] in NMS order
+        conflict = None  # [N, N] block-diagonal: row j before column i in one group, similarity above thr
+        start = 0
+        for n in row:
+            if n > 1:
+                blk = up[start : start + n]  # [n, C]
+                c = torch.triu(torch.mm(blk, blk.t()) > thr[b], diagonal=1)  # [n, n]
+                if bool(c.any()):
+                    if conflict is None:
+                        conflict = torch.zeros(N, N, dtype=torch.bool, device=u.device)
+                    conflict[start : start + n, start : start + n] = c
+            start += n
+        if conflict is None:
+            continue
+        ct = conflict.t().float()  # [N(i), N(j)]
+        keep = torch.ones(N, device=u.device)
+        while True:
+            new = (torch.mv(ct, keep) == 0).float()  # [N] no surviving earlier conflict
+            if torch.equal(new, keep):
+                break
+            keep = new
+        alive[b, perm[b]] = keep.bool()
+    return alive
 
 
 def group_budgets(sizes: torch.Tensor, nms: torch.Tensor, K: int, k: int) -> torch.Tensor:
@@ -183,9 +198,8 @@ def prunesid_select(x: torch.Tensor, scores: torch.Tensor | None, K: int, k: int
     if qwen:  # the importance is the token's loading on its own component
         scores = top.values
     u = F.normalize(xf, p=2, dim=-1)  # [B, N, C]
-    sim = torch.bmm(u, u.transpose(1, 2))  # [B, N, N]
-    # sum over the pairs i < j of the cosine, from |sum u|^2 = sum_ij u_i . u_j
-    diag = u.square().sum((1, 2))  # [B] sum_i |u_i|^2
+    # sum over the pairs i < j of the cosine, from |sum_i u_i|^2 = sum_ij u_i . u_j (no [N, N] matrix needed)
+    diag = torch.linalg.vector_norm(u, dim=2).square().sum(1)  # [B] sum_i |u_i|^2
     pairs = (u.sum(1).square().sum(1) - diag) / 2  # [B]
     if qwen:  # the mean over the whole upper triangle, diagonal included, of the N x N matrix
         thr = max(K / (N / 18), 1.0) * (pairs + diag) / (N * N)  # [B]
@@ -194,9 +208,8 @@ def prunesid_select(x: torch.Tensor, scores: torch.Tensor | None, K: int, k: int
     # NMS order: by group, then descending score, ties to the lower index
     by_score = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [B, N]
     perm = by_score.gather(1, torch.sort(group.gather(1, by_score), dim=1, stable=True).indices)  # [B, N]
-    rank = torch.empty_like(perm).scatter_(1, perm, torch.arange(N, device=dev).expand(B, N))  # [B, N]
-    alive = group_nms(sim, group, rank, thr)  # [B, N]
     sizes = torch.zeros(B, G, dtype=torch.long, device=dev).scatter_add_(1, group, torch.ones_like(group))
+    alive = group_nms(u, perm, sizes, thr)  # [B, N]
     nms = torch.zeros(B, G, dtype=torch.long, device=dev).scatter_add_(1, group, alive.long())
     d = group_budgets(sizes, nms, K, k)  # [B, G]
     # each group's ranking: survivors in NMS order, then the rest by score
