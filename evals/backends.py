@@ -3,7 +3,7 @@
 Every backend has the same two calls, so the runner does not care what the model is:
 
     backend.configure(method, keep, options)     # "none" = uncompressed; else mmcompress.apply(model, method, ...)
-    rows = backend.predict(samples, max_new_tokens)
+    rows = backend.predict(samples, max_new_tokens)    # VLMs also take gen=GenerationSettings (sampling, beams)
     # one dict per sample: prediction, tokens (media tokens entering the LLM; in-LLM methods: mean over its layers),
     # encode_ms, compress_ms, prefill_ms, decode_ms (this sample's share of its batch: batch time / batch size),
     # peak_mem_mb; VLMs also text_tokens, layer_tokens (image tokens each LLM layer processed), prefill_flops
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcompress.evals.cost import budget_tokens
+from mmcompress.evals.generation import GenerationSettings, batch_seed
 from mmcompress.evals.tasks import Sample
 
 __all__ = ["VLMBackend", "llm_media_tokens", "load_backend", "model_fingerprint", "peak_memory", "timed_generate",
@@ -184,15 +185,17 @@ class _Clock:
 
 
 def timed_generate(model: Any, inputs: dict[str, Any], encoder: Any, device: Any, **gen: Any) -> tuple[Any, dict]:
-    """Greedy ``model.generate(**inputs)`` timed: returns (output ids, {"encode_s", "first_token_s", "total_s",
+    """``model.generate(**inputs, **gen)`` timed (greedy unless `gen` says otherwise, e.g.
+    `GenerationSettings.generate_kwargs`): returns (output ids, {"encode_s", "first_token_s", "total_s",
     "peak_mem_mb"}); first_token_s runs from the call to the first generated token (encode + compress + prefill)."""
     import torch
 
+    gen = {"do_sample": False, **gen}
     peak_memory(device, reset=True)
     with torch.inference_mode(), _Clock(encoder, device) as clock:
         clock.sync()
         t0 = time.perf_counter()
-        out = model.generate(**inputs, do_sample=False, stopping_criteria=[clock.stopping_criterion()], **gen)
+        out = model.generate(**inputs, stopping_criteria=[clock.stopping_criterion()], **gen)
         clock.sync()
         t_end = time.perf_counter()
     first = clock.first_token if clock.first_token is not None else t_end
@@ -239,7 +242,8 @@ def llm_media_tokens(st: dict[str, Any], input_ids: Any, image_token_id: int | N
 
 
 class VLMBackend:
-    """A Hugging Face VLM (ref-vlm or any model `mmcompress.apply` supports) answering image questions greedily.
+    """A Hugging Face VLM (ref-vlm or any model `mmcompress.apply` supports) answering image questions (greedy unless
+    `predict` is given other `GenerationSettings`).
 
     Args:
         model: The model (eval mode).
@@ -386,19 +390,39 @@ class VLMBackend:
         """Decoder layers of the LLM (0 when the config does not say)."""
         return self.shape.layers if self.shape is not None else 0
 
-    def predict(self, samples: Sequence[Sample], max_new_tokens: int) -> list[dict[str, Any]]:
-        """Greedy answers of one batch, with per-sample shares of the batch's measured times, the image tokens each
-        LLM layer processed (`layer_tokens`), the text tokens and the exact prefill FLOPs (`mmcompress.evals.cost`)."""
+    def predict(self, samples: Sequence[Sample], max_new_tokens: int,
+                gen: GenerationSettings | None = None) -> list[dict[str, Any]]:
+        """Answers of one batch, with per-sample shares of the batch's measured times, the image tokens each LLM layer
+        processed (`layer_tokens`), the text tokens and the exact prefill FLOPs (`mmcompress.evals.cost`).
+
+        Args:
+            samples: the batch.
+            max_new_tokens: answer budget (``gen.max_new_tokens``, when set, wins).
+            gen: decoding (`mmcompress.evals.generation`); None = greedy. Sampling is seeded from the batch's sample
+                ids (`batch_seed`); with beams, each beam's row holds its sample's compressed image and the counts
+                are the sample's. Answers are cut at ``gen.until``.
+        """
+        import torch
+
         import mmcompress as mmc
         from mmcompress.compressors.baselines import sample_keys
 
+        gen = gen or GenerationSettings()
         inputs = self.inputs_for(samples)
-        B = len(samples)
-        with sample_keys([s.id for s in samples]):  # `random` draws per sample id: the same tokens in any batch
-            out, t = timed_generate(self.model, inputs, self.vision, self.device, max_new_tokens=max_new_tokens)
-        texts = self._decode(out[:, inputs["input_ids"].shape[1]:])
+        B, nb = len(samples), gen.num_beams
+        dev = torch.device(self.device)
+        rng = torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [], enabled=gen.do_sample)
+        # `random` draws per sample id: the same tokens in any batch, and in each beam's row of the sample
+        with rng, sample_keys([s.id for s in samples for _ in range(nb)]):
+            if gen.do_sample:
+                torch.manual_seed(batch_seed([s.id for s in samples], gen))
+            out, t = timed_generate(self.model, inputs, self.vision, self.device,
+                                    max_new_tokens=gen.max_new_tokens or max_new_tokens, **gen.generate_kwargs())
+        texts = [gen.cut(t) for t in self._decode(out[:, inputs["input_ids"].shape[1]:])]
         wrapped = self.method not in ("none", "resize")
         st = mmc.stats(self.model) if wrapped else {}
+        if st and nb > 1:  # the stats count every beam's row (a sample's nb rows are consecutive): one per sample
+            st = {k: v[::nb] if isinstance(v, list) and len(v) == B * nb else v for k, v in st.items()}
         tokens = llm_media_tokens(st, inputs["input_ids"], self.image_token_id, B)
         costs = self._costs(inputs, st, tokens)
         return [{"prediction": text, "tokens": n, **c, **per_sample(t, B, st)}

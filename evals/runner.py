@@ -56,6 +56,8 @@ class BenchConfig:
         device: Torch device.
         dtype: Model dtype.
         max_new_tokens: Generation budget (None = each task's own).
+        gen_kwargs: Decoding of image tasks (``--gen-kwargs``; `mmcompress.evals.generation`): lmms-eval's keys
+            (``temperature``, ``top_p``, ``top_k``, ``num_beams``, ``do_sample``, ``until``); empty = greedy.
         resume: Continue a run in ``out`` (skip finished samples).
         skip_bad: Skip malformed dataset rows (counted) instead of failing.
         options: Extra options per method (``{"tome": {"metric_dim": 64}}``), passed to `mmcompress.apply`.
@@ -79,6 +81,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_new_tokens: int | None = None
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     skip_bad: bool = False
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -94,7 +97,21 @@ class BenchConfig:
         return {"model": self.model, "weights": model_fingerprint(self.model), "limit": self.limit,
                 "seed": self.seed, "batch_size": self.batch_size,
                 "data": str(self.data) if self.data else None, "split": self.split, "dtype": self.dtype,
-                "max_new_tokens": self.max_new_tokens}
+                "max_new_tokens": self.max_new_tokens, **self._gen_identity()}
+
+    def generation(self) -> Any:
+        """`gen_kwargs` read as `mmcompress.evals.generation.GenerationSettings` (checked; greedy when empty)."""
+        from mmcompress.evals.generation import GenerationSettings
+
+        gen = GenerationSettings.from_kwargs(self.gen_kwargs)
+        if gen.max_new_tokens is not None:
+            raise ValueError("gen_kwargs: max_new_tokens is set by --max-new-tokens (max_new_tokens=), not here")
+        return gen
+
+    def _gen_identity(self) -> dict[str, Any]:
+        """Decoding joins the identity only when it is not greedy (runs made before it existed still resume)."""
+        gen = self.generation().to_dict()
+        return {"generation": gen} if gen else {}
 
 
 def parse_keeps(text: str) -> list[Any]:
@@ -234,6 +251,22 @@ def _write_config(cfg: BenchConfig, ident: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _gen(cfg: BenchConfig, task: Task) -> dict[str, Any]:
+    """``predict``'s decoding argument for `task`: nothing for greedy (every backend's default), else ``{"gen":
+    settings}`` (`VLMBackend.predict`).
+
+    Raises:
+        ValueError: non-greedy `gen_kwargs` on a task whose backend decodes greedily only (audio, encoder).
+    """
+    gen = cfg.generation()
+    if not gen.to_dict():
+        return {}
+    if task.modality != "image":
+        raise ValueError(f"gen_kwargs: decoding settings apply to image tasks; {task.name!r} is a {task.modality} "
+                         "task (greedy only)")
+    return {"gen": gen}
+
+
 def _first_runnable(cfg: BenchConfig, task: Task, samples: list[Sample], backend: Any,
                     settings: list[tuple[str, Any]], skipped: dict[str, str]) -> None:
     """Try the compressed settings on one sample until one runs; those that cannot run are recorded in `skipped`.
@@ -249,7 +282,7 @@ def _first_runnable(cfg: BenchConfig, task: Task, samples: list[Sample], backend
             continue
         try:
             backend.configure(method, *setting_plan(method, keep, cfg.options.get(method, {}), backend, samples[0])[:2])
-            backend.predict(samples[:1], cfg.max_new_tokens or task.max_new_tokens)
+            backend.predict(samples[:1], cfg.max_new_tokens or task.max_new_tokens, **_gen(cfg, task))
             break
         except (ValueError, TypeError) as e:
             reasons[f"{task.name} {setting_name(method, keep)}"] = str(e)
@@ -300,13 +333,14 @@ def _run_setting(cfg: BenchConfig, task: Task, samples: list[Sample], backend: A
     backend.configure(method, keep if run_options is None else run_keep,
                       cfg.options.get(method, {}) if run_options is None else run_options)
     max_new = cfg.max_new_tokens or task.max_new_tokens
-    backend.predict(todo[0][1][:1], max_new)  # warm-up, not recorded: a setting's first call pays one-time costs
+    gen = _gen(cfg, task)
+    backend.predict(todo[0][1][:1], max_new, **gen)  # warm-up, not recorded: a setting's first call pays one-time costs
     scores: list[float] = []
     t_start = time.perf_counter()
     part.parent.mkdir(parents=True, exist_ok=True)
     with part.open("a") as f:
         for b, chunk in todo:
-            rows = backend.predict(chunk, max_new)
+            rows = backend.predict(chunk, max_new, **gen)
             if len(rows) != len(chunk):
                 raise RuntimeError(f"backend returned {len(rows)} rows for {len(chunk)} samples")
             lines = []
@@ -356,6 +390,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         raise ValueError(f"limit: expected a positive number of samples per task (or none: all), got {cfg.limit!r}")
     rank, world, dist = _dist()
     tasks = [get_task(t) for t in cfg.tasks]
+    for task in tasks:
+        _gen(cfg, task)  # decoding checked before anything loads
     ident = _check_out(cfg) if rank == 0 else {}  # the other ranks wait for rank 0 to check the output folder
     if rank == 0:
         from mmcompress.evals.backends import BUILTIN_MODELS
@@ -383,7 +419,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         if task.modality not in backends:
             backends[task.modality] = load_backend(cfg.model, task.modality, device=cfg.device, dtype=cfg.dtype)
             backends[task.modality].configure("none", 1.0, {})
-            backends[task.modality].predict(samples[: cfg.batch_size], cfg.max_new_tokens or task.max_new_tokens)
+            backends[task.modality].predict(samples[: cfg.batch_size], cfg.max_new_tokens or task.max_new_tokens,
+                                            **_gen(cfg, task))
             # ^ warm-up, not recorded: first calls pay one-time costs (allocator, kernels) that no setting should
         backend = backends[task.modality]
         _first_runnable(cfg, task, samples, backend, settings, skipped)

@@ -150,6 +150,19 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"max_new_tokens: expected a positive number of tokens, got {args.max_new_tokens}")
 
 
+def _gen_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """``--gen-kwargs`` checked (`mmcompress.evals.generation`); a ``max_new_tokens`` there is ``--max-new-tokens``."""
+    from mmcompress.evals.generation import GenerationSettings, parse_gen_kwargs
+
+    kw = parse_gen_kwargs(args.gen_kwargs)
+    GenerationSettings.from_kwargs(kw)
+    if "max_new_tokens" in kw:
+        if args.max_new_tokens is not None:
+            raise ValueError("gen_kwargs: max_new_tokens given twice (--max-new-tokens and --gen-kwargs)")
+        args.max_new_tokens = kw.pop("max_new_tokens")
+    return kw
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """`mmcompress bench`; Ctrl-C ends it with one line saying how to continue."""
     try:
@@ -174,6 +187,7 @@ def _bench(args: argparse.Namespace) -> int:
             options.setdefault(method, {})[key] = value
         check_methods(methods, options)
         _check_numbers(args)
+        gen_kwargs = _gen_kwargs(args)
         check_device(args.device)
     except ValueError as e:
         print(f"mmcompress bench: {e}", file=sys.stderr)
@@ -191,7 +205,8 @@ def _bench(args: argparse.Namespace) -> int:
         methods=methods, limit=args.limit or None, seed=args.seed,
         batch_size=args.batch_size, out=Path(args.out), data=Path(args.data) if args.data else None,
         split=args.split, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-        resume=args.resume, skip_bad=args.skip_bad, options=options, progress=not args.no_progress,
+        gen_kwargs=gen_kwargs, resume=args.resume, skip_bad=args.skip_bad, options=options,
+        progress=not args.no_progress,
     )
     try:
         result = run(cfg)
@@ -237,6 +252,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--device", default="cpu", help="torch device")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     b.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: each task's own)")
+    b.add_argument("--gen-kwargs", default="", metavar="KEY=VALUE,...",
+                   help="decoding of image tasks, lmms-eval's keys: temperature, top_p, top_k, num_beams, do_sample, "
+                        "until, max_new_tokens (e.g. temperature=0.7,top_p=0.9; default: greedy)")
     b.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished samples")
     b.add_argument("--skip-bad", action="store_true", help="skip malformed dataset rows (counted) instead of failing")
     b.add_argument("--option", type=_parse_option, action="append", default=[], metavar="METHOD:KEY=VALUE",
