@@ -5,10 +5,14 @@
         --include_path "$(python -m mmcompress.lmms_eval_plugin --tasks-dir)" --batch_size 16 --log_samples
 
 lmms-eval finds the model through the entry point group ``lmms_eval.models`` (pyproject.toml), which names
-`manifests`; this module is imported only then (it needs ``lmms_eval`` installed).
+`manifests`; this module is imported only then (it needs ``lmms_eval`` installed), except that
+``python -m mmcompress.lmms_eval_plugin --tasks-dir`` prints the task folder before lmms-eval would be imported (it
+works where lmms-eval is not installed, e.g. to check an installed wheel).
 
 Model arguments (``--model_args k=v,...``):
-    pretrained: ``ref-vlm`` (built in), a local Hugging Face VLM directory, or a hub id (default ``ref-vlm``).
+    pretrained: ``ref-vlm`` or ``ref-vlm-mini`` (built in; ref-vlm-mini is ``make bench``'s host: with task
+        ``mmc_detail_500`` / ``mmc_easyvqa_500`` it gives the README's table rows), a local Hugging Face VLM
+        directory, or a hub id (default ``ref-vlm``).
     method: a compressor of ``mmcompress list``, ``fastv``, or ``none`` (the uncompressed model; default).
     keep: budget as `mmcompress bench --keep` reads it: a fraction in (0, 1] (``0.25``; ``1`` is 100%), a token
         count (``64``) or ``auto`` (default 0.25; ignored by ``none``).
@@ -20,12 +24,13 @@ Model arguments (``--model_args k=v,...``):
         first calls pay one-time costs that no sample should).
     anything else: an option of the method, passed to ``mmcompress.apply`` (``metric_dim=64``, ``fastv_k=2``, ...).
 
-Generation: greedy unless the task's (or ``--gen_kwargs``) ``temperature`` > 0 / ``do_sample`` asks for sampling;
-``max_new_tokens``, ``top_p``, ``num_beams`` and ``until`` (the answer is cut at the first stop string) are
-honoured.
-Greedy requests run through the same code as ``mmcompress bench`` (`mmcompress.evals.backends.VLMBackend.predict`),
-so the same batches give the same answers. Requests are answered in lmms-eval's document order, in consecutive
-batches of ``batch_size``: the batches of ``mmcompress bench`` over the same questions, in the same order.
+Generation: the task's ``generation_kwargs`` (or ``--gen_kwargs``) are read by the same code as ``mmcompress bench
+--gen-kwargs`` (`mmcompress.evals.generation.GenerationSettings`: greedy unless ``temperature`` > 0 / ``do_sample``;
+``max_new_tokens``, ``top_p``, ``top_k``, ``num_beams``, ``until``; an unknown key is refused by name), and every
+request runs through ``mmcompress bench``'s `mmcompress.evals.backends.VLMBackend.predict`, so the same batches give
+the same answers (sampled ones too: sampling is seeded from the batch's sample ids). Requests are answered in
+lmms-eval's document order, in consecutive batches of ``batch_size``: the batches of ``mmcompress bench`` over the
+same questions, in the same order.
 
 Logged samples (``--log_samples``): each sample's ``token_counts`` holds ``media_tokens`` (image tokens entering the
 LLM after compression, after FastV's in-LLM pruning for ``fastv``), ``encode_ms``, ``compress_ms``, ``prefill_ms``,
@@ -41,24 +46,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
-from lmms_eval.api.model import lmms
-
 __all__ = ["MMCompressLMM", "MMCompressCounts", "manifests", "tasks_dir"]
 
 MODEL_ID = "mmcompress"
-
-
-def manifests() -> list[Any]:
-    """The entry point of group ``lmms_eval.models``: one `ModelManifest` naming `MMCompressLMM` by path."""
-    from lmms_eval.models.registry_v2 import ModelManifest
-
-    return [ModelManifest(model_id=MODEL_ID, simple_class_path="mmcompress.lmms_eval_plugin.MMCompressLMM")]
 
 
 def tasks_dir() -> Path:
@@ -67,6 +61,29 @@ def tasks_dir() -> Path:
 
     spec = importlib.util.find_spec("mmcompress.evals")  # evals/ in a checkout, mmcompress/evals/ in the wheel
     return Path(list(spec.submodule_search_locations)[0]) / "lmms_tasks"
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m mmcompress.lmms_eval_plugin --tasks-dir`: print the --include_path folder (no lmms-eval needed)."""
+    if argv != ["--tasks-dir"]:
+        print("usage: python -m mmcompress.lmms_eval_plugin --tasks-dir", file=sys.stderr)
+        return 2
+    print(tasks_dir())
+    return 0
+
+
+if __name__ == "__main__":  # before lmms-eval is imported below: printing a path must not need it
+    sys.exit(_main(sys.argv[1:]))
+
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts  # noqa: E402
+from lmms_eval.api.model import lmms  # noqa: E402
+
+
+def manifests() -> list[Any]:
+    """The entry point of group ``lmms_eval.models``: one `ModelManifest` naming `MMCompressLMM` by path."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id=MODEL_ID, simple_class_path="mmcompress.lmms_eval_plugin.MMCompressLMM")]
 
 
 @dataclass
@@ -107,19 +124,11 @@ def _parse_keep(keep: Any) -> Any:
     return keeps[0]
 
 
-def _stop_at(text: str, until: list[str]) -> str:
-    """`text` cut at the first occurrence of any stop string (lmms-eval's ``until``)."""
-    for stop in until:
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text
-
-
 class MMCompressLMM(lmms):
     """lmms-eval model wrapping `mmcompress.evals.backends.VLMBackend` (ref-vlm or any HF VLM `apply` supports).
 
     Args:
-        pretrained: ``ref-vlm``, a local HF model directory or a hub id.
+        pretrained: ``ref-vlm``, ``ref-vlm-mini``, a local HF model directory or a hub id.
         method: Compressor name, ``fastv`` or ``none``.
         keep: Budget (see the module docstring).
         device: Torch device (``None``: cpu).
@@ -226,56 +235,15 @@ class MMCompressLMM(lmms):
 
     # -- generation ---------------------------------------------------------------------------------------------------
     def _answer(self, samples: list[Any], gen_kwargs: dict[str, Any]) -> list[GenerationResult]:
-        gen = dict(gen_kwargs)
-        until = gen.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new = int(gen.pop("max_new_tokens", None) or self.max_new_tokens)
-        temperature = float(gen.pop("temperature", 0) or 0)
-        do_sample = bool(gen.pop("do_sample", False)) or temperature > 0
-        top_p = gen.pop("top_p", None)
-        num_beams = int(gen.pop("num_beams", 1) or 1)
-        if num_beams < 1:
-            raise ValueError(f"num_beams: expected an int >= 1, got {num_beams}")
-        if do_sample or num_beams != 1:
-            extra: dict[str, Any] = {"num_beams": num_beams, "do_sample": do_sample}
-            if do_sample:
-                extra.update(temperature=temperature if temperature > 0 else 1.0, top_p=top_p)
-            rows = self._generate(samples, max_new, extra)
-        else:  # greedy: exactly what `mmcompress bench` runs
-            rows = self.backend.predict(samples, max_new)
-        return [GenerationResult(text=_stop_at(r["prediction"], until), token_counts=MMCompressCounts(
+        """One batch through `VLMBackend.predict` with the request's decoding (the path `mmcompress bench` runs)."""
+        from mmcompress.evals.generation import GenerationSettings
+
+        gen = GenerationSettings.from_kwargs(gen_kwargs)
+        rows = self.backend.predict(samples, gen.max_new_tokens or self.max_new_tokens, gen)
+        return [GenerationResult(text=r["prediction"], token_counts=MMCompressCounts(
             media_tokens=int(r["tokens"]), encode_ms=r["encode_ms"], compress_ms=r["compress_ms"],
             prefill_ms=r["prefill_ms"], decode_ms=r["decode_ms"], peak_mem_mb=r["peak_mem_mb"],
             method=self.method, keep=self.keep)) for r in rows]
-
-    def _generate(self, samples: list[Any], max_new_tokens: int, extra: dict[str, Any]) -> list[dict[str, Any]]:
-        """`VLMBackend.predict` with sampling / beam search: its inputs, clock and token count, other decoding.
-        (`predict` and `timed_generate` fix ``do_sample=False``.)"""
-        import torch
-
-        import mmcompress as mmc
-        from mmcompress.evals.backends import _Clock, llm_media_tokens, peak_memory, per_sample
-
-        b = self.backend
-        inputs = b._inputs([s.load_image() for s in samples], [s.prompt for s in samples])
-        B = len(samples)
-        peak_memory(b.device, reset=True)
-        with torch.inference_mode(), _Clock(b.vision, b.device) as clock:
-            clock.sync()
-            t0 = time.perf_counter()
-            out = b.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                   stopping_criteria=[clock.stopping_criterion()], **extra)
-            clock.sync()
-            t_end = time.perf_counter()
-        first = clock.first_token if clock.first_token is not None else t_end
-        t = {"encode_s": clock.encode_s, "first_token_s": first - t0, "total_s": t_end - t0,
-             "peak_mem_mb": peak_memory(b.device)}
-        texts = b._decode(out[:, inputs["input_ids"].shape[1]:])
-        st = mmc.stats(b.model) if self.method != "none" else {}
-        nb = int(extra.get("num_beams", 1)) if st else 1  # the stats count every beam's row: one per sample
-        tokens = llm_media_tokens(st, inputs["input_ids"], b.image_token_id, B * nb)[::nb]
-        return [{"prediction": text, "tokens": n, **per_sample(t, B, st)}
-                for text, n in zip(texts, tokens, strict=True)]
 
 
 def _bar(total: int) -> Any:
@@ -284,9 +252,3 @@ def _bar(total: int) -> Any:
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, desc=f"{MODEL_ID} generate_until", unit="req", file=sys.stderr, dynamic_ncols=True)
-
-
-if __name__ == "__main__":  # `python -m mmcompress.lmms_eval_plugin --tasks-dir`: the --include_path folder
-    if sys.argv[1:] != ["--tasks-dir"]:
-        sys.exit("usage: python -m mmcompress.lmms_eval_plugin --tasks-dir")
-    print(tasks_dir())

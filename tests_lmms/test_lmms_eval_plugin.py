@@ -1,9 +1,11 @@
 """The lmms-eval model ``mmcompress`` (mmcompress/lmms_eval_plugin.py) and our task YAMLs (evals/lmms_tasks).
 
 Runs in the venv `make test-lmms-eval` builds (lmms-eval beside CPU torch); skips with the reason where lmms-eval is
-not importable. The agreement tests run ``python -m lmms_eval --model mmcompress`` on ref-vlm and compare every
-per-sample answer and the accuracy with `mmcompress bench` (`mmcompress.evals.runner.run`) on the same 32 easy-VQA
-test questions (seed 0), in the same batches of 16: uncompressed, random at 25% and ToMe at 25%.
+not importable. The agreement tests run ``python -m lmms_eval --model mmcompress`` and compare every per-sample answer
+and the accuracy with `mmcompress bench` (`mmcompress.evals.runner.run`) on the same questions in the same batches:
+ref-vlm on 32 easy-VQA test questions (seed 0) in batches of 16 (uncompressed, random at 25%, ToMe at 25%), and
+ref-vlm-mini on the README's 500 detail questions (``mmc_detail_500``) in ``make bench``'s batches of 32
+(uncompressed, ToMe at 25%).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here; `make 
 
 import mmcompress.lmms_eval_plugin as plugin  # noqa: E402
 
-TASK, LIMIT, SEED, BATCH = "mmc_easyvqa_32", 32, 0, 16
-SETTINGS = [("none", 1.0), ("random", 0.25), ("tome", 0.25)]
+SEED = 0
+# (model, lmms-eval task, bench task, limit, batch size, method, keep)
+AGREEMENT = [("ref-vlm", "mmc_easyvqa_32", "easyvqa", 32, 16, m, k) for m, k in
+             [("none", 1.0), ("random", 0.25), ("tome", 0.25)]]
+AGREEMENT += [("ref-vlm-mini", "mmc_detail_500", "detail", 500, 32, m, k) for m, k in [("none", 1.0), ("tome", 0.25)]]
+LIMIT = 32
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -70,10 +76,27 @@ def test_bad_arguments_name_the_argument(kwargs, exc, word):
         plugin.MMCompressLMM(pretrained="/nonexistent", **kwargs)
 
 
-def test_stop_strings_cut_the_answer():
-    assert plugin._stop_at("red.\n\nQuestion", ["\n\n"]) == "red."
-    assert plugin._stop_at("red. blue", [".", " "]) == "red"
-    assert plugin._stop_at("red", []) == "red"
+def test_generation_kwargs_are_read_by_benchs_settings(monkeypatch):
+    """One path: the plugin hands `VLMBackend.predict` the request's kwargs as `GenerationSettings` (no decoding code
+    of its own); an unknown key is refused by name."""
+    from mmcompress.evals.generation import GenerationSettings
+
+    seen = []
+
+    class _Backend:
+        def predict(self, samples, max_new_tokens, gen=None):
+            seen.append((max_new_tokens, gen))
+            return [{"prediction": "red", "tokens": 16, "encode_ms": 0.0, "compress_ms": 0.0, "prefill_ms": 0.0,
+                     "decode_ms": 0.0, "peak_mem_mb": 0.0}]
+
+    lm = plugin.MMCompressLMM.__new__(plugin.MMCompressLMM)
+    lm.backend, lm.max_new_tokens, lm.method, lm.keep = _Backend(), 128, "tome", 0.25
+    lm._answer([object()], {"max_new_tokens": 5, "temperature": 0.7, "top_p": 0.9, "until": ["\n"]})
+    lm._answer([object()], {"num_beams": 2})
+    assert seen == [(5, GenerationSettings(max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9,
+                                           until=("\n",))), (128, GenerationSettings(num_beams=2))]
+    with pytest.raises(ValueError, match="temprature"):
+        lm._answer([object()], {"temprature": 0.7})
 
 
 def test_counts_add_what_compression_changes_to_lmms_evals_token_counts():
@@ -83,7 +106,8 @@ def test_counts_add_what_compression_changes_to_lmms_evals_token_counts():
 
 def test_tasks_dir_holds_the_yamls():
     names = {p.stem for p in plugin.tasks_dir().glob("mmc_*.yaml")}
-    assert {"mmc_easyvqa", "mmc_easyvqa_32", "mmc_easyvqa_500", "mmc_detail", "mmc_detail_32"} <= names
+    assert {"mmc_easyvqa", "mmc_easyvqa_32", "mmc_easyvqa_500", "mmc_detail", "mmc_detail_32",
+            "mmc_detail_500"} <= names
 
 
 def test_deprecated_module_path_still_prints_the_tasks_dir():
@@ -195,45 +219,59 @@ def test_a_doc_with_no_image_is_refused(lm):
 # -- agreement with `mmcompress bench` --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
+    """`mmcompress bench` per (model, task, limit, batch) of AGREEMENT, run once: {key: (records by setting,
+    accuracy by setting)}."""
     if not _have_refvlm():
         pytest.skip("ref-vlm's weight packages not installed")
     from mmcompress.evals.runner import BenchConfig, run
 
-    out = tmp_path_factory.mktemp("bench")
-    res = run(BenchConfig(model="ref-vlm", tasks=["easyvqa"], methods=["random", "tome"], keeps=[0.25], limit=LIMIT,
-                          seed=SEED, batch_size=BATCH, out=out, progress=False))
-    recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    by: dict[tuple[str, float], list[dict]] = {}
-    for r in recs:
-        by.setdefault((r["method"], float(r["keep"])), []).append(r)
-    acc = {(r["method"], float(r["keep"])): float(r["accuracy"]) for r in res["summary"]}
-    return by, acc
+    runs: dict[tuple, tuple[dict, dict]] = {}
+
+    def get(model: str, task: str, limit: int, batch: int) -> tuple[dict, dict]:
+        key = (model, task, limit, batch)
+        if key not in runs:
+            methods = sorted({m for mo, _, t, li, b, m, _ in AGREEMENT if (mo, t, li, b) == key and m != "none"})
+            keeps = sorted({k for mo, _, t, li, b, m, k in AGREEMENT if (mo, t, li, b) == key and m != "none"})
+            out = tmp_path_factory.mktemp("bench")
+            res = run(BenchConfig(model=model, tasks=[task], methods=methods, keeps=keeps, limit=limit, seed=SEED,
+                                  batch_size=batch, out=out, progress=False, timing_repeats=0))
+            recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+            by: dict[tuple[str, float], list[dict]] = {}
+            for r in recs:
+                by.setdefault((r["method"], float(r["keep"])), []).append(r)
+            acc = {(r["method"], float(r["keep"])): float(r["accuracy"]) for r in res["summary"]}
+            runs[key] = (by, acc)
+        return runs[key]
+
+    return get
 
 
-def _lmms_eval(method: str, keep: float, out: Path) -> tuple[list[dict], float]:
+def _lmms_eval(model: str, task: str, batch: int, method: str, keep: float, out: Path) -> tuple[list[dict], float]:
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "mmcompress",
-           "--model_args", f"pretrained=ref-vlm,method={method},keep={keep},warmup=false",
-           "--tasks", TASK, "--include_path", str(plugin.tasks_dir()), "--batch_size", str(BATCH),
+           "--model_args", f"pretrained={model},method={method},keep={keep},warmup=false",
+           "--tasks", task, "--include_path", str(plugin.tasks_dir()), "--batch_size", str(batch),
            "--log_samples", "--output_path", str(out), "--verbosity", "WARNING"]
     env = {**os.environ, **OFFLINE, "HF_DATASETS_CACHE": str(out / "hf_datasets")}
-    r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=2400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    samples = [json.loads(line) for f in out.rglob(f"*_samples_{TASK}.jsonl") for line in f.read_text().splitlines()]
+    samples = [json.loads(line) for f in out.rglob(f"*_samples_{task}.jsonl") for line in f.read_text().splitlines()]
     (results,) = list(out.rglob("*_results.json"))
-    return sorted(samples, key=lambda s: s["doc_id"]), json.loads(results.read_text())["results"][TASK]["accuracy,none"]
+    return sorted(samples, key=lambda s: s["doc_id"]), json.loads(results.read_text())["results"][task]["accuracy,none"]
 
 
 @real
-@pytest.mark.parametrize(("method", "keep"), SETTINGS, ids=[f"{m}@{k}" for m, k in SETTINGS])
-def test_lmms_eval_agrees_with_mmcompress_bench(bench, method, keep, tmp_path):
-    by, acc = bench
+@pytest.mark.parametrize(("model", "task", "bench_task", "limit", "batch", "method", "keep"), AGREEMENT,
+                         ids=[f"{a[0]}-{a[1]}-{a[5]}@{a[6]}" for a in AGREEMENT])
+def test_lmms_eval_agrees_with_mmcompress_bench(bench, model, task, bench_task, limit, batch, method, keep, tmp_path):
+    by, acc = bench(model, bench_task, limit, batch)
     ref = by[(method, keep)]
-    samples, accuracy = _lmms_eval(method, keep, tmp_path)
-    assert len(samples) == len(ref) == LIMIT
+    samples, accuracy = _lmms_eval(model, task, batch, method, keep, tmp_path)
+    assert len(samples) == len(ref) == limit
     assert [s["filtered_resps"] for s in samples] == [r["prediction"] for r in ref]  # answer by answer, in order
     assert [s["accuracy"] for s in samples] == [float(r["score"]) for r in ref]
     assert [s["target"] for s in samples] == [r["answer"] for r in ref]
     assert accuracy == pytest.approx(acc[(method, keep)], abs=1e-12)
     tokens = [s["token_counts"][0]["media_tokens"] for s in samples]
-    assert tokens == [r["tokens"] for r in ref] == [64 if method == "none" else 16] * LIMIT
+    full = 64  # ref-vlm and ref-vlm-mini hand their LLM 64 image tokens per image
+    assert tokens == [r["tokens"] for r in ref] == [full if method == "none" else int(full * keep)] * limit
     assert all(s["token_counts"][0]["method"] == method for s in samples)

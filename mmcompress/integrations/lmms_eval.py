@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 import warnings
 from typing import Any
 
@@ -24,6 +23,6 @@ def __getattr__(name: str) -> Any:
 
 
 if __name__ == "__main__":  # `python -m mmcompress.integrations.lmms_eval --tasks-dir`: the --include_path folder
-    if sys.argv[1:] != ["--tasks-dir"]:
-        sys.exit("usage: python -m mmcompress.lmms_eval_plugin --tasks-dir")
-    print(importlib.import_module("mmcompress.lmms_eval_plugin").tasks_dir())
+    import runpy
+
+    runpy.run_module("mmcompress.lmms_eval_plugin", run_name="__main__")  # prints it without importing lmms-eval
