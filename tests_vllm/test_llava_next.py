@@ -6,6 +6,7 @@ engine for the module."""
 from __future__ import annotations
 
 import pytest
+import served
 import tiny
 from conftest import run_engine
 
@@ -30,6 +31,10 @@ CALLS = {
     "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tome", 1.0)), dict(C, **kw("tome", 1.0))],
     "mixed": [dict(B, **kw("tome", 0.5)), TEXT, A, dict(C, **kw("tome", 1.0))],
     "text": [TEXT],
+    **served.calls([A, B], served.ANYRES_SOME, "img"),
+    "no_grid": [dict(A, **kw("dycoke", 0.5))],
+    "mixed_methods": served.mixed([(B, "cdpruner", 16), (A, "visionzip", 0.5), (TEXT, None, 1.0),
+                                   (A, "prumerge", 6)]),
 }
 NAMES = list(CALLS)
 
@@ -75,3 +80,24 @@ def test_mixed_batch_equals_single_runs(runs):
 def test_agrees_with_mmc_apply_in_transformers(runs, name, method, keep):
     model_dir, got, _ = runs
     tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])
+
+
+@pytest.mark.parametrize("name,method,keep", served.names(served.ANYRES_SOME, "img"))
+def test_scored_and_text_methods_shorten_and_agree_with_mmc_apply(runs, name, method, keep):
+    """Scores of every tile packed like the features (newlines removed), the question: kept tokens + one newline,
+    and outputs equal `mmc.apply` in transformers."""
+    model_dir, got, plain = runs
+    served.assert_shorter(got[name], plain[:2], [RUN["A"], RUN["B"]],
+                          [served.kept(N[k], keep) + 1 for k in "AB"], tiny.token_id("<image>"))
+    tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])
+
+
+def test_batch_of_different_methods_equals_single_runs(runs):
+    _, got, _ = runs
+    singles = [got["img:cdpruner"][1], got["img:visionzip"][0], got["text"][0], got["img:prumerge"][0]]
+    tiny.assert_same_runs(got["mixed_methods"], singles)
+
+
+def test_method_needing_a_grid_is_refused_on_anyres_images(runs):
+    _, got, _ = runs
+    assert "error" in got["no_grid"] and "grid" in got["no_grid"]["error"], got["no_grid"]

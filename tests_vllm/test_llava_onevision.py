@@ -6,6 +6,7 @@ video, text-only). One plugin engine and one plain-vLLM engine for the module.""
 from __future__ import annotations
 
 import pytest
+import served
 import tiny
 from conftest import run_engine
 
@@ -31,6 +32,10 @@ CALLS = {
     "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tome", 1.0)), dict(V, **kw("tome", 1.0))],
     "mixed": [dict(V, **kw("divprune", 0.5)), TEXT, A, dict(B, **kw("tome", 1.0))],
     "text": [TEXT],
+    **served.calls([A, B], served.ANYRES_SOME, "img"),
+    **served.calls([V], served.VIDEO, "vid"),
+    "mixed_methods": served.mixed([(V, "holitom", 0.5), (B, "cdpruner", 16), (TEXT, None, 1.0),
+                                   (A, "prumerge", 6), (V, "dycoke", 0.5)]),
 }
 NAMES = list(CALLS)
 
@@ -74,3 +79,23 @@ def test_mixed_batch_equals_single_runs(runs):
 def test_agrees_with_mmc_apply_in_transformers(runs, name, method, keep):
     model_dir, got, _ = runs
     tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])
+
+
+@pytest.mark.parametrize("name,method,keep",
+                         served.names(served.ANYRES_SOME, "img") + served.names(served.VIDEO, "vid"))
+def test_scored_text_and_video_methods_shorten_and_agree_with_mmc_apply(runs, name, method, keep):
+    """Scores packed like the image features or pooled like the video frames, the question, video methods on the
+    pooled (T, h', w') grid: kept tokens + one newline, and outputs equal `mmc.apply` in transformers."""
+    model_dir, got, plain = runs
+    keys = "V" if name.startswith("vid") else "AB"
+    ref = dict(zip("ABV", plain, strict=True))
+    served.assert_shorter(got[name], [ref[k] for k in keys], [RUN[k] for k in keys],
+                          [served.kept(N[k], keep) + 1 for k in keys], tiny.token_id(PAD[keys[0]]))
+    tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])
+
+
+def test_batch_of_different_methods_equals_single_runs(runs):
+    _, got, _ = runs
+    singles = [got["vid:holitom"][0], got["img:cdpruner"][1], got["text"][0], got["img:prumerge"][0],
+               got["vid:dycoke"][0]]
+    tiny.assert_same_runs(got["mixed_methods"], singles)
