@@ -11,7 +11,8 @@ them:
   later layer gets the attention mask, `position_embeddings` and `position_ids` of the kept columns (original
   positions by default; `compact_positions` renumbers them 0..L'-1 as PyramidDrop's release does, 1-D RoPE only);
 - `generate()` with a dynamic cache: pruning happens once, in the prefill; decode steps append to the shorter caches
-  of the pruned layers, whose masks (and, when compacted, positions) are remapped here;
+  of the pruned layers, whose masks (and, when compacted, positions) are remapped here (the column layout and
+  the masks: `layout.py`);
 - ragged batches: samples that lose different numbers of tokens physically drop the smallest count and hide the
   rest as keys in the attention masks of the pruned layers, so each sample computes what it computes alone;
 - `detach()` removes exactly the hooks `attach()` added (the model is restored bit for bit).
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from mmcompress.compressors.attention_scores import attention_row_scores, find_qk_linears
+from mmcompress.inllm.layout import StagePlan, cache_of, decode_mask, gather_seq, prefill_mask
 
 __all__ = ["InLLM", "InLLMMethod", "PruneContext", "drop_lowest", "find_decoder"]
 
@@ -159,34 +161,6 @@ class PruneContext:
         return h if norm is None else norm(h)
 
 
-@dataclass
-class _Plan:
-    point: int  # first layer of this stage
-    keep_idx: torch.Tensor  # [B, L'] int64 original columns kept physically, increasing
-    key_valid: torch.Tensor  # [B, L'] bool False at dropped columns kept for batch alignment
-    orig_len: int  # L0
-    dead: torch.Tensor  # [B, L0] bool columns dropped so far (physically or hidden)
-    shift: torch.Tensor  # [B] columns dropped so far per sample (decode positions move down by it when compact)
-    new_pos: torch.Tensor | None  # [B, L'] compacted position ids, or None (original positions kept)
-
-
-def _cache_of(kwargs: dict[str, Any]) -> Any:
-    return kwargs.get("cache", kwargs.get("past_key_values"))
-
-
-def _gather_seq(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather t along `dim` (a sequence dim) with idx [B, L'] (t's batch dim may be 1 and is then expanded)."""
-    B, Lp = idx.shape
-    if t.shape[0] == 1 and B > 1 and dim != 0:
-        t = t.expand(B, *t.shape[1:])
-    shape = [1] * t.dim()
-    shape[0], shape[dim] = B, Lp
-    view = idx.view(shape)
-    tgt = list(t.shape)
-    tgt[dim] = Lp
-    return t.gather(dim, view.expand(tgt))
-
-
 class InLLM:
     """The shared in-LLM pruning stage: hooks on the decoder layers that apply `method` in the prefill.
 
@@ -222,7 +196,7 @@ class InLLM:
         self._typed_rope = self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
         self._handles: list = []
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._plans: list[_Plan] = []  # plans of the prefill in flight, one per prune point reached
+        self._plans: list[StagePlan] = []  # plans of the prefill in flight, one per prune point reached
         self._captured: dict[int, tuple[torch.Tensor, Any]] = {}  # point -> (x, position_embeddings)
         self._cache_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._fwd_cache: dict[tuple, Any] = {}
@@ -365,12 +339,12 @@ class InLLM:
         key_valid = ~dead_rel.gather(1, keep_rel)
         dead = dead0.clone()
         dead.scatter_(1, positions, dead_rel | dead0.gather(1, positions))
-        plan = _Plan(point=i, keep_idx=keep_idx, key_valid=key_valid, orig_len=L0, dead=dead,
+        plan = StagePlan(point=i, keep_idx=keep_idx, key_valid=key_valid, orig_len=L0, dead=dead,
                      shift=(dead & valid0).sum(1), new_pos=None)
         if self.method.compact_positions:
             plan.new_pos = self._compact(plan, kwargs, valid0, h, i)
         self._plans.append(plan)
-        return _gather_seq(h, keep_rel, 1)
+        return gather_seq(h, keep_rel, 1)
 
     def _rope(self, x: torch.Tensor, pos: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the decoder's rotary embedding at `pos` for layer i (Gemma 3: per layer type)."""
@@ -378,7 +352,7 @@ class InLLM:
             return tuple(self.rotary(x, pos, self._layer_types[i]))
         return tuple(self.rotary(x, pos))
 
-    def _compact(self, plan: _Plan, kwargs: dict[str, Any], valid0: torch.Tensor, h: torch.Tensor,
+    def _compact(self, plan: StagePlan, kwargs: dict[str, Any], valid0: torch.Tensor, h: torch.Tensor,
                  i: int) -> torch.Tensor | None:
         """[B, L'] position ids of the kept columns renumbered without the dropped ones (1-D RoPE), or None."""
         pid, pe = kwargs.get("position_ids"), kwargs.get("position_embeddings")
@@ -400,7 +374,7 @@ class InLLM:
         return hook
 
     def _layer_hook(self, i: int, args: tuple, kwargs: dict[str, Any]):
-        cache = _cache_of(kwargs)
+        cache = cache_of(kwargs)
         h = args[0] if args else kwargs["hidden_states"]
         prefill = self._pending is not None
         if prefill:
@@ -420,7 +394,7 @@ class InLLM:
             if plan is None:
                 return None
             kwargs = dict(kwargs)
-            kwargs["attention_mask"] = self._decode_mask(kwargs.get("attention_mask"), plan, h.shape[1], cache, i)
+            kwargs["attention_mask"] = decode_mask(kwargs.get("attention_mask"), plan, h.shape[1], cache, i)
             if plan.new_pos is not None:
                 kwargs.update(self._decode_positions(kwargs, plan, h, i))
         if args:
@@ -429,7 +403,7 @@ class InLLM:
             kwargs["hidden_states"] = h
         return args, kwargs
 
-    def _decode_plan(self, cache: Any, i: int) -> _Plan | None:
+    def _decode_plan(self, cache: Any, i: int) -> StagePlan | None:
         if cache is None:
             return None
         try:
@@ -444,7 +418,7 @@ class InLLM:
                 cur = p
         return cur
 
-    def _gathered(self, kwargs: dict[str, Any], plan: _Plan | None, i: int) -> dict[str, Any]:
+    def _gathered(self, kwargs: dict[str, Any], plan: StagePlan | None, i: int) -> dict[str, Any]:
         """attention_mask / position_embeddings / position_ids of the plan's columns, computed once per forward."""
         names = ("attention_mask", "position_embeddings", "position_ids")
         src = {k: kwargs.get(k) for k in names}  # the decoder passes every layer the full-length originals
@@ -459,77 +433,35 @@ class InLLM:
                 out[name] = self._fwd_cache[key][1]
                 continue
             if name == "attention_mask":
-                new = self._prefill_mask(v, plan)
+                new = prefill_mask(v, plan)
             elif name == "position_embeddings" and v is not None:
                 if plan.new_pos is not None:
                     new = self._rope(v[0], plan.new_pos.to(v[0].device), i)
                 else:
-                    new = tuple(_gather_seq(t, idx.to(t.device), 1) for t in v)
+                    new = tuple(gather_seq(t, idx.to(t.device), 1) for t in v)
             elif name == "position_ids" and isinstance(v, torch.Tensor):
                 if plan.new_pos is not None:
                     new = plan.new_pos.to(v.device)
                 elif v.dim() == 2:
-                    new = _gather_seq(v, idx.to(v.device), 1)
+                    new = gather_seq(v, idx.to(v.device), 1)
                 else:  # [3 or 4, B, L] multimodal rope ids
-                    new = torch.stack([_gather_seq(p, idx.to(v.device), 1) for p in v])
+                    new = torch.stack([gather_seq(p, idx.to(v.device), 1) for p in v])
             else:
                 new = v
             self._fwd_cache[key] = (v, new)  # keep v alive so its id stays unique during the forward
             out[name] = new
         return out
 
-    def _decode_positions(self, kwargs: dict[str, Any], plan: _Plan, h: torch.Tensor, i: int) -> dict[str, Any]:
+    def _decode_positions(self, kwargs: dict[str, Any], plan: StagePlan, h: torch.Tensor, i: int) -> dict[str, Any]:
         """Decode steps of a compacted stage: positions moved down by the columns dropped before it."""
         pid = kwargs.get("position_ids")
         B = plan.shift.shape[0]
         if not isinstance(pid, torch.Tensor) or pid.dim() != 2:
-            cache = _cache_of(kwargs)
+            cache = cache_of(kwargs)
             past = int(cache.layers[0].get_seq_length()) if cache is not None else 0
             pid = torch.arange(past, past + h.shape[1], device=h.device).expand(B, -1)
         new = pid.expand(B, -1) - plan.shift.to(pid.device).unsqueeze(1)
         return {"position_ids": new, "position_embeddings": self._rope(h, new, i)}
-
-    @staticmethod
-    def _prefill_mask(m: torch.Tensor | None, plan: _Plan) -> torch.Tensor | None:
-        idx, kv = plan.keep_idx, plan.key_valid
-        B, Lp = idx.shape
-        if m is None:
-            if bool(kv.all()):
-                return None  # still plain causal
-            causal = torch.ones(Lp, Lp, dtype=torch.bool, device=idx.device).tril()
-            return causal[None, None] & kv[:, None, None, :]
-        if not isinstance(m, torch.Tensor) or m.dim() != 4:
-            raise ValueError(f"attention_mask: in-LLM pruning supports 4-D (SDPA/eager) masks or None, "
-                             f"got {type(m).__name__}")
-        m = _gather_seq(_gather_seq(m, idx.to(m.device), 2), idx.to(m.device), 3)  # [B, 1, L', L']
-        hide = ~kv.to(m.device)[:, None, None, :]
-        if m.dtype == torch.bool:
-            return m & ~hide
-        return m.masked_fill(hide, torch.finfo(m.dtype).min)
-
-    @staticmethod
-    def _decode_mask(m: torch.Tensor | None, plan: _Plan, q: int, cache: Any, i: int) -> torch.Tensor | None:
-        idx, kv = plan.keep_idx, plan.key_valid
-        B, Lp = idx.shape
-        if m is None:
-            if bool(kv.all()):
-                return None
-            past = cache.layers[i].get_seq_length() if cache is not None else Lp  # L' + t before this step
-            t = past - Lp
-            valid = torch.cat([kv, kv.new_ones(B, t + q)], 1)  # [B, L' + t + q]
-            causal = torch.ones(q, past + q, dtype=torch.bool, device=kv.device).tril(diagonal=past)
-            return causal[None, None] & valid[:, None, None, :]
-        if not isinstance(m, torch.Tensor) or m.dim() != 4:
-            raise ValueError(f"attention_mask: in-LLM pruning supports 4-D (SDPA/eager) masks or None, "
-                             f"got {type(m).__name__}")
-        Lfull = m.shape[-1]
-        extra = torch.arange(plan.orig_len, Lfull, device=m.device).expand(B, -1)
-        cols = torch.cat([idx.to(m.device), extra], 1)  # [B, L' + t + q]
-        m = _gather_seq(m, cols, 3)
-        hide = ~torch.cat([kv.to(m.device), torch.ones_like(extra, dtype=torch.bool)], 1)[:, None, None, :]
-        if m.dtype == torch.bool:
-            return m & ~hide
-        return m.masked_fill(hide, torch.finfo(m.dtype).min)
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def _record(self, image_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
