@@ -1,7 +1,8 @@
 """`holitom`: holistic temporal + spatial token merging for video (HoliTom, Shao et al., NeurIPS'25), clean-room.
 
 "HoliTom: Holistic Token Merging for Fast Video Large Language Models": the merging that runs before the LLM
-(the paper's "HoliTom (w/o M)"; its in-LLM merging is not part of this compressor). Per video of T frames of
+(the paper's "HoliTom (w/o M)"; its in-LLM merging is not part of this pure compressor: `mmc.apply(model,
+"holitom", llm_layer=K)` runs it on the shared in-LLM stage, `mmcompress.inllm.holitom`). Per video of T frames of
 S = H·W tokens (`grid` (T, H, W); an (H, W) or (N,) grid is one frame):
 
 1. frame similarity: f[t, p] = cos(m[t, p], m[t + 1, p]) on the similarity features m (`metric`, else x);
@@ -208,6 +209,9 @@ class HoliTom(Compressor):
         beta: weight of a cluster's centre in its merged token (release default 0.6).
         knn: neighbours of the DPC density (release default 7).
         max_window: longest temporal window in frames (release default 1024).
+        llm_layer: None (default: the release without `HOLITOM_k`, "HoliTom (w/o M)"), or the decoder layer K at
+            which `mmc.apply` also runs HoliTom's in-LLM merging (`mmcompress.inllm.holitom`; its scripts use 18).
+        llm_prune: fraction of the video tokens merged away there (`HOLITOM_r`, 0.5).
         epsilon: target error for keep="auto" (the `adaptive` estimator picks the per-sample budget).
     """
 
@@ -217,7 +221,8 @@ class HoliTom(Compressor):
     encoder_needs = EncoderNeeds(layer="feature", heads="mean", stage="projector")
 
     def __init__(self, keep: int | float | str = 0.5, *, tau: float = 0.8, beta: float = 0.6, knn: int = 7,
-                 max_window: int = 1024, epsilon: float = 0.1):
+                 max_window: int = 1024, llm_layer: int | None = None, llm_prune: float = 0.5,
+                 epsilon: float = 0.1):
         super().__init__(keep, epsilon=epsilon)
         for nm, v, lo, hi in (("tau", tau, -1.0, 1.0), ("beta", beta, 0.0, 1.0)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
@@ -226,6 +231,26 @@ class HoliTom(Compressor):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{nm}: expected an int >= 1, got {v!r}")
         self.tau, self.beta, self.knn, self.max_window = float(tau), float(beta), knn, max_window
+        if llm_layer is not None and (isinstance(llm_layer, bool) or not isinstance(llm_layer, int) or llm_layer < 1):
+            raise ValueError(f"llm_layer: expected None or an int layer index >= 1, got {llm_layer!r}")
+        if isinstance(llm_prune, bool) or not isinstance(llm_prune, (int, float)) or not 0.0 <= llm_prune < 1.0:
+            raise ValueError(f"llm_prune: expected a fraction in [0, 1), got {llm_prune!r}")
+        self.llm_layer, self.llm_prune = llm_layer, float(llm_prune)
+
+    def inllm_builder(self, model=None):
+        """None, or build(n_layers) -> HoliTom's in-LLM rule at layer `llm_layer` (for `mmc.apply`)."""
+        if self.llm_layer is None:
+            return None
+        from mmcompress.inllm.holitom import HoliTomRule
+        from mmcompress.inllm.options import check_layer
+
+        k, r = self.llm_layer, self.llm_prune
+
+        def build(n_layers: int) -> HoliTomRule:
+            check_layer("llm_layer", k, n_layers)
+            return HoliTomRule(k=k, r=r)
+
+        return build
 
     def plan(self, inp: Inputs, k: int) -> Plan:
         B, N, C = inp.x.shape
