@@ -46,6 +46,7 @@ from torch import nn
 
 from mmcompress.compressors.attention_scores import attention_row_scores, find_qk_linears
 from mmcompress.inllm.layout import StagePlan, cache_of, decode_mask, gather_seq, prefill_mask
+from mmcompress.inllm.saliency import layer_input_grad
 
 __all__ = ["InLLM", "InLLMMethod", "PruneContext", "drop_lowest", "find_decoder"]
 
@@ -57,6 +58,8 @@ class InLLMMethod(Protocol):
         name: the method's name (messages, stats).
         points: increasing layer indices, each the first layer that sees the sequence pruned there (>= 1).
         compact_positions: renumber the kept tokens' positions 0..L'-1 (1-D RoPE) instead of keeping the originals.
+        needs_grad (optional, default False): the rule calls `PruneContext.layer_grad` (a backward pass inside the
+            prefill: TRIO); the stage then needs the output head (`InLLM(head=...)`).
     """
 
     name: str
@@ -115,6 +118,8 @@ class PruneContext:
             them (`wants_input = True`), else None.
         valid0: [B, L0] bool non-padding columns of the prefill input.
         image0: [B, L0] bool image columns of the prefill input.
+        kwargs: layer `point`'s keyword arguments for the current layout (mask, position embeddings and ids), for
+            rules with `needs_grad`; else None.
     """
 
     point: int
@@ -130,6 +135,7 @@ class PruneContext:
     h_in: torch.Tensor | None = None
     valid0: torch.Tensor | None = None
     image0: torch.Tensor | None = None
+    kwargs: dict[str, Any] | None = None
     _qk: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -160,6 +166,21 @@ class PruneContext:
         norm = getattr(self.owner.decoder, "norm", None) if self.owner.decoder is not None else None
         return h if norm is None else norm(h)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., V] the output head on the final norm of `h` [..., C] (the stage's `head`)."""
+        if self.owner.head is None:
+            raise RuntimeError(f"{self.owner.method.name}: the stage has no output head (InLLM(head=...))")
+        return self.owner.head(self.final_norm(h))
+
+    def layer_grad(self, layer: int, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[B, L, C] d loss_fn(layers[layer](h)) / d h at the current layout (`h` entering this point), computed on
+        detached clones under any caller mode (no_grad, inference_mode), with no autograd state left behind
+        (`mmcompress.inllm.saliency`). `layer` is `point` or an earlier layer whose output `h` is (`point - 1`)."""
+        if self.kwargs is None:
+            raise RuntimeError(f"{self.owner.method.name}: layer_grad needs the rule to declare needs_grad = True")
+        return self.owner._layer_grad(layer, self.h, self.kwargs, loss_fn, autocast_dtype)
+
 
 class InLLM:
     """The shared in-LLM pruning stage: hooks on the decoder layers that apply `method` in the prefill.
@@ -171,16 +192,21 @@ class InLLM:
             default: None (compaction then falls back to original positions, `final_norm` to the identity).
         rope: function (q, k, cos, sin) -> (q, k) applying the rotary embedding; default: the
             `apply_rotary_pos_emb` of each scoring attention module's own module.
+        head: the output head (`model.get_output_embeddings()`), for rules with `needs_grad`; default None.
     """
 
     def __init__(self, layers: nn.ModuleList, method: InLLMMethod, decoder: nn.Module | None = None,
-                 rope: Callable | None = None):
+                 rope: Callable | None = None, head: nn.Module | None = None):
         n = len(layers)
         pts = tuple(method.points)
         if not pts or list(pts) != sorted(set(pts)) or not all(1 <= p < n for p in pts):
             raise ValueError(f"{method.name}: prune layers must be increasing in [1, {n}) (the decoder has {n} "
                              f"layers), got {list(pts)}")
         self.layers, self.method, self.decoder, self.points = layers, method, decoder, pts
+        self.head, self.needs_grad = head, bool(getattr(method, "needs_grad", False))
+        if self.needs_grad and head is None:
+            raise ValueError(f"head: {method.name} re-runs a layer through the output head; pass the model's "
+                             f"output embeddings")
         self._score = {}
         for p in pts:
             c = method.score_layer(p)
@@ -321,7 +347,8 @@ class InLLM:
             pe = self._gathered(kwargs, prev, i).get("position_embeddings")
         ctx = PruneContext(point=i, stage=self.points.index(i), h=h, x=x, pe=pe, valid=valid, img=img,
                            n_img0=(image_mask.to(h.device) & valid0).sum(1), positions=positions, owner=self,
-                           h_in=self._captured.get(-1, (None,))[0], valid0=valid0, image0=image_mask.to(h.device))
+                           h_in=self._captured.get(-1, (None,))[0], valid0=valid0, image0=image_mask.to(h.device),
+                           kwargs={**kwargs, **self._gathered(kwargs, prev, i)} if self.needs_grad else None)
         drop = self.method.drop(ctx)
         if isinstance(drop, tuple):  # (drop, hidden states with some image columns rewritten: token recycling)
             drop, h = drop
@@ -345,6 +372,15 @@ class InLLM:
             plan.new_pos = self._compact(plan, kwargs, valid0, h, i)
         self._plans.append(plan)
         return gather_seq(h, keep_rel, 1)
+
+    def _layer_grad(self, layer: int, h: torch.Tensor, kwargs: dict[str, Any], loss_fn: Callable,
+                    autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        """The backward capability: layer `layer` re-run with the stage's own hooks off (no pruning, no capture)."""
+        pending, self._pending = self._pending, None
+        try:
+            return layer_input_grad(self.layers[layer], h, kwargs, loss_fn, autocast_dtype)
+        finally:
+            self._pending = pending
 
     def _rope(self, x: torch.Tensor, pos: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the decoder's rotary embedding at `pos` for layer i (Gemma 3: per layer type)."""
