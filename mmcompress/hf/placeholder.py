@@ -4,8 +4,10 @@ Most Hugging Face VLMs (Qwen2/2.5/3-VL, Gemma 3, InternVL, SmolVLM/Idefics3, Mis
 Qwen2-Audio, ...) share one pattern: `get_<modality>_features` turns pixels (or audio) into features, and forward
 `masked_scatter`s them into the positions of the placeholder token (`image_token_id`, ...) of `input_ids`; forward
 also accepts those features precomputed as `mm_encoder_outputs`, which is how `generate()` passes them. This module
-owns all the plumbing of compressing them; a family only describes what differs (`Family`): where its features
-come from, the grid of each item, which placeholder tokens are structural, and its position-id scheme.
+owns all the plumbing of compressing them; a family only describes what differs (`Family`, in `family.py`): where
+its features come from, the grid of each item, which placeholder tokens are structural, and its position-id scheme.
+The per-item bookkeeping (encoder output -> items -> compressed features) is in `items.py`; this module patches the
+model, dispatches prefill and decode steps, and rewrites the sequence around the compressed items.
 
 How a forward is rewritten (prefill: a call with media and an empty cache):
 
@@ -36,200 +38,25 @@ import contextlib
 import functools
 import inspect
 import time
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.hf.adapter import Adapter, register_adapter
-from mmcompress.hf.plumbing import (
-    DecodeState,
-    media_segments,
-    padding_side_of,
-    question_embeddings,
-    question_mask,
-    shrink_batch,
-)
+from mmcompress.hf.family import META_ATTR, Family, ItemMeta, Modality, expanded_meta, int_list
+from mmcompress.hf.items import compress_items, item_list, question_texts
+from mmcompress.hf.plumbing import DecodeState, padding_side_of, shrink_batch
 from mmcompress.inllm.fastv import FastV
 from mmcompress.inllm.stage import InLLM, find_decoder
 
-__all__ = ["Modality", "ItemMeta", "Family", "PlaceholderAdapter", "register_family", "int_list"]
+# Modality, ItemMeta, Family, int_list, expanded_meta and META_ATTR live in `family`; re-exported here, where
+# families have always imported them from.
+__all__ = ["Modality", "ItemMeta", "Family", "PlaceholderAdapter", "register_family", "int_list", "expanded_meta",
+           "META_ATTR"]
 
-META_ATTR = "_mmcompress_meta"  # attribute of an encoder output holding the per-item `ItemMeta` list
 PER_TOKEN = ("input_ids", "labels", "mm_token_type_ids", "token_type_ids")  # [B, L] tensors that follow the layout
 PAD_VALUES = {"labels": -100, "mm_token_type_ids": 0, "token_type_ids": 0}
-
-
-@dataclass(frozen=True)
-class Modality:
-    """One kind of media of a family.
-
-    Attributes:
-        name: "image", "video" or "audio" (also the key of `mm_encoder_outputs`).
-        input: the forward keyword that carries its raw input (e.g. "pixel_values"); its presence means media.
-        token: config attribute(s) holding the placeholder token id, first one found wins.
-        encoder: name of the model's encoder method (default `get_<name>_features`).
-        type_id: its value in `mm_token_type_ids` (M-RoPE families), else None.
-    """
-
-    name: str
-    input: str
-    token: tuple[str, ...]
-    encoder: str = ""
-    type_id: int | None = None
-
-    @property
-    def encoder_name(self) -> str:
-        return self.encoder or f"get_{self.name}_features"
-
-
-def expanded_meta(meta: list, segs: list[tuple[int, torch.Tensor]], rows: int) -> list:
-    """The item descriptions of an encoder output that `generate` expanded for beam search / several returned
-    sequences: every sample's input row repeated r times (rows b r .. b r + r - 1 are sample b) and each sample's
-    items repeated r times as a group ([A, B] -> [A, B, A, B]), as transformers' `_expand_multimodal_outputs`
-    does; `segs` (sample, columns) are the expanded items. Returns `meta` unchanged when it is not such an expansion.
-    """
-    if not meta or len(segs) % len(meta) or rows % (len(segs) // len(meta)):
-        return meta
-    r = len(segs) // len(meta)
-    per_row = [0] * rows
-    for b, _ in segs:
-        per_row[b] += 1
-    out, i = [], 0
-    for b0 in range(0, rows, r):
-        n = per_row[b0]
-        if any(per_row[b] != n for b in range(b0, b0 + r)):
-            return meta
-        out += meta[i : i + n] * r
-        i += n
-    return out if i == len(meta) else meta
-
-
-@dataclass
-class ItemMeta:
-    """What the family knows about one item when its encoder runs.
-
-    Attributes:
-        grid: (H, W) or (T, H, W) of the item's compressible tokens, or None (1-D sequence).
-        scores: [N] importance of each of its tokens (attention-based methods), or None.
-        metric: [N, d] similarity features of its tokens (what the compressor's `EncoderNeeds.metric` asks for, e.g.
-            the scoring block's keys), or None (the compressor then compares the tokens themselves).
-        fixed: [N] bool, structural tokens kept untouched at their columns (newline rows), or None.
-        x: [N', C'] the tokens to compress when they are not the features themselves (e.g. before the projector:
-            `Family.project` maps the compressed ones to features); the item's placeholder run is then shortened
-            to its first M' columns (1-D positions only).
-        prefix: leading tokens of `x` passed through untouched (CLS, registers).
-        tail: [k, C] features appended after the compressed ones (e.g. LLaVA's image_newline).
-    """
-
-    grid: tuple[int, ...] | None = None
-    scores: torch.Tensor | None = None
-    metric: torch.Tensor | None = None
-    fixed: torch.Tensor | None = None
-    x: torch.Tensor | None = None
-    prefix: int = 0
-    tail: torch.Tensor | None = None
-
-
-def int_list(v: Any) -> list[int]:
-    """A config id field (int, list or None) as a list of ints."""
-    if v is None:
-        return []
-    if isinstance(v, (list, tuple)):
-        return [int(i) for i in v if i is not None]
-    return [int(v)]
-
-
-class Family:
-    """Description of one model family for `PlaceholderAdapter`; subclass and override what differs.
-
-    Class attributes:
-        model_types: `config.model_type` values it serves.
-        modalities: its `Modality` list (only these are compressed; others pass through).
-        positions: "1d" (positions from the mask) or "mrope" (override `rope_index`).
-        structural: config attributes of token ids that are never part of the question (tile tags, image start/end).
-    """
-
-    model_types: ClassVar[tuple[str, ...]] = ()
-    modalities: ClassVar[tuple[Modality, ...]] = ()
-    positions: ClassVar[str] = "1d"
-    structural: ClassVar[tuple[str, ...]] = ()
-    options: ClassVar[dict[str, Any]] = {}  # extra adapter options of this family and their defaults
-    requires_meta: ClassVar[bool] = False  # features encoded before `apply` (no `ItemMeta`) pass uncompressed
-    position_offset: ClassVar[int] = 0  # "1d" positions start here (PaliGemma: 1)
-    merge: ClassVar[str] = "features"  # "features": forward takes `mm_encoder_outputs`; "embeds": `inputs_embeds`
-    consumed: ClassVar[tuple[str, ...]] = ()  # forward inputs of the media, dropped once encoded ("embeds")
-
-    def core(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module that owns the encoders and forward's media merge (`model.model` for *ForConditionalGeneration)."""
-        inner = getattr(model, "model", None)
-        return inner if inner is not None and hasattr(inner, self.modalities[0].encoder_name) else model
-
-    def llm_layers(self, core: torch.nn.Module) -> torch.nn.ModuleList:
-        """The decoder layers of the LLM (FastV)."""
-        for name in ("language_model", "text_model"):
-            lm = getattr(core, name, None)
-            if lm is not None:
-                return getattr(lm, "model", lm).layers
-        raise ValueError(f"model: cannot find the LLM layers of {type(core).__name__}")
-
-    def features(self, mod: Modality, out: Any) -> list[torch.Tensor]:
-        """Per-item features [N_i, C] from an encoder output, in placeholder order (a list/tuple: one item each;
-        [I, N, C]: one item per row; a flat [S, C] tensor: one item, unless the family overrides this)."""
-        p = out.pooler_output
-        if isinstance(p, (list, tuple)):
-            return [t.reshape(-1, t.shape[-1]) for t in p]
-        if p.dim() == 3:
-            return list(p)
-        return [p]
-
-    def pack(self, mod: Modality, out: Any, feats: list[torch.Tensor], kept: list[torch.Tensor | None]) -> Any:
-        """An encoder output holding the compressed per-item features, in the form forward reads.
-
-        Args:
-            kept: per item, [M_i] indices of its input tokens that survive (None: all, unchanged).
-        """
-        p = out.pooler_output
-        if isinstance(p, (list, tuple)):
-            return BaseModelOutputWithPooling(pooler_output=tuple(feats))
-        return BaseModelOutputWithPooling(pooler_output=torch.cat(feats).unsqueeze(0))  # [1, S', C]
-
-    def encode(self, adapter: PlaceholderAdapter, mod: Modality, kw: dict[str, Any]) -> Any:
-        """This call's encoder output for `mod`, with `META_ATTR` set; default: the model's own encoder method."""
-        return adapter._encoder_output(mod, kw)
-
-    def describe(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any], out: Any,
-                 cap: Any) -> list[ItemMeta]:
-        """Per-item grid / scores / structural tokens, from the encoder's arguments and output (default: none)."""
-        return [ItemMeta() for _ in self.features(mod, out)]
-
-    def check(self, adapter: PlaceholderAdapter) -> None:
-        """Validate the adapter's options for this family (raise ValueError naming the option)."""
-
-    def project(self, adapter: PlaceholderAdapter, x: torch.Tensor) -> torch.Tensor:
-        """[G, M, C'] compressed `ItemMeta.x` tokens -> [G, M, C] features (default: they are features)."""
-        return x
-
-    def stats(self, adapter: PlaceholderAdapter) -> dict[str, Any]:
-        """Extra entries of `mmcompress.stats` (every family's stats also hold `assign`: per item, in placeholder
-        order, (modality, sample, [N] output slot of each compressed token or None when not compressed))."""
-        return {}
-
-    def capture(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any]) -> Any:
-        """A context manager active while the encoder runs, handed to `describe` (default: `score_capture` when
-        the compressor needs scores or declares a metric, `adapter.encoder_needs`)."""
-        wants = "scores" in adapter._needs or adapter.encoder_needs.metric is not None
-        return self.score_capture(adapter, mod, args) if wants else None
-
-    def score_capture(self, adapter: PlaceholderAdapter, mod: Modality, args: dict[str, Any]) -> Any:
-        """A context manager recording what `describe` needs to score tokens, or None (no scores available)."""
-        return None
-
-    def rope_index(self, adapter: PlaceholderAdapter, kw: dict[str, Any], mm: torch.Tensor) -> torch.Tensor:
-        """[3 or 4, B, L] positions of the uncompressed sequence ("mrope" families)."""
-        raise NotImplementedError
 
 
 def register_family(family_cls: type[Family]) -> type[Family]:
@@ -299,6 +126,11 @@ class PlaceholderAdapter(Adapter):
         #: what the compressor declared it needs from the encoder (families provide it; see `EncoderNeeds`)
         self.encoder_needs: EncoderNeeds = getattr(compressor, "encoder_needs", None) or EncoderNeeds()
         fam.check(self)
+        if self.encoder_needs.stage == "pixels":  # before the encoder (mmcompress.hf.pixels): images only
+            from mmcompress.hf.pixels import check_pixel_stage
+
+            check_pixel_stage(self)
+            self.mods = tuple(m for m in self.mods if m.name == "image")
         if self.opts["fastv_k"] is None and "fastv_r" in options:
             raise ValueError("fastv_r: FastV is off; pass fastv_k= (the layer K) as well")
         self.inllm: InLLM | None = None  # the in-LLM pruning stage (FastV, PyramidDrop, SparseVLM, DART)
@@ -377,6 +209,10 @@ class PlaceholderAdapter(Adapter):
             return fn(*args, **kwargs)
         a = dict(sig.bind(*args, **kwargs).arguments)
         a.update(a.pop("kwargs", {}))
+        if self.encoder_needs.stage == "pixels":
+            from mmcompress.hf.pixels import encode_pixels
+
+            return encode_pixels(self, mod, fn, a, (args, kwargs))
         cap = self.family.capture(self, mod, a)
         with cap or contextlib.nullcontext():
             out = fn(*args, **kwargs)
@@ -439,82 +275,6 @@ class PlaceholderAdapter(Adapter):
             return fn(**ekw)
         return fn(**ekw, return_dict=True)
 
-    def _texts(self, ids: torch.Tensor, am: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """Per sample [L_b, C] input embeddings of the question (text-guided compressors)."""
-        cfg = self.model.config
-        media = list(self.tokens.values())
-        excl = [i for a in self.family.structural for i in int_list(getattr(cfg, a, None))]
-        text_cfg = getattr(cfg, "text_config", None)  # the top-level copies of these ids are deprecated there
-        for c in (text_cfg or cfg, getattr(self.model, "generation_config", None)):
-            for n in ("pad_token_id", "bos_token_id", "eos_token_id"):
-                excl += int_list(getattr(c, n, None)) if c is not None else []
-        qm = question_mask(ids, am, media, excl + int_list(self.opts["text_exclude_ids"]))
-        return question_embeddings(self.model.get_input_embeddings(), ids, qm)
-
-    def _compress(self, items: list[dict[str, Any]]) -> None:
-        """Compress items in groups of equal (N, grid, prefix, text length, metric width); sets it["x_out"]
-        ([M', C] features) and it["kept"] ([M] representatives; None when nothing was removed).
-
-        Items compressed in another space (`project`: their run keeps its first M' columns) get their outputs in the
-        order the method declares (`CompressOutput.order`, e.g. VisionZip's dominant-then-contextual); items whose
-        outputs sit at their representatives' columns keep source order."""
-        groups: dict[tuple, list[dict[str, Any]]] = {}
-        for it in items:
-            t, mt = it["text"], it["metric"]
-            key = (tuple(it["x"].shape), it["grid"], it["prefix"], it["project"], None if t is None else t.shape[0],
-                   None if mt is None else mt.shape[-1])
-            groups.setdefault(key, []).append(it)
-        for (_, grid, prefix, project, _, _), group in groups.items():
-            x = torch.stack([it["x"] for it in group])  # [G, N, C']
-            sc = None if group[0]["scores"] is None else torch.stack([it["scores"] for it in group]).to(x.device)
-            tx = None if group[0]["text"] is None else torch.stack([it["text"] for it in group]).to(x.dtype)
-            mt = None if group[0]["metric"] is None else torch.stack([it["metric"] for it in group]).to(x.device)
-            res = self.compressor(x, grid=grid, prefix=prefix, scores=sc, text=tx, metric=mt)
-            if project and res.order is not None:
-                res.x = res.ordered()  # the 1-D run reads the tokens in the method's order
-            counts = res.counts.tolist()
-            feats = self.family.project(self, res.x) if project else res.x  # [G, M, C]
-            for j, it in enumerate(group):
-                m = counts[j]
-                it["assign"] = res.assign[j]  # [N] output slot of every compressed token (-1: dropped)
-                if m >= x.shape[1]:  # nothing removed: the model's own features, bit for bit
-                    it["x_out"], it["kept"] = None, None
-                    continue
-                it["x_out"], it["kept"] = feats[j, :m], res.rep[j, :m]
-                if it["tail"] is not None:
-                    it["x_out"] = torch.cat([it["x_out"], it["tail"].to(feats)])
-
-    def _items(self, mod: Modality, out: Any, ids: torch.Tensor, texts: list) -> list[dict[str, Any]]:
-        """The items of one modality: features, placeholder columns, what the compressor gets."""
-        fam = self.family
-        feats = fam.features(mod, out)
-        segs = media_segments(ids, self.tokens[mod.name], [f.shape[0] for f in feats])  # (sample, [n_i] columns)
-        meta = getattr(out, META_ATTR, None)
-        if meta is None:
-            if "scores" in self._needs:
-                raise ValueError(f"scores: compressor {self.compressor.name!r} needs attention scores, taken "
-                                 f"while the encoder runs; the {mod.name} features were encoded before "
-                                 f"mmcompress.apply (pass {mod.input} instead of mm_encoder_outputs)")
-            meta = [ItemMeta() for _ in feats]
-        if len(meta) != len(feats):
-            meta = expanded_meta(meta, segs, ids.shape[0])
-        if len(meta) != len(feats):
-            raise ValueError(f"model: {len(feats)} {mod.name} items but {len(meta)} item descriptions")
-        items = []
-        for f, mt, (b, cols) in zip(feats, meta, segs, strict=True):
-            if "scores" in self._needs and mt.scores is None:
-                raise ValueError(f"scores: the {type(fam).__name__} description gives no attention scores for "
-                                 f"{mod.name}; use a compressor that does not need `scores`")
-            sel = None if mt.fixed is None else (~mt.fixed.to(f.device)).nonzero().squeeze(1)  # [N_c]
-            x = mt.x if mt.x is not None else f if sel is None else f[sel]
-            sc = mt.scores if sel is None or mt.x is not None else mt.scores[sel]
-            me = mt.metric if sel is None or mt.x is not None or mt.metric is None else mt.metric[sel]
-            items.append({"mod": mod, "sample": b, "cols": cols, "orig": f, "sel": sel, "grid": mt.grid, "x": x,
-                          "prefix": mt.prefix, "project": mt.x is not None, "tail": mt.tail, "text": texts[b],
-                          "scores": sc, "metric": me,
-                          "skip": getattr(out, META_ATTR, None) is None and fam.requires_meta})
-        return items
-
     def _prefill(self, kw: dict[str, Any], present: list[Modality]) -> Any:
         ids = kw.get("input_ids")
         if ids is None:
@@ -527,16 +287,16 @@ class PlaceholderAdapter(Adapter):
             raise ValueError(f"attention_mask: expected a 2D mask of shape {(B, L)}, got {tuple(am.shape)}")
         fam = self.family
         with torch.no_grad():
-            texts = self._texts(ids, am) if "text" in self._needs else [None] * B
+            texts = question_texts(self, ids, am) if "text" in self._needs else [None] * B
         per_mod = []
         for mod in present:
             with torch.no_grad():
                 out = fam.encode(self, mod, kw)
-            per_mod.append((mod, out, self._items(mod, out, ids, texts)))
+            per_mod.append((mod, out, item_list(self, mod, out, ids, texts)))
         todo = [it for _, _, its in per_mod for it in its if not it["skip"]]
         t0 = time.perf_counter()
         with torch.no_grad():
-            self._compress(todo)
+            compress_items(self, todo)
         ms = (time.perf_counter() - t0) * 1e3
 
         keep = torch.ones(B, L, dtype=torch.bool, device=dev)
