@@ -97,13 +97,18 @@ def visiontrim_plain(x: torch.Tensor, scores: torch.Tensor, text: torch.Tensor, 
 
 
 def dycoke_plain(x: torch.Tensor, T: int, prune: float = 0.7) -> torch.Tensor:
-    """x [T * P, C] -> the kept tokens in order: frame pairs (2i+1 vs 2i, then 4j+2 vs 4j), least similar first."""
+    """x [T * P, C] -> the kept tokens in order: frame pairs (2i+1 vs 2i, then 4j+2 vs 4j), least similar first;
+    the first stage compares F.normalize'd frames, the second the frames, and topk picks, as the release does."""
+    F = torch.nn.functional
     P = x.shape[0] // T
     frames = list(x.view(T, P, -1))
     q = int((1.0 - prune) * P)
     out = list(frames)
     pairs = {i + 1: i for i in range(0, T - 1, 2)} | {i + 2: i for i in range(0, T - 4, 4)}
     for f, g in pairs.items():
-        sim = torch.nn.functional.cosine_similarity(frames[f], frames[g], dim=1)
-        out[f] = frames[f][torch.sort(sim, stable=True).indices[:q]]
+        if f % 2:
+            sim = F.cosine_similarity(F.normalize(frames[g], dim=1), F.normalize(frames[f], dim=1), dim=1)
+        else:
+            sim = F.cosine_similarity(frames[g], frames[f], dim=1)
+        out[f] = frames[f][sim.topk(q, largest=False).indices]
     return torch.cat(out)
