@@ -138,7 +138,8 @@ class PlaceholderAdapter(Adapter):
             self.inllm = FastV(fam.llm_layers(self.core), k=self.opts["fastv_k"], r=self.opts["fastv_r"])
         elif self.opts["inllm"] is not None:
             layers = fam.llm_layers(self.core)
-            self.inllm = InLLM(layers, self.opts["inllm"](len(layers)), decoder=find_decoder(self.core, layers))
+            self.inllm = InLLM(layers, self.opts["inllm"](len(layers)), decoder=find_decoder(self.core, layers),
+                               head=self.model.get_output_embeddings())  # rules with a backward pass (TRIO)
         self._orig: Any = None
         self._had_forward = False
         self._prev_forward: Any = None
