@@ -7,6 +7,7 @@ chose), a mixed image + video + text batch equals single runs. One plugin engine
 from __future__ import annotations
 
 import pytest
+import served
 import tiny
 from conftest import run_engine
 
@@ -38,6 +39,10 @@ CALLS = {
     "video_pool": [dict(V, **kw("pool", 0.25))],
     "video_divprune_2": [dict(V, **kw("divprune", 2)), dict(W, **kw("divprune", 2))],  # W: a frame group keeps none
     "mixed_video": [dict(W, **kw("tome", 0.25)), dict(A, **kw("tome", 0.25)), TEXT, V, dict(V, **kw("divprune", 5))],
+    **served.calls([A, B], served.IMAGE_SOME, "img"),
+    **served.calls([V, W], served.VIDEO, "vid"),
+    "mixed_methods": served.mixed([(W, "holitom", 0.5), (B, "cdpruner", 0.5), (TEXT, None, 1.0),
+                                   (A, "visionzip", 0.5), (V, "dycoke", 0.5)]),
 }
 NAMES = list(CALLS)
 PLAIN = ["none", "video"]
@@ -100,3 +105,22 @@ def test_agrees_with_mmc_apply_in_transformers(runs, name, method, keep):
     """Same weights, same compressor, same inputs: greedy ids equal, first-token log-probs within fp32 noise."""
     model_dir, got, _ = runs
     tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])
+
+
+@pytest.mark.parametrize("name,method,keep", served.names(served.IMAGE_SOME, "img") + served.names(served.VIDEO, "vid"))
+def test_scored_text_and_video_methods_shorten_and_agree_with_mmc_apply(runs, name, method, keep):
+    """Scores from the last vision block, the question, video methods over all frame groups (each kept token in
+    its own group): the prompt is shorter by exactly the removed tokens, and outputs equal `mmc.apply`."""
+    model_dir, got, ref = runs
+    video = name.startswith("vid")
+    ns = [N_V, N_W] if video else [N_A, N_B]
+    served.assert_shorter(got[name], ref["video" if video else "none"], ns, [served.kept(n, keep) for n in ns],
+                          tiny.token_id("<|video_pad|>" if video else "<|image_pad|>"))
+    tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])
+
+
+def test_batch_of_different_methods_equals_single_runs(runs):
+    _, got, _ = runs
+    singles = [got["vid:holitom"][1], got["img:cdpruner"][1], got["text"][0], got["img:visionzip"][0],
+               got["vid:dycoke"][0]]
+    tiny.assert_same_runs(got["mixed_methods"], singles)
