@@ -30,6 +30,8 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
                    "top DVTS attention + text-guided merging of the rest"),
     "flashvid": ("flashvid", "attention, similarity", "video", ("grid", "scores"),
                  "segments, attention+diversity per frame, tree merging across frames, DPC-kNN"),
+    "pixelprune": ("pixelprune", "before the encoder", "image", (),
+                   "drop patch groups a 2-D predictor reproduces, before the ViT (Qwen-VL)"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),
 }
 
@@ -41,4 +43,5 @@ IN_LLM: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
     "dart": ("dart", "in-LLM", "image", ("apply",), "keep tokens least duplicated with pivots, at LLM layer 2"),
     "sparsevlm": ("sparsevlm", "in-LLM", "image", ("apply",),
                   "text raters' attention per layer, pruned tokens recycled"),
+    "trio": ("trio", "in-LLM", "image", ("apply",), "gradient saliency of a re-run layer's input + NMS (cosine 0.8)"),
 }

@@ -49,7 +49,9 @@ class EncoderNeeds:
             token): where the selected features drop the CLS (LLaVA's "default" strategy), the integration puts the
             CLS of the same hidden state ahead of them as `prefix=1`. Pair with `Compressor.prefix_in_budget`.
         stage: where the method runs when the caller names no stage: None (the integration's default, before the
-            projector), or "projector" (after it, in the LLM's input space, as DyCoke does).
+            projector), "projector" (after it, in the LLM's input space, as DyCoke does), or "pixels" (BEFORE the
+            vision encoder: the method picks patches from the processor's pixels and the encoder runs on those
+            only; `mmcompress.hf.pixels`, Qwen2/2.5/3-VL; PixelPrune).
         scores: what `scores=` holds: "row" (the CLS row, or without a CLS the mean attention each token receives)
             or "row+received" (VisionTrim's DVTS: 0.5 * row / ||row|| + 0.5 * r / ||r|| over the patches, r the
             attention each patch receives from the other patches, itself excluded; needs heads="mean").
@@ -73,8 +75,8 @@ class EncoderNeeds:
             raise ValueError(f"heads: expected 'mean' or 'single', got {self.heads!r}")
         if self.metric not in (None, "keys_mean", "keys"):
             raise ValueError(f"metric: expected None, 'keys_mean' or 'keys', got {self.metric!r}")
-        if self.stage not in (None, "vision", "projector"):
-            raise ValueError(f"stage: expected None, 'vision' or 'projector', got {self.stage!r}")
+        if self.stage not in (None, "vision", "projector", "pixels"):
+            raise ValueError(f"stage: expected None, 'vision', 'projector' or 'pixels', got {self.stage!r}")
         if self.scores not in ("row", "row+received"):
             raise ValueError(f"scores: expected 'row' or 'row+received', got {self.scores!r}")
         if self.scores == "row+received" and self.heads != "mean":

@@ -127,6 +127,12 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
     if name in IN_LLM:
         name, keep, options = _inllm_options(adapter_cls, name, keep, dict(options))
     comp_cls = get(name)
+    if getattr(getattr(comp_cls, "encoder_needs", None), "stage", None) == "pixels" \
+            and getattr(getattr(adapter_cls, "family", None), "pixel_norm", None) is None:
+        raise ValueError(f"name: {name!r} drops patches BEFORE the vision encoder, which needs a tower that takes a "
+                         f"variable patch set at their original positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); "
+                         f"{getattr(model.config, 'model_type', type(model).__name__)} is not served "
+                         f"({adapter_cls.__name__})")
     adapter_opts, comp_opts = _split_options(adapter_cls, comp_cls, options)
     adapter_opts = _default_stage(adapter_cls, comp_cls, adapter_opts)
     compressor = comp_cls(keep=keep, **comp_opts)

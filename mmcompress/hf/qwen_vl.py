@@ -10,6 +10,8 @@ What differs from the other families:
   q/k with their rotary embedding (`vision_scores`), so SDPA/FlashAttention models need no eager attention.
 * Qwen3-VL's DeepStack features (vision features added to early LLM layers at the same positions) are subset with
   the same indices as the main features.
+* Before the encoder (`pixel_norm`: the processor's mean/std): pixel-stage methods (PixelPrune) pick patches from
+  `pixel_values` and the tower runs on those only (`mmcompress.hf.pixels`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmcompress.compressors.attention_scores import attention_row_scores
+from mmcompress.compressors.pixelprune import QWEN2_MEAN, QWEN2_STD, QWEN3_MEAN, QWEN3_STD
 from mmcompress.hf.placeholder import META_ATTR, Family, ItemMeta, Modality, register_family
 
 __all__ = ["Qwen2VLFamily", "Qwen3VLFamily", "Glm4vFamily", "vision_scores"]
@@ -56,6 +59,7 @@ class Qwen2VLFamily(Family):
                   Modality("video", "pixel_values_videos", ("video_token_id",), type_id=2))
     positions = "mrope"
     structural = ("vision_start_token_id", "vision_end_token_id")
+    pixel_norm = (QWEN2_MEAN, QWEN2_STD)  # the processor's normalisation (pixel stage; OpenAI CLIP statistics)
 
     def core(self, model: torch.nn.Module) -> torch.nn.Module:
         inner = model.model if hasattr(getattr(model, "model", None), "visual") else model
@@ -85,6 +89,10 @@ class Qwen2VLFamily(Family):
                 return list(torch.split(p, [int(torch.tensor(mt.grid).prod()) for mt in meta]))
         return super().features(mod, out)
 
+    def stats(self, adapter: Any) -> dict[str, Any]:
+        """Pixel stage: patches the vision tower got / would have got, and the selection time."""
+        return dict(getattr(adapter, "pixel_stats", {}))
+
     def rope_index(self, adapter: Any, kw: dict[str, Any], mm: torch.Tensor) -> torch.Tensor:
         core = adapter.core
         rope_kw = {"image_grid_thw": kw.get("image_grid_thw"), "video_grid_thw": kw.get("video_grid_thw"),
@@ -102,6 +110,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
     """Qwen3-VL / Qwen3-VL-MoE: as Qwen2-VL, plus DeepStack features subset with the same indices."""
 
     model_types = ("qwen3_vl", "qwen3_vl_moe")
+    pixel_norm = (QWEN3_MEAN, QWEN3_STD)  # Qwen3-VL's processor: mean = std = 0.5 (what the release undoes)
 
     def pack(self, mod: Modality, out: Any, feats: list[torch.Tensor], kept: list[torch.Tensor | None]) -> Any:
         new = type(out)(pooler_output=tuple(feats)) if isinstance(out, BaseModelOutputWithPooling) else None
@@ -121,6 +130,7 @@ class Glm4vFamily(Qwen2VLFamily):
     model_types = ("glm4v", "glm4v_moe")
     modalities = Qwen2VLFamily.modalities[:1]
     structural = ("image_start_token_id", "image_end_token_id")
+    pixel_norm = None  # pixel stage not served: its tower's embeddings/downsample were not checked on patch subsets
 
 
 @torch.no_grad()
