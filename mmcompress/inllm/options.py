@@ -113,12 +113,41 @@ def sparsevlm_builder(keep: Any, own: dict[str, Any]):
     return build
 
 
+def trio_builder(keep: Any, own: dict[str, Any]):
+    """TRIO: `keep` = image tokens kept per sample (int, the release's `image_token_list` entry) or the fraction kept
+    (float, floored as its Qwen2.5-VL script); pruned before layer `trio_layer` (default: half the depth)."""
+
+    from mmcompress.inllm.trio import TRIORule
+
+    layer, tau = own.pop("trio_layer", None), own.pop("trio_tau", 0.8)
+    n_pos, rerun = own.pop("trio_positions", 4), own.pop("trio_rerun", "next")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0 or (isinstance(keep, float)
+                                                                                   and keep > 1):
+        raise ValueError(f"keep: 'trio' takes the image tokens kept per sample (an int, e.g. 32) or the fraction "
+                         f"kept in (0, 1], got {keep!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not -1 <= tau <= 1:
+        raise ValueError(f"trio_tau: expected a cosine threshold in [-1, 1], got {tau!r}")
+    if isinstance(n_pos, bool) or not isinstance(n_pos, int) or n_pos < 1:
+        raise ValueError(f"trio_positions: expected an int >= 1, got {n_pos!r}")
+    if rerun not in ("next", "prev"):
+        raise ValueError(f"trio_rerun: expected 'next' (re-run layer P, the LLaVA release) or 'prev' (layer P - 1, "
+                         f"the Qwen2.5-VL release), got {rerun!r}")
+
+    def build(n_layers: int) -> TRIORule:
+        p = n_layers // 2 if layer is None else layer
+        check_layer("trio_layer", p, n_layers)
+        return TRIORule(p, keep, tau=float(tau), n_pos=n_pos, rerun=rerun)
+
+    return build
+
+
 #: method -> builder(keep, own options) -> build(n_layers) -> rule; `own` is popped as the builder reads it
 BUILDERS: dict[str, Callable[[Any, dict[str, Any]], Callable[[int], Any]]] = {
-    "pdrop": pdrop_builder, "dart": dart_builder, "sparsevlm": sparsevlm_builder}
+    "pdrop": pdrop_builder, "dart": dart_builder, "sparsevlm": sparsevlm_builder, "trio": trio_builder}
 #: method -> the option names it accepts (all `<name>_*`)
 OPTIONS: dict[str, frozenset[str]] = {
     "pdrop": frozenset({"pdrop_layers", "pdrop_lambda"}),
     "dart": frozenset({"dart_k", "dart_pivot_image", "dart_pivot_text"}),
     "sparsevlm": frozenset({"sparsevlm_layers", "sparsevlm_counts", "sparsevlm_recycle"}),
+    "trio": frozenset({"trio_layer", "trio_tau", "trio_positions", "trio_rerun"}),
 }
