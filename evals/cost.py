@@ -225,10 +225,7 @@ def _sparsevlm_tokens(n: int, layers: Sequence[int], counts: Sequence[int], L: i
 
 
 def _sparsevlm(t: float, n: int, L: int) -> Schedule:
-    try:
-        from mmcompress.inllm.sparsevlm import sparsevlm_default_layers
-    except ImportError:  # the layout before mmcompress.inllm
-        from mmcompress.integrations.sparsevlm import sparsevlm_default_layers
+    from mmcompress.inllm.sparsevlm import sparsevlm_default_layers
 
     layers = sparsevlm_default_layers(L)
     shape = list(SPARSEVLM_SHAPE[: len(layers)]) + [SPARSEVLM_SHAPE[-1]] * max(0, len(layers) - 3)
