@@ -197,3 +197,34 @@ def test_options_are_checked(model):
         mmc.apply(model, "trio", keep=4, trio_nms=False)
     mmc.apply(model, "trio", keep=0.25, trio_layer=1)
     assert model._mmcompress_adapter.inllm.method.points == (1,)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "gemma3"])
+def test_families_batch_equals_solo_under_inference_mode(family):
+    """M-RoPE (original ids kept), Gemma 3 (tied head, typed rope): batch generate rows == their solo runs."""
+    from family_tiny import SPECS, batch
+    from family_tiny import build as build_family
+
+    spec = SPECS[family]
+    model = build_family(family)
+    samples = [spec.sample(5), spec.sample(6, pre=4)]
+    kw = batch(spec, samples)
+    with torch.no_grad():
+        ref = model(**kw).logits
+    mmc.apply(model, "trio", keep=2, trio_layer=1)
+    gen = {"max_new_tokens": 3, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    try:
+        with torch.inference_mode():
+            out = model.generate(**kw, **gen)
+            removed = mmc.stats(model)["inllm_removed"]
+            for b, s in enumerate(samples):
+                solo = model.generate(**batch(spec, [s]), **gen)
+                assert torch.equal(out.sequences[b, -3:], solo.sequences[0, -3:])
+                for sb, ss in zip(out.scores, solo.scores, strict=True):
+                    torch.testing.assert_close(sb[b], ss[0], atol=1e-5, rtol=1e-4)
+        assert all(r > 0 for r in removed)
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        mmc.remove(model)
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, ref)
