@@ -44,7 +44,7 @@ def _split_options(adapter_cls: type[Adapter], comp_cls: type, options: dict[str
 
 FASTV = "fastv"  # in-LLM baseline: an adapter option (fastv_k, fastv_r), not an encoder-side compressor
 # methods that prune inside the LLM, on the shared stage (mmcompress/inllm/stage.py)
-IN_LLM = (FASTV, *BUILDERS)  # fastv, pdrop, dart, sparsevlm (tests/test_cli_registry.py: = catalog.IN_LLM)
+IN_LLM = (FASTV, *BUILDERS)  # fastv, pdrop, dart, sparsevlm, trio (tests/test_cli_registry.py: = catalog.IN_LLM)
 
 
 def _fastv_options(adapter_cls: type[Adapter], keep: Any, options: dict[str, Any]):
@@ -114,6 +114,9 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
     - `"sparsevlm"` (ICML'25, release v1.5): `keep` is one of the release's budgets (192, 128, 96, 64: its per-layer
       counts) or the average fraction of image tokens over the layers; `sparsevlm_layers=` (default 2, 6, 15 of
       32), `sparsevlm_counts=` (with keep=None), `sparsevlm_recycle=` (default True).
+    - `"trio"` (arXiv 2602.04657): `keep` is the image tokens kept per sample (int, e.g. 32) or the fraction kept
+      (float), from layer `trio_layer=` (default half the depth) on, chosen by the gradient of a re-run layer's loss
+      and NMS (`trio_tau=0.8`); a backward pass inside the prefill, under no_grad/inference_mode callers.
 
     Returns:
         The same model object.
