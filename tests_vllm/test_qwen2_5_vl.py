@@ -6,6 +6,7 @@ videos. One plugin engine and one plain-vLLM engine for the module."""
 from __future__ import annotations
 
 import pytest
+import served
 import tiny
 from conftest import run_engine
 
@@ -23,7 +24,9 @@ kw = tiny.request_kw
 CALLS = {"none": [A, B], "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tome", 1.0))],
          "tome": [dict(A, **kw("tome", 0.25)), dict(B, **kw("tome", 0.25))],
          "video_none": [V, LONG], "video_keep1": [dict(V, **kw("tome", 1.0)), dict(LONG, **kw("tome", 1.0))],
-         "video_tome": [dict(V, **kw("tome", 0.25)), dict(LONG, **kw("tome", 0.25))]}
+         "video_tome": [dict(V, **kw("tome", 0.25)), dict(LONG, **kw("tome", 0.25))],
+         **served.calls([A, B], served.IMAGE_SOME, "img"), **served.calls([V], served.VIDEO, "vid"),
+         "mixed_methods": served.mixed([(V, "holitom", 0.5), (B, "cdpruner", 0.5), (A, "visionzip", 0.5)])}
 PLAIN = ["none", "video_none"]
 
 
@@ -63,3 +66,22 @@ def test_agrees_with_mmc_apply_in_transformers(runs, name, method):
     largest id, so the unwrapped models already differ there; the plugin follows vLLM (keep 1 is plain vLLM)."""
     model_dir, got, _ = runs
     tiny.assert_apply_agrees(model_dir, method, 0.25, CALLS[name][:1], got[name][:1])
+
+
+@pytest.mark.parametrize("name,method,keep", served.names(served.IMAGE_SOME, "img") + served.names(served.VIDEO, "vid"))
+def test_scored_text_and_video_methods_shorten_and_agree_with_mmc_apply(runs, name, method, keep):
+    """Scores from the last (full-attention) block in vLLM's window order, undone; the question; video methods:
+    the prompt is shorter by exactly the removed tokens, and outputs equal `mmc.apply` in transformers."""
+    model_dir, got, ref = runs
+    video = name.startswith("vid")
+    ns = [32] if video else [16, 24]
+    plain = ref["video_none"][:1] if video else ref["none"]
+    served.assert_shorter(got[name], plain, ns, [served.kept(n, keep) for n in ns],
+                          tiny.token_id("<|video_pad|>" if video else "<|image_pad|>"))
+    tiny.assert_apply_agrees(model_dir, method, keep, CALLS[name], got[name])
+
+
+def test_batch_of_different_methods_equals_single_runs(runs):
+    _, got, _ = runs
+    tiny.assert_same_runs(got["mixed_methods"], [got["vid:holitom"][0], got["img:cdpruner"][1],
+                                                 got["img:visionzip"][0]])

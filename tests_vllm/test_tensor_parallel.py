@@ -28,6 +28,8 @@ CALLS = {
     "none": [A, V],
     "keep1": [dict(A, **kw("tome", 1.0)), dict(V, **kw("tome", 1.0))],
     "compressed": [dict(A, **kw("tome", 0.25)), dict(B, **kw("divprune", 6)), dict(V, **kw("tome", 0.25))],
+    # scores from the vision tower (heads gathered over the ranks), the question, a video method
+    "scored": [dict(A, **kw("visionzip", 0.5)), dict(B, **kw("cdpruner", 0.5)), dict(V, **kw("holitom", 0.5))],
 }
 NAMES = list(CALLS)
 KEPT = [(16, 4), (24, 6), (32, 8)]  # (N, M) of each compressed request
@@ -50,8 +52,8 @@ def runs(models, tmp_path_factory):
     plug2 = run_engine(tmp_path_factory.mktemp("tp2"), model, [CALLS[n] for n in NAMES], env=bind, engine=tp2)
     plain2 = run_engine(tmp_path_factory.mktemp("plain2"), model, [CALLS["none"]], env=dict(bind, MMCOMPRESS_VLLM="0"),
                         engine=tp2)
-    plug1 = run_engine(tmp_path_factory.mktemp("tp1"), model, [CALLS["compressed"]])
-    return dict(zip(NAMES, plug2["results"], strict=True)), plain2["results"][0], plug1["results"][0]
+    plug1 = run_engine(tmp_path_factory.mktemp("tp1"), model, [CALLS["compressed"], CALLS["scored"]])
+    return dict(zip(NAMES, plug2["results"], strict=True)), plain2["results"][0], plug1["results"]
 
 
 @pytest.mark.parametrize("name", ["none", "keep1"])
@@ -60,9 +62,11 @@ def test_tp2_keep1_and_no_setting_equal_plain_vllm_tp2(runs, name):
     assert got[name] == plain  # prompt ids, generated ids, first-step log-probs: bit for bit
 
 
-def test_tp2_compressed_equals_tp1(runs):
+@pytest.mark.parametrize("name,call", [("compressed", 0), ("scored", 1)])
+def test_tp2_compressed_equals_tp1(runs, name, call):
     got, _, tp1 = runs
-    for r, s, (n, m), p in zip(got["compressed"], tp1, KEPT, [got["none"][0], None, got["none"][1]], strict=True):
+    kept = KEPT if name == "compressed" else [(16, 8), (24, 12), (32, 16)]
+    for r, s, (n, m), p in zip(got[name], tp1[call], kept, [got["none"][0], None, got["none"][1]], strict=True):
         assert r["prompt_token_ids"] == s["prompt_token_ids"]
         assert r["token_ids"] == s["token_ids"] and len(r["token_ids"]) == 5
         for k, v in s["first_logprobs"].items():
