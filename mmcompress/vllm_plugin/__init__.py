@@ -17,9 +17,9 @@ architecture and list the supported ones.
 
 Budgets are fixed before the encoder runs, because vLLM sizes each item's placeholder run in its processor: the count
 is `budget(n, keep, method)`, a pure function of the item's token count. `keep="auto"` and other data-dependent
-budgets are refused, as are the in-LLM methods (fastv, pdrop, sparsevlm, dart: they prune inside the LLM's layers).
-Every other method is served with what its `EncoderNeeds` declares (scores, keys, CLS from vLLM's vision tower:
-`scores`; the request's question: `text`).
+budgets are refused, as are the in-LLM methods (`mmcompress.hf.IN_LLM`: fastv, pdrop, sparsevlm, dart, trio; they
+prune inside the LLM's layers). Every other method is served with what its `EncoderNeeds` declares (scores, keys,
+CLS from vLLM's vision tower: `scores`; the request's question: `text`).
 """
 
 from __future__ import annotations
