@@ -179,6 +179,9 @@ def test_apply_onevision_video_runs_both_stages():
     assert torch.equal(st["assign"][0][2], direct.assign[0])
     assert st["inllm_removed"] == [8 - math.ceil(8 * 0.3)]
     assert st["inllm_layer_tokens"][0][-1] == math.ceil(8 * 0.3) + 1  # the newline stays
-    with pytest.raises(ValueError, match="llm_layer"):  # the release's layer 20 on a 4-layer LLM
-        mmc.apply(m, "flashvid", keep=8)
+    with pytest.raises(ValueError, match="llm_layer"):  # the release's layer 20 asked for on a 4-layer LLM
+        mmc.apply(m, "flashvid", keep=8, llm_layer=20)
+    from mmcompress.inllm.declared import resolve_layer
+
+    assert [resolve_layer("auto", (20, 28), n) for n in (4, 8, 20, 21, 28, 32)] == [3, 6, 14, 20, 20, 20]
     mmc.remove(m)

@@ -47,7 +47,7 @@ merged. Similarities use x
 (the release has no `metric`); `size` does not enter the values; `out.size` counts members as usual.
 
 FlashVID's in-LLM stage (FastV at LLM layer 20 keeping ceil(30%) of the video tokens) is not part of this pure
-compressor: `mmc.apply(model, "flashvid", ...)` runs it on the shared in-LLM stage (`inllm_builder`).
+compressor: `mmc.apply(model, "flashvid", ...)` runs it on the shared in-LLM stage (`inllm_stage`, built by `mmcompress.inllm.declared`).
 
 Letters: B batch, N = T * S tokens (prefix removed), T frames, S tokens per frame, k budget, C channels.
 """
@@ -231,8 +231,9 @@ class FlashVID(Compressor):
         knn: largest DPC-kNN neighbourhood (the release's min(clusters, 7)).
         merge: a tree's value: "release" (default; the sum of its tokens over 1 + the tokens merged straight into
             its root, as the release counts) or "mean" (the mean of its tokens).
-        llm_layer: decoder layer at which `mmc.apply` prunes the video tokens by last-token attention (the release's
-            `pruning_layer`, 20); None: no in-LLM stage.
+        llm_layer: decoder layer at which `mmc.apply` prunes the video tokens by last-token attention; "auto"
+            (default): the release's `pruning_layer` 20 (on LLaVA-OneVision-7B's 28-layer LLM), or on an LLM of
+            L <= 20 layers the same depth fraction, round(20 * L / 28); None: no in-LLM stage.
         llm_keep: share of the video tokens kept there, rounded up (the release's `llm_retention_ratio`, 0.3).
         epsilon: unused (kept for a uniform signature).
     """
@@ -244,7 +245,7 @@ class FlashVID(Compressor):
 
     def __init__(self, keep: int | float | str = "auto", *, retention: float = 0.25, expansion: float = 1.25,
                  alpha: float = 0.7, temporal_threshold: float = 0.8, segment_threshold: float = 0.9,
-                 min_segments: int = 8, knn: int = 7, merge: str = "release", llm_layer: int | None = 20,
+                 min_segments: int = 8, knn: int = 7, merge: str = "release", llm_layer: int | str | None = "auto",
                  llm_keep: float = 0.3, epsilon: float = 0.1):
         super().__init__(keep, epsilon=epsilon)
         for nm, v, lo, hi, lo_open in (("retention", retention, 0.0, 1.0, True), ("alpha", alpha, 0.0, 1.0, False),
@@ -261,16 +262,17 @@ class FlashVID(Compressor):
                 raise ValueError(f"{nm}: expected an int >= 1, got {v!r}")
         if merge not in ("release", "mean"):
             raise ValueError(f"merge: expected 'release' or 'mean', got {merge!r}")
-        if llm_layer is not None and (isinstance(llm_layer, bool) or not isinstance(llm_layer, int) or llm_layer < 1):
-            raise ValueError(f"llm_layer: expected None or an int layer index >= 1, got {llm_layer!r}")
+        if llm_layer not in (None, "auto") and (isinstance(llm_layer, bool) or not isinstance(llm_layer, int)
+                                                 or llm_layer < 1):
+            raise ValueError(f"llm_layer: expected 'auto', None or an int layer index >= 1, got {llm_layer!r}")
         self.retention, self.expansion, self.alpha = float(retention), float(expansion), float(alpha)
         self.tau, self.seg_th = float(temporal_threshold), float(segment_threshold)
         self.min_segments, self.knn, self.merge = min_segments, knn, merge
         self.llm_layer, self.llm_keep = llm_layer, float(llm_keep)
 
     # ---- the in-LLM stage (run by mmc.apply) ------------------------------------------------------------
-    def inllm_builder(self, model=None):
-        """None, or build(n_layers) -> the FastV rule of FlashVID's in-LLM stage, for `mmc.apply`.
+    def inllm_stage(self, model=None) -> dict | None:
+        """None, or the description of FlashVID's in-LLM stage for `mmc.apply` (`mmcompress.inllm.declared`).
 
         Layer `llm_layer` keeps ceil(n * llm_keep) of the n video tokens by the last token's attention in layer
         `llm_layer - 1`; on LLaVA-OneVision (`model.config.model_type`) the video's trailing newline is no
@@ -278,17 +280,9 @@ class FlashVID(Compressor):
         """
         if self.llm_layer is None:
             return None
-        from mmcompress.inllm.fastv import FastVRule
-        from mmcompress.inllm.options import check_layer
-
-        k, keep = self.llm_layer, self.llm_keep
         newline = getattr(getattr(model, "config", None), "model_type", None) == "llava_onevision"
-
-        def build(n_layers: int) -> FastVRule:
-            check_layer("llm_layer", k, n_layers)
-            return FastVRule(k=k, r=1.0 - keep, ceil_keep=keep, skip_last=newline)
-
-        return build
+        return {"rule": "fastv", "option": "llm_layer", "k": self.llm_layer, "depth_ref": (20, 28),
+                "r": 1.0 - self.llm_keep, "ceil_keep": self.llm_keep, "skip_last": newline}
 
     # ---- before the LLM ---------------------------------------------------------------------------------
     @staticmethod

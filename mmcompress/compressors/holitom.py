@@ -237,20 +237,12 @@ class HoliTom(Compressor):
             raise ValueError(f"llm_prune: expected a fraction in [0, 1), got {llm_prune!r}")
         self.llm_layer, self.llm_prune = llm_layer, float(llm_prune)
 
-    def inllm_builder(self, model=None):
-        """None, or build(n_layers) -> HoliTom's in-LLM rule at layer `llm_layer` (for `mmc.apply`)."""
+    def inllm_stage(self, model=None) -> dict | None:
+        """None, or the description of HoliTom's in-LLM stage at layer `llm_layer` for `mmc.apply`
+        (`mmcompress.inllm.declared`)."""
         if self.llm_layer is None:
             return None
-        from mmcompress.inllm.holitom import HoliTomRule
-        from mmcompress.inllm.options import check_layer
-
-        k, r = self.llm_layer, self.llm_prune
-
-        def build(n_layers: int) -> HoliTomRule:
-            check_layer("llm_layer", k, n_layers)
-            return HoliTomRule(k=k, r=r)
-
-        return build
+        return {"rule": "holitom", "option": "llm_layer", "k": self.llm_layer, "r": self.llm_prune}
 
     def plan(self, inp: Inputs, k: int) -> Plan:
         B, N, C = inp.x.shape

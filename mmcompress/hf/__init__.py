@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mmcompress.hf.adapter import ATTR, Adapter, adapter_for, register_adapter, supported_model_types
+from mmcompress.inllm.declared import build_declared
 from mmcompress.inllm.options import BUILDERS, OPTIONS
 
 __all__ = ["apply", "remove", "disabled", "stats", "Adapter", "register_adapter", "supported_model_types"]
@@ -139,12 +140,12 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
     adapter_opts, comp_opts = _split_options(adapter_cls, comp_cls, options)
     adapter_opts = _default_stage(adapter_cls, comp_cls, adapter_opts)
     compressor = comp_cls(keep=keep, **comp_opts)
-    declared = getattr(compressor, "inllm_builder", None)  # a method's own in-LLM stage (FlashVID: FastV at 20)
+    declared = getattr(compressor, "inllm_stage", None)  # a method's own in-LLM stage (FlashVID: FastV at 20)
     if declared is not None and "inllm" in adapter_cls.options and adapter_opts.get("inllm") is None \
             and adapter_opts.get("fastv_k") is None:
-        build = declared(model)
-        if build is not None:
-            adapter_opts = {**adapter_opts, "inllm": build}
+        spec = declared(model)
+        if spec is not None:
+            adapter_opts = {**adapter_opts, "inllm": build_declared(spec)}
     remove(model)
     adapter = adapter_cls(model, compressor, **adapter_opts)
     adapter.applied = applied
