@@ -325,3 +325,31 @@ def test_other_families_refuse(name):
     model = ft.build(name)
     with pytest.raises(ValueError, match="BEFORE the vision encoder"):
         mmc.apply(model, "pixelprune")
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_apply_llm_sees_kept_tokens_at_their_original_mrope_positions(name):
+    model = ft.build(name)
+    img = torch.zeros(3, 32, 48)
+    img[:, 8:16, 16:32] = 1.0
+    inp = _inputs(name, [img])
+    got = []
+    lm = model.model.language_model
+    h = lm.register_forward_pre_hook(lambda m, a, k: got.append((k["position_ids"], k["inputs_embeds"])),
+                                     with_kwargs=True)
+    with torch.no_grad():
+        model(**inp)
+        mmc.apply(model, "pixelprune")
+        model(**inp)
+    h.remove()
+    (pf, ef), (pp, ep) = got
+    mean, std = (QWEN3_MEAN, QWEN3_STD) if name.startswith("qwen3") else (QWEN2_MEAN, QWEN2_STD)
+    kept = pixelprune_select(inp["pixel_values"], inp["image_grid_thw"], mean=mean, std=std)[0]
+    ids = inp["input_ids"][0]
+    img_cols = (ids == ft.IMG).nonzero().squeeze(1)
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    keep[img_cols] = False
+    keep[img_cols[kept]] = True
+    assert torch.equal(pp[-3:], pf[-3:][..., keep])  # (t, h, w) ids of the kept columns, unchanged
+    text = keep & (ids != ft.IMG)
+    assert torch.equal(ep[0][(ids[keep] != ft.IMG)], ef[0][text])  # text embeddings where they were
