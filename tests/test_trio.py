@@ -228,3 +228,9 @@ def test_families_batch_equals_solo_under_inference_mode(family):
         mmc.remove(model)
     with torch.no_grad():
         assert torch.equal(model(**kw).logits, ref)
+
+
+def test_a_rule_needing_gradients_requires_the_output_head():
+    lm = llama()
+    with pytest.raises(ValueError, match="head"):
+        InLLM(lm.model.layers, TRIORule(2, 4), decoder=lm.model)
