@@ -114,9 +114,12 @@ def first_table(text: str) -> str:
 def headline_markdown(table: str) -> str:
     """Pivot a bench table (method, keep, tokens, accuracy ± se, ..., vs random, ..., prefill ratio) to method x keep.
 
-    A cell is bold when it beats `random` at the same budget by more than two standard errors (no `≈` mark). The
-    header gives the uncompressed row's accuracy and, per budget, the mean token count and the median prefill ratio
-    over the methods at that budget.
+    A cell is bold when its row is AT the budget and beats `random` there by more than two standard errors (no `≈`
+    mark). At the budget: the table's "at budget" column says "yes" or, in tables without it, the row's tokens
+    (for in-LLM methods the mean over the LLM's layers) are within 5% (+0.5) of keep x the uncompressed count. A row
+    above its budget shows its mean tokens (`↑36`); a setting the run skipped says so. The header gives the
+    uncompressed row's accuracy and, per budget, the mean token count and the median prefill ratio over the methods
+    at that budget.
     """
     lines = [ln for ln in first_table(table).splitlines() if ln.startswith("|")]
     head = _cells(lines[0])
@@ -144,14 +147,26 @@ def headline_markdown(table: str) -> str:
     if none is not None:
         first = f"method (none: {none[col['accuracy']]} at {float(none[col['tokens']]):g} tokens)"
     out = [f"| {first} | " + " | ".join(label(k) for k in keeps) + " |", "|---|" + "---|" * len(keeps)]
+    n_full = float(none[col["tokens"]]) if none is not None else float("nan")
+
+    def at_budget(r: list[str], k: str) -> bool:
+        if "at budget" in col and r[col["at budget"]] in ("yes", "above"):
+            return r[col["at budget"]] == "yes"
+        if not re.fullmatch(r"0?\.\d+|1", k) or n_full != n_full:
+            return True  # an int budget or no uncompressed row: nothing to compare with
+        return float(r[col["tokens"]]) <= float(k) * n_full * 1.05 + 0.5
+
     for m in methods:
         vals = []
         for k in keeps:
             r = cell.get((m, k))
             if r is None:
-                vals.append("")
+                vals.append("skipped")
                 continue
             vs = r[col["vs random"]]
+            if not at_budget(r, k):
+                vals.append(f"{r[col['accuracy']]} (↑{float(r[col['tokens']]):.0f} tokens)")
+                continue
             better = m != "random" and vs.startswith("+") and "≈" not in vs
             vals.append(f"**{r[col['accuracy']]}**" if better else r[col["accuracy"]])
         out.append(f"| {m} | " + " | ".join(vals) + " |")

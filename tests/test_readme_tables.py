@@ -144,3 +144,18 @@ def test_replot_reads_back_the_doc_table(tmp_path):
     assert len(rows) == len(rt.first_table(rt.get_block(doc, "make-bench table")).splitlines()) - 2
     rt.replot(doc, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_headline_bolds_only_rows_at_their_budget():
+    """An in-LLM row whose mean tokens over the layers exceed the budget is never bold (it shows its tokens), even
+    when it beats random; a skipped setting says so (was: bold, and a blank cell)."""
+    base = {"stderr": 0.01, "prefill_ms": 50.0, "compress_ms": 0.0}
+    rows = [{"method": "none", "keep": "1", "tokens": 64.0, "accuracy": 0.9, **base},
+            {"method": "random", "keep": "0.5", "tokens": 32.0, "accuracy": 0.6, **base},
+            {"method": "random", "keep": "0.25", "tokens": 16.0, "accuracy": 0.5, **base},
+            {"method": "inllm", "keep": "0.5", "tokens": 48.0, "accuracy": 0.85, **base, "at_budget": False},
+            {"method": "inllm", "keep": "0.25", "tokens": 16.0, "accuracy": 0.8, **base},
+            {"method": "other", "keep": "0.5", "tokens": 32.0, "accuracy": 0.8, **base}]
+    head = rt.headline_markdown(rt.bench_table(_summary_md(rows))).splitlines()
+    assert head[3] == "| inllm | 0.850 ± 0.010 (↑48 tokens) | **0.800 ± 0.010** |", head
+    assert head[4] == "| other | **0.800 ± 0.010** | skipped |", head
