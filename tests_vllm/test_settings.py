@@ -63,6 +63,7 @@ def test_precedence(monkeypatch):
     ({"mmcompress_method": "tome", "mmcompress_keep": [1]}, TypeError, "keep"),
     ({"mmcompress_method": "fastv", "mmcompress_keep": 0.5}, ValueError, "inside the LLM"),
     ({"mmcompress_method": "pdrop", "mmcompress_keep": 0.5}, ValueError, "inside the LLM"),
+    ({"mmcompress_method": "flashvid", "mmcompress_keep": 0.5}, ValueError, "inside the LLM"),  # its in-LLM stage
     ({"mmcompress_method": "tomee", "mmcompress_keep": 0.5}, ValueError, "did you mean"),
     ({"mmcompress_keep": 0.5}, ValueError, "without a compressor"),
 ])

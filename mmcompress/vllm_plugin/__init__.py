@@ -154,9 +154,13 @@ def _check_method(method: Any, where: str) -> str | None:
                          "does not change vLLM's decoder, so it cannot serve it; usable with vLLM: "
                          f"{', '.join(mmc.available())}")
     try:
-        mmc.get(method)
+        comp_cls = mmc.get(method)
     except ValueError as e:  # names the close matches and what is available
         raise ValueError(f"{where}: {e}") from None
+    if hasattr(comp_cls, "inllm_stage") and comp_cls().inllm_stage(None) is not None:
+        raise ValueError(f"{where}: {method!r} also prunes inside the LLM's layers by default (its own in-LLM stage, "
+                         "which mmc.apply runs); the mmcompress vLLM plugin does not change vLLM's decoder, so serving "
+                         "only its part before the LLM would not be the method")
     return method
 
 
