@@ -216,12 +216,17 @@ class MMCompressLMM(lmms):
                 samples = []
                 for i in chunk:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
-                    visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+                    doc = self.task_dict[task][split][doc_id]
+                    visuals = doc_to_visual(doc)
                     visuals = [v for v in (visuals or []) if v is not None]
                     if len(visuals) != 1 or not hasattr(visuals[0], "convert"):
                         raise ValueError(f"doc {task}/{split}/{doc_id}: the mmcompress model takes exactly one image "
                                          f"per document, got {len(visuals)} visual(s)")
-                    samples.append(Sample(id=str(doc_id), prompt=context, answer=None, image=visuals[0]))
+                    # the sample's own id where the task carries one (the mmc_* tasks: bench's id, so `random`
+                    # draws the same tokens as in `mmcompress bench`), else the document index
+                    sid = doc.get("id") if hasattr(doc, "get") else None
+                    samples.append(Sample(id=str(doc_id if sid is None else sid), prompt=context, answer=None,
+                                          image=visuals[0]))
                 if self.warmup:  # once per model: the first batch, unrecorded
                     self._answer(samples, gen_kwargs)
                     self.warmup = False
