@@ -27,7 +27,8 @@ KEPT_ALONE = np.array([235, 235, 235], np.uint8)
 
 
 def audio_methods() -> list[str]:
-    """Compressors the Whisper adapter can run: no ``scores=``/``text=`` needed, not video-only."""
+    """Compressors the Whisper adapter can run: no ``scores=``/``text=`` needed, not video-only, not a stage before
+    an image encoder (pixelprune)."""
     import mmcompress as mmc
     from mmcompress.registry import get
 
@@ -35,6 +36,8 @@ def audio_methods() -> list[str]:
     for name in mmc.available():
         cls = get(name)
         if set(getattr(cls, "needs", ())) & {"scores", "text", "grid"} or getattr(cls, "modality", "") == "video":
+            continue
+        if getattr(getattr(cls, "encoder_needs", None), "stage", None) == "pixels":
             continue
         names.append(name)
     return names

@@ -12,7 +12,9 @@ import pytest
 from demos.maps import anyres_grid, inllm_assign, item_panels, items_map, layer_counts, mosaic, tile_views, token_map
 
 Q = "what colour is the shape"
-IN_LLM = ("fastv", "pdrop", "dart", "sparsevlm")
+from mmcompress.catalog import IN_LLM  # noqa: E402
+
+FOUR = ("fastv", "pdrop", "dart", "sparsevlm")  # the in-LLM methods whose maps this file pins
 
 
 def save_tiny_llava_next(path: Path, seed: int = 0) -> Path:
@@ -66,7 +68,7 @@ def test_in_llm_methods_are_offered():
     from demos.app import image_methods
 
     offered = image_methods()
-    assert set(IN_LLM) <= set(offered) and offered[-4:] == list(IN_LLM)
+    assert set(IN_LLM) <= set(offered) and set(offered[-len(IN_LLM):]) == set(IN_LLM)  # listed last
 
 
 def test_in_llm_methods_run_with_per_layer_counts_and_maps(tmp_path, monkeypatch):
@@ -84,9 +86,9 @@ def test_in_llm_methods_run_with_per_layer_counts_and_maps(tmp_path, monkeypatch
     from PIL import Image
 
     Image.fromarray(img).save(path)
-    rows, gallery = run_image(backend, {}, str(path), None, Q, list(IN_LLM), 0.5)
+    rows, gallery = run_image(backend, {}, str(path), None, Q, list(FOUR), 0.5)
     by = {r[0]: r for r in rows}
-    for m in IN_LLM:
+    for m in FOUR:
         assert by[m][2] == 16 and 0 < by[m][3] < 16, by[m]  # tokens the last layers see
         assert by[m][6].startswith("layers 0-1: 16") or by[m][6].startswith("layers 0: 16"), by[m]
     assert by["fastv"][6].startswith("layers 0-1: 16, 2-3: 8")  # FastV: half of them from layer 2 on
