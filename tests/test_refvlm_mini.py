@@ -174,9 +174,10 @@ def test_bench_hands_text_guided_methods_the_question(monkeypatch, method):
     """ref-vlm-mini's template puts the question BEFORE the image, so the tokens after the image are template
     markers only; the bench leaves the tokenizer's special ids out of the question span, so a text-guided method
     reads the question's words (without it, `<|assistant|>` alone)."""
-    import mmcompress.hf.items as items
     from mmcompress.evals.backends import VLMBackend
     from mmcompress.evals.tasks import Sample
+
+    import mmcompress.hf.items as items
 
     proc = mini.RefVLMMiniProcessor(mini.build_tokenizer(WORDS), 112)
     model, _ = mini.build_mini(None, tokenizer=proc.tokenizer, vision=tiny_vision(), shape=mini.ARCH_V1)

@@ -47,7 +47,8 @@ merged. Similarities use x
 (the release has no `metric`); `size` does not enter the values; `out.size` counts members as usual.
 
 FlashVID's in-LLM stage (FastV at LLM layer 20 keeping ceil(30%) of the video tokens) is not part of this pure
-compressor: `mmc.apply(model, "flashvid", ...)` runs it on the shared in-LLM stage (`inllm_stage`, built by `mmcompress.inllm.declared`).
+compressor: `mmc.apply(model, "flashvid", ...)` runs it on the shared in-LLM stage (`inllm_stage`, built by
+`mmcompress.inllm.declared`).
 
 Letters: B batch, N = T * S tokens (prefix removed), T frames, S tokens per frame, k budget, C channels.
 """
