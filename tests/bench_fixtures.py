@@ -70,16 +70,8 @@ def save_tiny_llava(path: Path, seed: int = 0, layers: int = 2) -> Path:
     `path` (loadable offline with ``AutoModelForImageTextToText``/``AutoProcessor``); returns `path`."""
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 4}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
-                                               eos_token="</s>", unk_token="<unk>",
-                                               extra_special_tokens={"image_token": "<image>"})
+    tok = word_tokenizer()
     tok.padding_side = "left"
     improc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc = transformers.LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=8,
@@ -87,7 +79,7 @@ def save_tiny_llava(path: Path, seed: int = 0, layers: int = 2) -> Path:
                                        num_additional_image_tokens=1)
     vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
-    tc = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    tc = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=4, vision_feature_layer=-2,
@@ -100,3 +92,18 @@ def save_tiny_llava(path: Path, seed: int = 0, layers: int = 2) -> Path:
     model.save_pretrained(path)
     proc.save_pretrained(path)
     return path
+
+
+def word_tokenizer():
+    """A word-level tokenizer over `WORDS` with <pad> <s> </s> <unk> <image> (ids 0-4) for tiny LLaVA builds."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 4}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>",
+                                                extra_special_tokens={"image_token": "<image>"})

@@ -22,18 +22,10 @@ def save_tiny_llava_next(path: Path, seed: int = 0) -> Path:
     pinpoints up to 64 px) saved as a local HF folder."""
     import torch
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from tests.bench_fixtures import WORDS
+    from tests.bench_fixtures import word_tokenizer
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 4}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
-                                               eos_token="</s>", unk_token="<unk>",
-                                               extra_special_tokens={"image_token": "<image>"})
+    tok = word_tokenizer()
     pins = [[32, 64], [64, 32], [64, 64]]
     improc = transformers.LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                                   image_grid_pinpoints=pins)
@@ -42,7 +34,7 @@ def save_tiny_llava_next(path: Path, seed: int = 0) -> Path:
                                            num_additional_image_tokens=1)
     vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
-    tc = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    tc = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=4, image_grid_pinpoints=pins,
