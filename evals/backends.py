@@ -17,6 +17,7 @@ audio -> `mmcompress.evals.asr`, encoder -> `mmcompress.evals.knn`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import time
@@ -260,6 +261,7 @@ class VLMBackend:
         self.vision = _find_vision(model)
         self.method, self.keep = "none", 1.0
         self.timing_cache: dict[Any, Any] = {}  # kept uncompressed encoder outputs of timing batches
+        self.encoder_memo: Any = None  # `use_encoder_memo`: predict() batches reuse the tower's output
         self._resize_hook: Any = None
         try:
             from mmcompress.evals.cost import LLMShape
@@ -290,6 +292,16 @@ class VLMBackend:
                 raise ValueError(f"model: cannot load {model!r} ({e})") from e
         m = m.to(device=device, dtype=_dtype(dtype)).eval()
         return cls(m, proc, device)
+
+    def use_encoder_memo(self, on: bool = True, max_bytes: int = 4 << 30) -> None:
+        """From now on `predict` runs each batch's vision tower once and replays it for later settings on the same
+        pixels (`mmcompress.evals.encoder_memo`; exact: the answers do not change); ``on=False`` drops it."""
+        if not on or self.vision is None:
+            self.encoder_memo = None
+            return
+        from mmcompress.evals.encoder_memo import EncoderMemo
+
+        self.encoder_memo = EncoderMemo(self.vision, max_bytes=max_bytes)
 
     def configure(self, method: str, keep: float | int, options: dict[str, Any] | None = None) -> None:
         """Compress with `method` at `keep` from now on (``"none"``: the unwrapped model)."""
@@ -413,7 +425,8 @@ class VLMBackend:
         dev = torch.device(self.device)
         rng = torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [], enabled=gen.do_sample)
         # `random` draws per sample id: the same tokens in any batch, and in each beam's row of the sample
-        with rng, sample_keys([s.id for s in samples for _ in range(nb)]):
+        memo = self.encoder_memo if self.encoder_memo is not None else contextlib.nullcontext()
+        with rng, sample_keys([s.id for s in samples for _ in range(nb)]), memo:
             if gen.do_sample:
                 torch.manual_seed(batch_seed([s.id for s in samples], gen))
             out, t = timed_generate(self.model, inputs, self.vision, self.device,

@@ -148,6 +148,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"batch_size: expected a positive number of samples per model call, got {args.batch_size}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive number of tokens, got {args.max_new_tokens}")
+    if args.timing_repeats < 0:
+        raise ValueError(f"timing_repeats: expected 0 (off) or a positive number of pairs, got {args.timing_repeats}")
+    for name in ("timing_threads", "timing_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}: expected a positive number, got {getattr(args, name)}")
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -206,7 +211,8 @@ def _bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, out=Path(args.out), data=Path(args.data) if args.data else None,
         split=args.split, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
         gen_kwargs=gen_kwargs, resume=args.resume, skip_bad=args.skip_bad, options=options,
-        progress=not args.no_progress,
+        progress=not args.no_progress, timing_repeats=args.timing_repeats, timing_threads=args.timing_threads,
+        timing_samples=args.timing_samples, encoder_memo=not args.no_encoder_memo,
     )
     try:
         result = run(cfg)
@@ -261,6 +267,17 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="extra option for one method, e.g. tome:match_dtype=... or fastv:fastv_k=3 (repeatable)")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--timing-repeats", type=int, default=7,
+                   help="interleaved (none, setting) prefill pairs per task x setting for the time columns; 0: no "
+                        "interleaved timing (default %(default)s)")
+    b.add_argument("--timing-threads", type=int, default=1,
+                   help="torch threads while the time columns are measured (default %(default)s)")
+    b.add_argument("--timing-samples", type=int, default=8,
+                   help="the timing batch: each task's first N samples (default %(default)s)")
+    b.add_argument("--no-encoder-memo", action="store_true",
+                   help="encode every batch again for every setting (default: a batch's vision tower runs once and "
+                        "later settings replay it, re-running only the blocks a method hooks; the answers are the "
+                        "same either way)")
     b.set_defaults(fn=_cmd_bench)
 
 

@@ -186,6 +186,40 @@ class Trainable(torch.nn.Module):
         return {k: v.contiguous() for k, v in sd.items()}
 
 
+def grow_from(model: Trainable, path: Path) -> None:
+    """Load a shallower export into `model` by block expansion (LLaMA Pro, arXiv 2401.02415): the export's decoder
+    layer i goes to layer ``i * k`` (``k`` = depth ratio) and layers ``i * k + 1 .. i * k + k - 1`` are copies of it
+    whose ``o_proj`` and ``down_proj`` are zero, i.e. identity blocks at first; embeddings, final norm and projector
+    are taken as they are (the export's folded standardisation unfolded against this model's ``mean``/``std``), so
+    the grown model computes exactly the export's function."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    n_old = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("language_model.layers."))
+    n_new = len(model.lm.model.layers)
+    if n_new % n_old:
+        raise ValueError(f"--grow-from: {n_new} layers is not a multiple of the export's {n_old}")
+    k = n_new // n_old
+    lm = {}
+    for name, v in sd.items():
+        if not name.startswith("language_model."):
+            continue
+        rest = name[len("language_model."):]
+        if not rest.startswith("layers."):
+            lm[rest] = v
+            continue
+        _, i, tail = rest.split(".", 2)
+        for j in range(k):
+            zero = j > 0 and tail.endswith(("o_proj.weight", "down_proj.weight"))
+            lm[f"layers.{int(i) * k + j}.{tail}"] = torch.zeros_like(v) if zero else v.clone()
+    model.lm.model.load_state_dict(lm)
+    w = sd["multi_modal_projector.linear_1.weight"]  # folded: W / std_old; bias: b - W' @ mean_old
+    proj = {k2[len("multi_modal_projector."):]: v for k2, v in sd.items() if k2.startswith("multi_modal_projector.")}
+    proj["linear_1.weight"] = w * model.std[None, :].to(w.dtype)
+    proj["linear_1.bias"] = sd["multi_modal_projector.linear_1.bias"] + w @ model.mean.to(w.dtype)
+    model.proj.load_state_dict(proj)
+
+
 def compress_group(model: Trainable, method: str, raw: torch.Tensor, keep: int, grid: tuple[int, int],
                    seed: int = 0) -> torch.Tensor:
     """Projected image tokens ``[b, M, C]`` of `raw` ``[b, 1 + N, 384]`` (CLS first) compressed by `method` to `keep`
@@ -323,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the checkpoint's weights (bf16, no optimizer state) to this file and stop: small enough "
                         "to carry to another machine, where `--resume` from it re-warms the learning rate")
     p.add_argument("--assets", type=Path, default=None, help="export the result here (e.g. mmcompress/zoo/assets)")
+    p.add_argument("--grow-from", type=Path, default=None,
+                   help="start from a shallower export (e.g. v1's refvlm_mini.safetensors) by block expansion: "
+                        "its layer i becomes layer i*k and the k-1 layers after it are copies of it with o_proj and "
+                        "down_proj zeroed, so training starts from exactly the smaller model's function")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=None, help="with --assets: also draw the learning curve to this PNG")
     a = p.parse_args(argv)
@@ -398,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = allf.mean(0), allf.std(0).clamp_min(1e-3)
     torch.manual_seed(a.seed)
     model = Trainable(cfg, mean, std).to(a.device)
+    if a.grow_from is not None and not (a.resume and ckpt_path.is_file()):
+        grow_from(model, a.grow_from)
+        print(f"grown from {a.grow_from} (block expansion to {cfg.text_config.num_hidden_layers} layers)", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
