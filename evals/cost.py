@@ -242,8 +242,39 @@ def _sparsevlm(t: float, n: int, L: int) -> Schedule:
     return Schedule(None, {"sparsevlm_layers": list(layers), "sparsevlm_counts": cts}, planned, planned <= t + 1e-9)
 
 
+TRIO_SHAPE = (96 / 576, 32 / 576)  # the release README's schedule: 96 tokens from its encoder stage, 32 after L/2
+
+
+def _trio_encoder_stage() -> bool:
+    from mmcompress.registry import available
+
+    return "trio_encoder" in available()
+
+
+def _trio(t: float, n: int, L: int) -> Schedule:
+    """TRIO: its release's shape where the encoder stage exists (e tokens from the encoder stage, e / 3 from layer
+    L / 2 on, as 96 -> 32 at layer 16 of 32), scaled to the largest e with a mean within t; without the encoder stage,
+    the in-LLM stage alone at layer L / 2, lowered (like FastV's K) until it can keep a token within t."""
+    P = L // 2
+    if _trio_encoder_stage():
+        e = min(n, math.floor(t * L / (P + (L - P) * TRIO_SHAPE[1] / TRIO_SHAPE[0]) + 1e-9))
+        while e >= 1:
+            c = min(e, max(1, math.floor(e * TRIO_SHAPE[1] / TRIO_SHAPE[0])),
+                    math.floor((t * L - P * e) / (L - P) + 1e-9))
+            if c >= 1:
+                opts = {"trio_layer": P} if e >= n else {"trio_layer": P, "trio_encoder_keep": e}
+                return Schedule(c, opts, _mean(_staged(e, [P], [c], L)), True)
+            e -= 1
+    for p in range(P, 0, -1):
+        c = min(n, math.floor((t * L - p * n) / (L - p) + 1e-9))
+        if c >= 1:
+            return Schedule(c, {"trio_layer": p}, _mean(_staged(n, [p], [c], L)), True)
+    return Schedule(1, {"trio_layer": 1}, _mean(_staged(n, [1], [1], L)), False)
+
+
 _SCHEDULES = {"fastv": lambda t, n, L: _fastv_like("fastv", t, n, L),
-              "dart": lambda t, n, L: _fastv_like("dart", t, n, L), "pdrop": _pdrop, "sparsevlm": _sparsevlm}
+              "dart": lambda t, n, L: _fastv_like("dart", t, n, L), "pdrop": _pdrop, "sparsevlm": _sparsevlm,
+              "trio": _trio}
 
 
 def inllm_schedule(method: str, keep: Any, n: int, L: int) -> Schedule:
@@ -257,12 +288,13 @@ def inllm_schedule(method: str, keep: Any, n: int, L: int) -> Schedule:
     - pdrop: the largest lambda whose pyramid (int(n lambda^(s+1)) from the s-th boundary on) stays within t; the
       boundaries move to start at layer 1 when the quarters cannot keep a token.
     - sparsevlm: the release's 192 row scaled (as `mmcompress.inllm.sparsevlm`), counting its recycled tokens.
+    - trio: the release README's 96 -> 32 at layer L / 2 scaled to t (with its encoder stage; see `_trio`).
 
     Layer 0 sees all n tokens for every in-LLM method, so a budget t <= n / L is out of reach; the schedule is then
     the closest above it (``reachable=False``; the report marks such rows as above budget).
 
     Args:
-        method: ``fastv``, ``pdrop``, ``dart`` or ``sparsevlm``.
+        method: ``fastv``, ``pdrop``, ``dart``, ``sparsevlm`` or ``trio``.
         keep: a fraction of n in (0, 1] or a token count.
         n: image tokens of the uncompressed host.
         L: decoder layers of the host.
@@ -305,7 +337,7 @@ def schedule_table(n: int, L: int, keeps: Sequence[float]) -> str:
     """Markdown table of every in-LLM method's schedule at `keeps` on a host with n image tokens and L layers."""
     out = ["| method | keep | budget (tokens) | schedule | planned mean tokens | within budget |",
            "|---|---|---|---|---|---|"]
-    for m in ("fastv", "dart", "pdrop", "sparsevlm"):
+    for m in ("fastv", "dart", "pdrop", "sparsevlm", "trio"):
         for k in keeps:
             s = inllm_schedule(m, k, n, L)
             opts = dict(s.options)

@@ -21,7 +21,7 @@ __all__ = ["IN_LLM", "SCHEDULE_OPTIONS", "setting_plan", "run_timing", "read_tim
 IN_LLM = tuple(_CATALOG_IN_LLM)  # fastv, pdrop, dart, sparsevlm: the methods that prune inside the LLM
 # the options through which a user sets a method's schedule by hand (any of them turns the bench's schedule off)
 SCHEDULE_OPTIONS = {"fastv": ("fastv_k", "fastv_r"), "dart": ("dart_k",), "pdrop": ("pdrop_layers", "pdrop_lambda"),
-                    "sparsevlm": ("sparsevlm_layers", "sparsevlm_counts")}
+                    "sparsevlm": ("sparsevlm_layers", "sparsevlm_counts"), "trio": ("trio_layer", "trio_encoder_keep")}
 
 
 def setting_plan(method: str, keep: Any, options: dict[str, Any], backend: Any,

@@ -198,3 +198,19 @@ def test_timing_ratio_is_fastest_over_fastest_with_a_split_half_check():
     assert math.isnan(split_half_spread([1.0], [1.0]))
     with pytest.raises(ValueError, match="timing_repeats"):
         TimingConfig(repeats=0)
+
+
+def test_trio_schedule_scales_the_release_readme_shape(monkeypatch):
+    """With its encoder stage: e tokens in, e / 3 from layer L / 2 on (the release's 96 -> 32 at layer 16 of 32);
+    without it: the in-LLM stage alone, its layer lowered until a token fits the budget."""
+    from mmcompress.evals import cost
+
+    monkeypatch.setattr(cost, "_trio_encoder_stage", lambda: True)
+    s = inllm_schedule("trio", 64, 576, 32)  # (16 x 96 + 16 x 32) / 32 = 64: the release's own schedule
+    assert (s.keep, s.options, s.planned, s.reachable) == (32, {"trio_layer": 16, "trio_encoder_keep": 96}, 64, True)
+    s = inllm_schedule("trio", 0.25, 144, 8)  # 36 of 144 on 8 layers: 54 in, 18 from layer 4
+    assert (s.keep, s.options, s.planned) == (18, {"trio_layer": 4, "trio_encoder_keep": 54}, 36)
+    monkeypatch.setattr(cost, "_trio_encoder_stage", lambda: False)
+    s = inllm_schedule("trio", 0.5, 144, 8)  # layer 4 leaves (576 - 576) / 4 = 0: layer 3, (576 - 432) / 5 = 28
+    assert (s.keep, s.options, s.reachable) == (28, {"trio_layer": 3}, True) and s.planned <= 72
+    assert not inllm_schedule("trio", 0.125, 144, 8).reachable  # layer 0 alone is 1/8 of the mean
