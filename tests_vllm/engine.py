@@ -3,9 +3,10 @@
     python tests_vllm/engine.py JOB.json OUT.json
 
 JOB: {"model": DIR, "engine": {LLM kwargs}, "calls": [[request, ...], ...]}; a request is
-{"prompt": str, "images": [[seed, width, height], ...], "videos": [[seed, frames, width, height(, fps)], ...],
-"mm_processor_kwargs": {...} | null, "max_tokens": int, "logprobs": int}. OUT: per call, per request: prompt_token_ids,
-token_ids, first-step logprobs {id: logprob}, or the error message when vLLM refused the request.
+{"prompt": str, "images": [[seed, width, height(, kind, cell)], ...], "videos": [[seed, frames, width, height(, fps)],
+...], "mm_processor_kwargs": {...} | null, "max_tokens": int, "logprobs": int} (`tiny.image` for kind and cell).
+OUT: per call, per request: prompt_token_ids, token_ids, first-step logprobs {id: logprob}, or the error message when
+vLLM refused the request.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tiny  # noqa: E402
 
 
 def _request(r: dict) -> dict:
-    images = [tiny.image(s, (w, h)) for s, w, h in r.get("images", [])]
+    images = [tiny.image(s, (w, h), *kind) for s, w, h, *kind in r.get("images", [])]
     videos = [(tiny.video(s, f, (w, h)), tiny.video_metadata(f, *fps)) for s, f, w, h, *fps in r.get("videos", [])]
     out = {"prompt": r["prompt"]}
     data = {}

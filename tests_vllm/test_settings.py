@@ -85,3 +85,33 @@ def test_method_codes_round_trip():
     for name in mmc.available():
         assert vp.method_name(vp.method_code(name)) == name
     assert vp.method_code(None) == -1 and vp.method_name(-1) is None
+
+
+def test_pixel_stage_setting(monkeypatch):
+    """PixelPrune's count comes from the pixels: active without a keep (keep unused, "auto" accepted), its options
+    (tau, ...) from the request, the server config or MMCOMPRESS_OPTIONS, checked by the compressor itself; options
+    for any other method are refused (its compressor is built in the model from (method, budget) alone)."""
+    for k in ("MMCOMPRESS_METHOD", "MMCOMPRESS_KEEP", "MMCOMPRESS_OPTIONS"):
+        monkeypatch.delenv(k, raising=False)
+    s = vp.resolve(None, {"mmcompress_method": "pixelprune"})
+    assert s.active and s.pixels and s.options == ()
+    s = vp.resolve(None, {"mmcompress_method": "pixelprune", "mmcompress_keep": "auto",
+                          "mmcompress_options": {"tau": 0.05}})
+    assert s == vp.Setting("pixelprune", "auto", (("tau", 0.05),), True)
+
+    class Cfg:
+        mmcompress = {"method": "pixelprune", "options": {"tau": 0.1, "metric": "mae"}}
+
+    assert vp.resolve(Cfg()).options == (("metric", "mae"), ("tau", 0.1))
+    monkeypatch.setenv("MMCOMPRESS_METHOD", "pixelprune")
+    monkeypatch.setenv("MMCOMPRESS_OPTIONS", '{"tau": 0.02}')
+    assert vp.resolve(None) == vp.Setting("pixelprune", 1.0, (("tau", 0.02),), True)
+    with pytest.raises(ValueError, match="before the vision encoder"):
+        vp.resolve(None, {"mmcompress_method": "tome", "mmcompress_keep": 0.5, "mmcompress_options": {"tau": 0.1}})
+    with pytest.raises(ValueError, match="mmcompress_options|mm_processor_kwargs.*tauu"):
+        vp.resolve(None, {"mmcompress_method": "pixelprune", "mmcompress_options": {"tauu": 0.1}})
+    with pytest.raises(ValueError, match="tau"):
+        vp.resolve(None, {"mmcompress_method": "pixelprune", "mmcompress_options": {"tau": -1}})
+    monkeypatch.setenv("MMCOMPRESS_OPTIONS", "{tau: 1")
+    with pytest.raises(ValueError, match="JSON"):
+        vp.resolve(None)

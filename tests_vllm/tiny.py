@@ -230,13 +230,27 @@ def _gen_config(out: Path, eos: int) -> None:
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "do_sample": False}))
 
 
-def image(seed: int, size: tuple[int, int] = (112, 112)):
-    """A random RGB PIL image."""
+def image(seed: int, size: tuple[int, int] = (112, 112), kind: str = "noise", cell: int = 28):
+    """A random RGB PIL image; kind "blocks": a page of flat cells of `cell` px (one merge group of 14 px patches
+    at 28, of Qwen3-VL's 16 px ones at 32): mostly white, some flat colours, some noise, so PixelPrune drops the
+    flat runs at tau 0; a third of the flat cells are shaded by 6/255, which a tau above that also drops."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
-    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(arr)
+    if kind == "noise":
+        arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+        return Image.fromarray(arr)
+    if kind != "blocks":
+        raise ValueError(f"kind: expected 'noise' or 'blocks', got {kind!r}")
+    ch, cw = -(-size[1] // cell), -(-size[0] // cell)
+    palette = torch.tensor([[255, 255, 255], [30, 60, 200], [220, 40, 40]], dtype=torch.float32)
+    pick = torch.multinomial(torch.tensor([0.6, 0.15, 0.1, 0.15]), ch * cw, replacement=True, generator=g)
+    cells = torch.empty(ch * cw, cell, cell, 3)
+    for i, p in enumerate(pick.tolist()):
+        shade = 6.0 * float(torch.rand(1, generator=g) < 1 / 3)
+        cells[i] = torch.rand(cell, cell, 3, generator=g) * 255 if p == 3 else (palette[p] - shade).clamp(min=0)
+    arr = cells.view(ch, cw, cell, cell, 3).permute(0, 2, 1, 3, 4).reshape(ch * cell, cw * cell, 3)
+    return Image.fromarray(arr[: size[1], : size[0]].to(torch.uint8).numpy())
 
 
 def video(seed: int, frames: int = 4, size: tuple[int, int] = (112, 112)):
@@ -296,7 +310,7 @@ def assert_transformers_agree(model, proc, calls: list[dict], results: list[dict
     for req, r in zip(calls, results, strict=True):
         media = {}
         if req.get("images"):
-            media["images"] = [image(s, (w, h)) for s, w, h in req["images"]]
+            media["images"] = [image(s, (w, h), *kind) for s, w, h, *kind in req["images"]]
         if req.get("videos"):
             from transformers.video_utils import VideoMetadata
 

@@ -10,6 +10,11 @@ Settings, the first one found wins:
 2. per server: `--hf-overrides '{"mmcompress": {"method": "tome", "keep": 0.25}}'`;
 3. per server: environment `MMCOMPRESS_METHOD=tome MMCOMPRESS_KEEP=0.25`.
 
+A method that runs before the vision encoder (PixelPrune, `EncoderNeeds(stage="pixels")`) needs no keep (its count
+comes from the pixels, which vLLM's processor has) and takes its compressor options (e.g. tau) as
+`mmcompress_options` / `"options"` / `MMCOMPRESS_OPTIONS` (JSON); it is served on the Qwen families
+(`mmcompress.vllm_plugin.pixels`).
+
 No setting (or keep 1.0) leaves the model's features untouched. `MMCOMPRESS_VLLM=0` skips registration altogether
 (plain vLLM). On an architecture not in `SUPPORTED`, an active setting is refused rather than ignored: a server
 setting fails at engine start, a per-request one fails that request (the server keeps serving); both name the
@@ -18,7 +23,8 @@ architecture and list the supported ones.
 Budgets are fixed before the encoder runs, because vLLM sizes each item's placeholder run in its processor: the count
 is `budget(n, keep, method)`, a pure function of the item's token count. `keep="auto"` and other data-dependent
 budgets are refused, as are the in-LLM methods (`mmcompress.hf.IN_LLM`: fastv, pdrop, sparsevlm, dart, trio; they
-prune inside the LLM's layers). Every other method is served with what its `EncoderNeeds` declares (scores, keys,
+prune inside the LLM's layers). A pixel-stage method's count is a pure function of the item's pixels, so it is
+fixed in the processor too. Every other method is served with what its `EncoderNeeds` declares (scores, keys,
 CLS from vLLM's vision tower: `scores`; the request's question: `text`).
 """
 
@@ -29,7 +35,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["register", "Setting", "resolve", "budget", "method_needs", "SUPPORTED", "method_code", "method_name"]
+__all__ = ["register", "Setting", "resolve", "budget", "method_needs", "pixel_stage", "SUPPORTED", "method_code",
+           "method_name"]
 
 #: vLLM architecture name -> "module:Class" of its compressing subclass.
 SUPPORTED = {
@@ -41,20 +48,24 @@ SUPPORTED = {
     "LlavaOnevisionForConditionalGeneration":
         "mmcompress.vllm_plugin.llava:MMCLlavaOnevisionForConditionalGeneration",
 }
-REQUEST_KEYS = ("mmcompress_method", "mmcompress_keep")
+REQUEST_KEYS = ("mmcompress_method", "mmcompress_keep", "mmcompress_options")
 _registered = False
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A resolved compressor choice. `method` None means no compression."""
+    """A resolved compressor choice. `method` None means no compression. `pixels`: the method runs before the vision
+    encoder (`EncoderNeeds(stage="pixels")`, PixelPrune): its count comes from the pixels, keep is not used (as in
+    `mmc.apply`), and `options` (sorted (name, value) pairs, e.g. tau) are its compressor options."""
 
     method: str | None = None
-    keep: int | float = 1.0
+    keep: int | float | str = 1.0
+    options: tuple[tuple[str, Any], ...] = ()
+    pixels: bool = False
 
     @property
     def active(self) -> bool:
-        return self.method is not None and self.keep != 1.0
+        return self.method is not None and (self.pixels or self.keep != 1.0)
 
 
 def supported_text() -> str:
@@ -169,30 +180,71 @@ def resolve(hf_config: Any = None, request: dict[str, Any] | None = None) -> Set
 
     Args:
         hf_config: the model's Hugging Face config (carries `mmcompress` when set by `--hf-overrides`).
-        request: the request's `mm_processor_kwargs` (keys `mmcompress_method`, `mmcompress_keep`).
+        request: the request's `mm_processor_kwargs` (keys `mmcompress_method`, `mmcompress_keep`,
+            `mmcompress_options`).
     """
     request = request or {}
     server = getattr(hf_config, "mmcompress", None) if hf_config is not None else None
     if server is not None and not isinstance(server, dict):
         raise TypeError(f"hf_overrides mmcompress: expected a dict with 'method' and 'keep', got {server!r}")
     if server:
-        unknown = set(server) - {"method", "keep"}
+        unknown = set(server) - {"method", "keep", "options"}
         if unknown:
-            raise ValueError(f"hf_overrides mmcompress: unknown keys {sorted(unknown)}; expected 'method' and 'keep'")
+            raise ValueError(f"hf_overrides mmcompress: unknown keys {sorted(unknown)}; expected 'method', 'keep' "
+                             "and 'options'")
     env_m, env_k = os.environ.get("MMCOMPRESS_METHOD"), os.environ.get("MMCOMPRESS_KEEP")
-    if "mmcompress_method" in request or "mmcompress_keep" in request:
+    env_o = os.environ.get("MMCOMPRESS_OPTIONS")
+    if any(k in request for k in REQUEST_KEYS):
         where = "mm_processor_kwargs"
         method = request.get("mmcompress_method", (server or {}).get("method", env_m))
         keep = request.get("mmcompress_keep", (server or {}).get("keep", env_k if env_k is not None else 1.0))
+        options = request.get("mmcompress_options", (server or {}).get("options", env_o))
     elif server:
         where, method, keep = "hf_overrides mmcompress", server.get("method"), server.get("keep", 1.0)
+        options = server.get("options")
     else:
         where, method, keep = "MMCOMPRESS_METHOD/MMCOMPRESS_KEEP", env_m, env_k if env_k is not None else 1.0
-    keep = _check_keep(keep, where)
+        options = env_o
     method = _check_method(method, where)
+    pixels = pixel_stage(method)
+    # a pixel-stage method's count comes from the pixels (keep unused, as in mmc.apply): "auto" is its own rule
+    keep = "auto" if pixels and isinstance(keep, str) and keep.strip() == "auto" else _check_keep(keep, where)
+    options = _check_options(options, method, where)
     if method is None and keep != 1.0:
         raise ValueError(f"{where}: keep={keep!r} given without a compressor method")
-    return Setting(method, keep)
+    return Setting(method, keep, options, pixels)
+
+
+def pixel_stage(method: str | None) -> bool:
+    """Whether `method` runs BEFORE the vision encoder (`EncoderNeeds(stage="pixels")`: PixelPrune)."""
+    return method is not None and method_needs(method)[1].stage == "pixels"
+
+
+def _check_options(options: Any, method: str | None, where: str) -> tuple[tuple[str, Any], ...]:
+    """Compressor options (a dict, or its JSON text from the environment) as sorted (name, value) pairs; served for
+    pixel-stage methods, whose whole selection runs in vLLM's processor (every other method's compressor is built
+    in the model from (method, budget) alone)."""
+    if options is None or options == {} or options == "":
+        return ()
+    if isinstance(options, str):
+        import json
+
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: options must be a JSON object, e.g. '{{\"tau\": 0.02}}': {e}") from None
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ValueError(f"{where}: options must be a dict of compressor options, got {options!r}")
+    if not pixel_stage(method):
+        raise ValueError(f"{where}: options {sorted(options)} are served for the methods that run before the vision "
+                         f"encoder (pixelprune) only; {method!r} runs with its defaults in the vLLM plugin")
+    import mmcompress as mmc
+
+    try:
+        mmc.create(method, **options)  # the compressor's own checks (unknown names, bad values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: options {options!r} for {method!r}: {e}") from None
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
 
 
 def budget(n: int, keep: int | float, method: str | None = None, prefix: int = 0) -> int:

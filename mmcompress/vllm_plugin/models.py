@@ -56,6 +56,7 @@ import mmcompress as mmc
 from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.hf.qwen_vl import Qwen2VLFamily
 from mmcompress.vllm_plugin import REQUEST_KEYS, budget, method_code, method_name, method_needs, resolve
+from mmcompress.vllm_plugin.pixels import GROUPS_KEY, PixelPlan, encode_split
 from mmcompress.vllm_plugin.scores import ExtraQK, QwenScores, TowerSignals, tower_layers, wants_signals
 from mmcompress.vllm_plugin.text import (
     DUMMY_KEY,
@@ -182,7 +183,12 @@ class _PlanProcessor:
         return {mod: [ItemCount(n, n) for n in ns] for mod, ns in self._item_tokens(out).items()}
 
     def _check_needs(self, method: str, needs: frozenset[str], enc: EncoderNeeds) -> None:
-        """Raise ValueError when this model cannot give `method` what it needs (default: it can)."""
+        """Raise ValueError when this model cannot give `method` what it needs (default: it can, except a
+        pixel-stage method, served by the Qwen families' `pixels.PixelPlan`)."""
+        if enc.stage == "pixels":
+            raise ValueError(f"mmcompress {method!r} drops patches BEFORE the vision encoder, which needs a tower that "
+                             "takes a variable patch set at their original positions (Qwen2-VL, Qwen2.5-VL, "
+                             "Qwen3-VL); this model's tower takes fixed grids, as in mmc.apply")
         if ("scores" in needs or enc.metric is not None) and \
                 getattr(self.info.ctx.get_mm_config(), "mm_encoder_tp_mode", "weights") == "data":
             raise ValueError(f"mmcompress {method!r} reads the vision tower's attention, which the plugin records in "
@@ -301,12 +307,12 @@ class _QwenPlanProcessor(_PlanProcessor):
         return got
 
 
-class MMCQwen2VLMultiModalProcessor(_QwenPlanProcessor, Qwen2VLMultiModalProcessor):
-    pass
+class MMCQwen2VLMultiModalProcessor(PixelPlan, _QwenPlanProcessor, Qwen2VLMultiModalProcessor):
+    mmc_pixel_norm = Qwen2VLFamily.pixel_norm
 
 
-class MMCQwen2_5_VLMultiModalProcessor(_QwenPlanProcessor, Qwen2_5_VLMultiModalProcessor):
-    pass
+class MMCQwen2_5_VLMultiModalProcessor(PixelPlan, _QwenPlanProcessor, Qwen2_5_VLMultiModalProcessor):
+    mmc_pixel_norm = Qwen2VLFamily.pixel_norm
 
 
 # ---- Qwen2-VL / Qwen2.5-VL ----------------------------------------------------------------------------------------
@@ -365,8 +371,20 @@ class _QwenMixin(_QuestionMixin):
             return [1.0] * n_items
         return [float(s) * tps for s in torch.as_tensor(sec).reshape(-1).tolist()]
 
-    def _mmc_encode(self, modality: str, inp: Any, plan: list[tuple[int, int, int]]
-                    ) -> tuple[Any, list[torch.Tensor | None]]:
+    def _mmc_encode(self, modality: str, inp: Any, plan: list[tuple[int, int, int]], groups: Any = None
+                    ) -> tuple[Any, list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """The encoder call for one modality -> (features per item, scores per item or None each, kept group
+        indices per item or None each). Images whose method runs before the encoder (`groups`: their kept-group
+        masks, `pixels`) come out as the tower's output for their kept groups only ([M_i, C]), the others as vLLM's
+        own call gives them ([N_i, C])."""
+        pix = [i for i, (_, code, _) in enumerate(plan) if code >= 0 and needs_of(code)[1].stage == "pixels"]
+        if modality == "image" and pix:
+            return encode_split(self.visual, inp, plan, groups, pix, lambda sub, p: self._mmc_own(modality, sub, p))
+        feats, scores = self._mmc_own(modality, inp, plan)
+        return feats, scores, [None] * len(plan)
+
+    def _mmc_own(self, modality: str, inp: Any, plan: list[tuple[int, int, int]]
+                 ) -> tuple[Any, list[torch.Tensor | None]]:
         """vLLM's own encoder call for one modality -> (features per item, scores per item or None each), the
         scores recorded in the same call when an item's compressor asks for them (`scores.QwenScores`)."""
         cap = QwenScores(self.visual, self.config.vision_config.num_heads) if wants_scores(plan) else None
@@ -379,6 +397,7 @@ class _QwenMixin(_QuestionMixin):
     def embed_multimodal(self, **kwargs: object) -> Any:
         plans = {m: _plans(kwargs.pop(_plan_key(m), None)) for m in ("image", "video")}
         texts = {m: kwargs.pop(_text_key(m), None) for m in ("image", "video")}
+        groups = kwargs.pop(GROUPS_KEY, None)
         mods = self._parse_and_validate_multimodal_inputs(**kwargs)
         merge = self.visual.spatial_merge_size
         out: list[torch.Tensor] = []
@@ -386,12 +405,16 @@ class _QwenMixin(_QuestionMixin):
             modality = "image" if key.startswith("image") else "video"
             grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in inp[f"{modality}_grid_thw"].tolist()]
             plan = plans[modality] or [(g[0] * g[1] * g[2], -1, 0) for g in grids]
-            feats, scores = self._mmc_encode(modality, inp, plan)
+            feats, scores, kept = self._mmc_encode(modality, inp, plan, groups)
             questions = _question_ids(texts[modality], len(grids))
-            for x, g, (_, code, k), tf, sc, q in zip(feats, grids, plan, self._t_factors(modality, inp, len(grids)),
-                                                     scores, questions, strict=True):
+            for x, g, (_, code, k), tf, sc, q, kp in zip(feats, grids, plan,
+                                                         self._t_factors(modality, inp, len(grids)), scores,
+                                                         questions, kept, strict=True):
                 rel = torch.from_numpy(_grid_ids(*g, tf)).T.to(x.device)  # [N, 3]
-                y, rep = compress_item(x, g, k, code, scores=sc, text=self._mmc_question(q))
+                if kp is not None:  # the tower ran on the kept groups only (pixel stage): x is [M, C]
+                    y, rep = x, kp
+                else:
+                    y, rep = compress_item(x, g, k, code, scores=sc, text=self._mmc_question(q))
                 if rep is not None:
                     rel = rel[rep.to(rel.device)]
                 out.append(torch.cat([y, _encode_pos(rel, y.dtype)], 1))  # [M, C + 6]

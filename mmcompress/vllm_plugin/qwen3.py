@@ -62,15 +62,17 @@ from mmcompress.vllm_plugin.models import (
     _text_key,
     compress_item,
 )
+from mmcompress.vllm_plugin.pixels import GROUPS_KEY, PixelPlan
 
 
 class MMCQwen3VLProcessingInfo(_QwenInfoMixin, Qwen3VLProcessingInfo):
     pass
 
 
-class MMCQwen3VLMultiModalProcessor(_PlanProcessor, Qwen3VLMultiModalProcessor):
+class MMCQwen3VLMultiModalProcessor(PixelPlan, _PlanProcessor, Qwen3VLMultiModalProcessor):
     mmc_modalities = ("image", "video")
     mmc_structural = Qwen3VLFamily.structural
+    mmc_pixel_norm = Qwen3VLFamily.pixel_norm
 
     def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Any) -> Any:
         # Qwen3-VL calls the HF processor itself (videos frame by frame), not through `_call_hf_processor`
@@ -126,6 +128,7 @@ class MMCQwen3VLForConditionalGeneration(_QwenMixin, Qwen3VLForConditionalGenera
     def embed_multimodal(self, **kwargs: object) -> Any:
         plans = {m: _plans(kwargs.pop(_plan_key(m), None)) for m in ("image", "video")}
         texts = {m: kwargs.pop(_text_key(m), None) for m in ("image", "video")}
+        groups = kwargs.pop(GROUPS_KEY, None)
         mods = self._parse_and_validate_multimodal_inputs(**kwargs)
         if not mods:
             return None
@@ -136,9 +139,14 @@ class MMCQwen3VLForConditionalGeneration(_QwenMixin, Qwen3VLForConditionalGenera
             video = modality == "video"
             grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in inp[f"{modality}_grid_thw"].tolist()]
             plan = plans[modality] or [(g[0] * g[1] * g[2], -1, 0) for g in grids]
-            feats, scores = self._mmc_encode(modality, inp, plan)  # [N, C (1 + D)] each
+            feats, scores, kept = self._mmc_encode(modality, inp, plan, groups)  # [N, C (1 + D)] each
             questions = _question_ids(texts[modality], len(grids))
-            for i, (x, g, (_, code, k), sc, q) in enumerate(zip(feats, grids, plan, scores, questions, strict=True)):
+            for i, (x, g, (_, code, k), sc, q, kp) in enumerate(zip(feats, grids, plan, scores, questions, kept,
+                                                                    strict=True)):
+                if kp is not None:  # pixel stage: the tower ran on the kept groups only, x is [M, C (1 + D)]
+                    rel = torch.from_numpy(_grid_ids(*g, 1.0)).T.to(x.device)[kp]  # [M, 3]
+                    out.append(torch.cat([x, _encode_pos(rel, x.dtype)], 1))
+                    continue
                 # the main features decide
                 y, rep = compress_item(x[:, :c], g, k, code, scores=sc, text=self._mmc_question(q))
                 if rep is None:  # kept whole: vLLM's own embedding and positions
