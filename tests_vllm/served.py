@@ -10,6 +10,7 @@ of requests with different methods equal to their single runs.
 from __future__ import annotations
 
 import tiny
+import torch
 
 #: attention-scored and text-guided image methods, (name, keep)
 IMAGE = [("visionzip", 0.5), ("vispruner", 0.5), ("scope", 0.5), ("holov", 0.5), ("prumerge", 6), ("prumerge+", 6),
@@ -59,3 +60,41 @@ def assert_shorter(got: list[dict], plain: list[dict], runs: list[int], new_runs
         assert r["prompt_token_ids"].count(pad) == m
         assert len(r["prompt_token_ids"]) == len(p["prompt_token_ids"]) - (n - m), (len(r["prompt_token_ids"]), m)
         assert len(r["token_ids"]) == 5
+
+
+#: PixelPrune requests: the method alone (tau 0) or with its options
+PIXELPRUNE = {"mm_processor_kwargs": {"mmcompress_method": "pixelprune"}}
+PIXELPRUNE_TAU = {"mm_processor_kwargs": {"mmcompress_method": "pixelprune", "mmcompress_options": {"tau": 0.05}}}
+
+
+def pixel_kept(model_dir, req: dict, **options) -> list[int]:
+    """Merge groups PixelPrune keeps of each image of `req`, as `mmc.apply` selects them in transformers (the HF
+    processor's pixels, the family's processor mean/std)."""
+    import transformers as T
+
+    import mmcompress as mmc
+    from mmcompress.hf.qwen_vl import Qwen2VLFamily, Qwen3VLFamily
+
+    cfg = T.AutoConfig.from_pretrained(model_dir)
+    mean, std = (Qwen3VLFamily if cfg.model_type == "qwen3_vl" else Qwen2VLFamily).pixel_norm
+    proc = T.AutoProcessor.from_pretrained(model_dir)
+    inp = proc(text=[req["prompt"]], images=[tiny.image(s, (w, h), *kind) for s, w, h, *kind in req["images"]],
+               return_tensors="pt")
+    kept = mmc.create("pixelprune", **options).select(inp["pixel_values"], inp["image_grid_thw"], mean=mean, std=std)
+    return [len(k) for k in kept]
+
+
+def assert_pixelprune(model_dir, reqs: list[dict], got: list[dict], plain: list[dict], groups: list[int],
+                      pad: int, **options) -> None:
+    """PixelPrune served: each prompt is shorter than its uncompressed run (`plain`) by exactly the groups the rule
+    drops (`groups`: all of each image's), and greedy ids / first-token log-probs equal `mmc.apply(model,
+    "pixelprune", **options)` in transformers (the ViT on the kept patches at their original positions)."""
+    import transformers as T
+
+    import mmcompress as mmc
+
+    kept = [pixel_kept(model_dir, r, **options)[0] for r in reqs]
+    assert_shorter(got, plain, groups, kept, pad)
+    model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    mmc.apply(model, "pixelprune", **options)
+    tiny.assert_transformers_agree(model, T.AutoProcessor.from_pretrained(model_dir), reqs, got)

@@ -16,6 +16,9 @@ B = {"prompt": tiny.prompt(seed=1, n_words=9), "images": [[1, 168, 112]]}
 V = {"prompt": tiny.prompt(seed=3, placeholder=tiny.VIDEO), "videos": [[5, 4, 112, 112, 4.0]]}
 # 8 frames at 2 fps: temporal ids 0, 4, 8, 12, beyond the spatial extent: (4, 4, 4) = 64 tokens
 LONG = {"prompt": tiny.prompt(seed=4, n_words=3, placeholder=tiny.VIDEO), "videos": [[6, 8, 112, 112, 2.0]]}
+# PixelPrune: pages of flat 28 px cells; 224 x 168 -> 8 x 6 groups over several 2 x 2-group windows (window 56 px)
+P = {"prompt": tiny.prompt(seed=5), "images": [[7, 168, 112, "blocks", 28]]}
+Q = {"prompt": tiny.prompt(seed=6, n_words=9), "images": [[8, 224, 168, "blocks", 28]]}
 
 
 kw = tiny.request_kw
@@ -26,7 +29,9 @@ CALLS = {"none": [A, B], "keep1": [dict(A, **kw("tome", 1.0)), dict(B, **kw("tom
          "video_none": [V, LONG], "video_keep1": [dict(V, **kw("tome", 1.0)), dict(LONG, **kw("tome", 1.0))],
          "video_tome": [dict(V, **kw("tome", 0.25)), dict(LONG, **kw("tome", 0.25))],
          **served.calls([A, B], served.IMAGE_SOME, "img"), **served.calls([V], served.VIDEO, "vid"),
-         "mixed_methods": served.mixed([(V, "holitom", 0.5), (B, "cdpruner", 0.5), (A, "visionzip", 0.5)])}
+         "mixed_methods": served.mixed([(V, "holitom", 0.5), (B, "cdpruner", 0.5), (A, "visionzip", 0.5)]),
+         "pp_none": [P, Q], "pp": [dict(P, **served.PIXELPRUNE), dict(Q, **served.PIXELPRUNE_TAU)],
+         "pp_mixed": [dict(Q, **served.PIXELPRUNE_TAU), dict(A, **kw("tome", 0.25)), dict(P, **served.PIXELPRUNE)]}
 PLAIN = ["none", "video_none"]
 
 
@@ -85,3 +90,19 @@ def test_batch_of_different_methods_equals_single_runs(runs):
     _, got, _ = runs
     tiny.assert_same_runs(got["mixed_methods"], [got["vid:holitom"][0], got["img:cdpruner"][1],
                                                  got["img:visionzip"][0]])
+
+
+@pytest.mark.parametrize("i,options", [(0, {}), (1, {"tau": 0.05})])
+def test_pixelprune_shortens_by_dropped_groups_and_agrees_with_mmc_apply(runs, i, options):
+    """PixelPrune: the ViT runs on the kept patches, each window of the full grid holding its kept groups (as
+    `mmc.apply` runs the HF tower); prompt shorter by the dropped groups, outputs equal transformers'."""
+    model_dir, got, _ = runs
+    req = CALLS["pp"][i]
+    assert served.pixel_kept(model_dir, req, **options)[0] < (24, 48)[i]  # groups were dropped
+    served.assert_pixelprune(model_dir, [req], got["pp"][i:i + 1], got["pp_none"][i:i + 1], [(24, 48)[i]],
+                             tiny.token_id("<|image_pad|>"), **options)
+
+
+def test_pixelprune_in_a_mixed_batch_equals_single_runs(runs):
+    _, got, _ = runs
+    tiny.assert_same_runs(got["pp_mixed"], [got["pp"][1], got["tome"][0], got["pp"][0]])

@@ -17,6 +17,10 @@ N_A, N_B = 16, 24
 V = {"prompt": tiny.prompt(seed=3, placeholder=tiny.VIDEO), "videos": [[5, 4, 112, 112]]}
 W = {"prompt": tiny.prompt(seed=4, n_words=4, placeholder=tiny.VIDEO), "videos": [[6, 4, 168, 112]]}
 N_V, N_W = 32, 48
+# PixelPrune: pages of flat 28 px cells (one merge group each): 168 x 112 -> 24 groups, 224 x 168 -> 48 groups
+P = {"prompt": tiny.prompt(seed=5), "images": [[7, 168, 112, "blocks", 28]]}
+Q = {"prompt": tiny.prompt(seed=6, n_words=9), "images": [[8, 224, 168, "blocks", 28]]}
+N_P, N_Q = 24, 48
 
 
 kw = tiny.request_kw
@@ -42,6 +46,10 @@ CALLS = {
     "mixed_video": [dict(W, **kw("pool", 0.25)), dict(A, **kw("tome", 0.25)), TEXT, dict(V, **kw("tome", 0.25)), V],
     **served.calls([A, B], served.IMAGE, "img"),
     **served.calls([V, W], served.VIDEO, "vid"),
+    "pp_none": [P, Q],
+    "pp": [dict(P, **served.PIXELPRUNE), dict(Q, **served.PIXELPRUNE), dict(A, **served.PIXELPRUNE)],
+    "pp_tau": [dict(P, **served.PIXELPRUNE_TAU), dict(Q, **served.PIXELPRUNE_TAU)],
+    "pp_mixed": [dict(Q, **served.PIXELPRUNE_TAU), dict(A, **kw("tome", 0.25)), TEXT, dict(P, **served.PIXELPRUNE)],
     "mixed_methods": served.mixed([(B, "cdpruner", 0.5), (A, "visionzip", 0.5), (V, "holitom", 0.5), (TEXT, None, 1.0),
                                    (A, "prumerge", 6), (W, "dycoke", 0.5)]),
 }
@@ -121,3 +129,27 @@ def test_batch_of_different_methods_equals_single_runs(runs):
     singles = [got["img:cdpruner"][1], got["img:visionzip"][0], got["vid:holitom"][0], got["single_text"][0],
                got["img:prumerge"][0], got["vid:dycoke"][1]]
     tiny.assert_same_runs(got["mixed_methods"], singles)
+
+
+@pytest.mark.parametrize("name,options", [("pp", {}), ("pp_tau", {"tau": 0.05})])
+def test_pixelprune_shortens_by_dropped_groups_and_agrees_with_mmc_apply(runs, models, name, options):
+    """PixelPrune before the encoder: the processor drops the groups the 2-D predictor reproduces (the page images
+    lose some), the ViT runs on the kept patches at their original rotary positions, and the outputs equal
+    `mmc.apply(model, "pixelprune", **options)` in transformers."""
+    got, _ = runs
+    pad = tiny.token_id("<|image_pad|>")
+    kept = [served.pixel_kept(models["qwen2_vl"], r, **options)[0] for r in (P, Q)]
+    assert all(1 <= k < n for k, n in zip(kept, (N_P, N_Q), strict=True)), kept  # groups were dropped
+    served.assert_pixelprune(models["qwen2_vl"], CALLS[name][:2], got[name][:2], got["pp_none"], [N_P, N_Q], pad,
+                             **options)
+
+
+def test_pixelprune_keeping_every_group_is_plain_vllm(runs):
+    """A noise image: every group differs from its prediction, so nothing is dropped and vLLM's own path runs."""
+    got, plain = runs
+    assert got["pp"][2] == plain[0][0]
+
+
+def test_pixelprune_in_a_mixed_batch_equals_single_runs(runs):
+    got, _ = runs
+    tiny.assert_same_runs(got["pp_mixed"], [got["pp_tau"][1], got["tome"][0], got["single_text"][0], got["pp"][0]])
