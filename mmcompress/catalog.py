@@ -30,6 +30,8 @@ BUILTINS: dict[str, tuple[str, str, str, tuple[str, ...], str]] = {
                    "top DVTS attention + text-guided merging of the rest"),
     "flashvid": ("flashvid", "attention, similarity", "video", ("grid", "scores"),
                  "segments, attention+diversity per frame, tree merging across frames, DPC-kNN"),
+    "trio_encoder": ("trio_encoder", "attention, similarity", "image", ("scores", "grid"),
+                     "TRIO before the LLM: window + global [CLS] top, rest merged into the most similar kept"),
     "pixelprune": ("pixelprune", "before the encoder", "image", (),
                    "drop patch groups a 2-D predictor reproduces, before the ViT (Qwen-VL)"),
     "adaptive": ("adaptive", "budget", "any", (), "single-pass per-sample budget for a target error epsilon"),

@@ -377,6 +377,8 @@ def test_every_compressor_runs_through_llava(models, name):  # (pixelprune: Qwen
     stage = "projector" if "text" in mmc.get(name).needs else "vision"
     # the part before the LLM (a method's own in-LLM stage, e.g. flashvid's, is tested in its own file)
     own = {"llm_layer": None} if hasattr(mmc.get(name), "inllm_stage") else {}
+    if name == "trio_encoder":  # its shallow block 5 (the release's) is past this 2-block tower: read block 0
+        own["shallow_layer"] = 0
     mmc.apply(m, name, keep=0.25 if name not in ("adaptive",) else "auto", stage=stage, **own)
     out = logits(m, kw)
     st = mmc.stats(m)

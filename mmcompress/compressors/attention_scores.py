@@ -30,7 +30,8 @@ from torch import nn
 from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.kernels.attention_rows import attention_rows
 
-__all__ = ["attention_row_scores", "received_row_scores", "encoder_signals", "QKCapture", "find_qk_linears"]
+__all__ = ["attention_row_scores", "received_row_scores", "encoder_signals", "QKCapture", "QKCaptures",
+           "find_qk_linears"]
 
 
 def _heads(t: torch.Tensor, name: str, num_heads: int | None) -> torch.Tensor:
@@ -320,3 +321,43 @@ class QKCapture:
         if self.q is None or self.k is None:
             raise RuntimeError("QKCapture.signals: nothing captured; run the model's forward inside `with capture:`")
         return encoder_signals(self.q, self.k, needs, rows, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+
+
+class QKCaptures:
+    """`QKCapture` on several blocks at once, for a method whose `EncoderNeeds.layer` names S >= 2 blocks.
+
+    Reads like one `QKCapture` (`q`, `k`, `num_heads` are the first block's), except that `signals` and `scores`
+    return [B, N, S] scores, column s from block s (the first block's metric).
+
+    Args:
+        attns: the attention modules (or blocks holding exactly one), in the order of the score columns.
+    """
+
+    def __init__(self, attns: Sequence[nn.Module]):
+        if len(attns) < 2:
+            raise ValueError(f"attns: expected 2 or more attention modules, got {len(attns)} (use QKCapture)")
+        self.caps = [QKCapture(a) for a in attns]
+
+    def __getattr__(self, name: str):  # q, k, num_heads, num_kv_heads, ...: the first block's
+        if name == "caps":
+            raise AttributeError(name)
+        return getattr(self.caps[0], name)
+
+    def __enter__(self) -> QKCaptures:
+        for c in self.caps:
+            c.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for c in self.caps:
+            c.__exit__(*exc)
+
+    def scores(self, rows: int | Sequence[int] | torch.Tensor = 0, **kwargs) -> torch.Tensor:
+        """[B, N, S] attention-row scores, one column per block."""
+        return torch.stack([c.scores(rows, **kwargs) for c in self.caps], -1)
+
+    def signals(self, needs: EncoderNeeds, rows: int | Sequence[int] | torch.Tensor = 0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, N, S] scores, the first block's [B, N, d] metric or None), as `needs` declares (`encoder_signals`)."""
+        got = [c.signals(needs, rows) for c in self.caps]
+        return torch.stack([s for s, _ in got], -1), got[0][1]

@@ -39,7 +39,9 @@ class EncoderNeeds:
     Attributes:
         layer: which block's attention is read: "feature" (the block whose output is the features handed to the LLM,
             e.g. LLaVA's `vision_feature_layer`; VisionZip), "last" (the tower's last block; PruMerge), or an int
-            index into the blocks (negative from the end).
+            index into the blocks (negative from the end). A tuple of S >= 2 of these asks for S rows: `scores=` is
+            then [B, N, S], column s read at block `layer[s]` (TRIO's encoder stage: a shallow and a deep block),
+            and `metric` comes from `layer[0]`. Integrations that read one block only refuse such a method.
         heads: "mean": per-head softmax rows averaged over heads (VisionZip sums them: same ranking); "single": one
             head over all channels, softmax(q . k / sqrt(C)) with C the full width (PruMerge).
         metric: similarity features handed as `metric=`: None (the compressor compares `x`), "keys_mean" (the
@@ -60,7 +62,7 @@ class EncoderNeeds:
     the compressor falls back to what it documents (`x` for similarity).
     """
 
-    layer: str | int = "feature"
+    layer: str | int | tuple[str | int, ...] = "feature"
     heads: str = "mean"
     metric: str | None = None
     cls_prefix: bool = False
@@ -68,9 +70,16 @@ class EncoderNeeds:
     scores: str = "row"
 
     def __post_init__(self) -> None:
-        is_int = isinstance(self.layer, int) and not isinstance(self.layer, bool)
-        if not (is_int or self.layer in ("feature", "last")):
-            raise ValueError(f"layer: expected 'feature', 'last' or an int block index, got {self.layer!r}")
+        if isinstance(self.layer, list):
+            object.__setattr__(self, "layer", tuple(self.layer))
+        many = isinstance(self.layer, tuple)
+        for one in self.layer if many else (self.layer,):
+            is_int = isinstance(one, int) and not isinstance(one, bool)
+            if not (is_int or one in ("feature", "last")):
+                raise ValueError(f"layer: expected 'feature', 'last', an int block index or a tuple of them, got "
+                                 f"{self.layer!r}")
+        if many and len(self.layer) < 2:
+            raise ValueError(f"layer: a tuple names 2 or more blocks (one block: pass it alone), got {self.layer!r}")
         if self.heads not in ("mean", "single"):
             raise ValueError(f"heads: expected 'mean' or 'single', got {self.heads!r}")
         if self.metric not in (None, "keys_mean", "keys"):
@@ -81,6 +90,11 @@ class EncoderNeeds:
             raise ValueError(f"scores: expected 'row' or 'row+received', got {self.scores!r}")
         if self.scores == "row+received" and self.heads != "mean":
             raise ValueError(f"scores: 'row+received' averages the heads; needs heads='mean', got {self.heads!r}")
+
+    @property
+    def layers(self) -> tuple[str | int, ...]:
+        """The blocks read, in the order of the score columns (one block: a 1-tuple)."""
+        return self.layer if isinstance(self.layer, tuple) else (self.layer,)
 
 
 @dataclass
@@ -93,7 +107,7 @@ class Inputs:
         grid: grid of the N' tokens, or None.
         coords: [N', len(grid)] int64 coordinates, or None.
         text: [B, L, C] query embeddings (a [B, C] input becomes L = 1), or None.
-        scores: [B, N'] importance, or None.
+        scores: [B, N'] importance ([B, N', S] for a method that reads S encoder blocks), or None.
         metric: [B, N', d] similarity features, or None.
         head: [B, P, C] the prefix tokens (kept as they are), or None when P = 0. A method may write them into its
             output itself (`Plan.x_head`), which saves the base class a copy of the whole output.
@@ -340,7 +354,9 @@ class Compressor:
             coords = grid_coords(grid, x.device)
         size = _check_tensor("size", size, x, [(B, N)], f"[B, N] = [{B}, {N}]")
         text = _check_tensor("text", text, x, [(B, None, C), (B, C)], f"[B, L, C] or [B, C] with B={B}, C={C}")
-        scores = _check_tensor("scores", scores, x, [(B, N)], f"[B, N] = [{B}, {N}]")
+        S = len(self.encoder_needs.layers)  # score rows declared (one per encoder block read)
+        scores = _check_tensor("scores", scores, x, [(B, N)] + ([(B, N, S)] if S > 1 else []),
+                               f"[B, N] = [{B}, {N}]" + (f" or [B, N, S] = [{B}, {N}, {S}]" if S > 1 else ""))
         metric = _check_tensor("metric", metric, x, [(B, N, None)], f"[B, N, d] with B={B}, N={N}")
         for nm, t in (("text", text), ("metric", metric)):
             if t is not None and not t.is_floating_point():

@@ -17,7 +17,7 @@ import torch
 
 from mmcompress.hf.adapter import ATTR, Adapter, adapter_for, register_adapter, supported_model_types
 from mmcompress.inllm.declared import build_declared
-from mmcompress.inllm.options import BUILDERS, OPTIONS
+from mmcompress.inllm.options import BUILDERS, ENCODER_STAGES, OPTIONS
 
 __all__ = ["apply", "remove", "disabled", "stats", "Adapter", "register_adapter", "supported_model_types"]
 
@@ -73,7 +73,17 @@ def _inllm_options(adapter_cls: type[Adapter], name: str, keep: Any, options: di
     unknown = set(own) - OPTIONS[name]
     if unknown:
         raise TypeError(f"options: unknown option(s) {sorted(unknown)} for {name!r} (accepts {sorted(OPTIONS[name])})")
-    return "uniform", 1.0, {**options, "inllm": BUILDERS[name](keep, own)}
+    comp, comp_keep = "uniform", 1.0  # identity before the LLM, unless the method's own encoder stage is asked for
+    opt, stage = ENCODER_STAGES.get(name, (None, None))
+    if own.get(opt) is not None:
+        comp_keep = own.pop(opt)
+        if isinstance(comp_keep, bool) or not isinstance(comp_keep, (int, float)) or comp_keep <= 0 or (
+                isinstance(comp_keep, float) and comp_keep > 1):
+            raise ValueError(f"{opt}: expected the tokens kept per image before the LLM (an int, e.g. 96) or the "
+                             f"fraction kept in (0, 1], got {comp_keep!r}")
+        comp = stage
+    own.pop(opt, None)
+    return comp, comp_keep, {**options, "inllm": BUILDERS[name](keep, own)}
 
 
 def _default_stage(adapter_cls: type[Adapter], comp_cls: type, adapter_opts: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +128,8 @@ def apply(model: torch.nn.Module, name: str, keep: int | float | str = 0.5, **op
     - `"trio"` (arXiv 2602.04657): `keep` is the image tokens kept per sample (int, e.g. 32) or the fraction kept
       (float), from layer `trio_layer=` (default half the depth) on, chosen by the gradient of a re-run layer's loss
       and NMS (`trio_tau=0.8`); a backward pass inside the prefill, under no_grad/inference_mode callers.
+      `trio_encoder_keep=96` adds TRIO's encoder stage (`trio_encoder`: 96 tokens enter the LLM; its options such
+      as `window=` pass through): the release's default schedule, 96 in and 32 from half the depth on.
 
     Returns:
         The same model object.

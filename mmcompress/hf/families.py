@@ -33,10 +33,14 @@ IMAGE = Modality("image", "pixel_values", ("image_token_id", "image_token_index"
 
 def block_pool(s: torch.Tensor, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> torch.Tensor:
     """[T, h*w] token scores on a (h, w) patch grid -> [T, h'*w'] by averaging the blocks that each output token
-    stands for (pixel shuffle, average pooling and patch merging all group row-major blocks; floor like them)."""
+    stands for (pixel shuffle, average pooling and patch merging all group row-major blocks; floor like them).
+    [T, h*w, S] scores (one column per scored block) -> [T, h'*w', S], each column pooled alike."""
     (h, w), (ho, wo) = grid_in, grid_out
     if (ho, wo) == (h, w):
         return s
+    if s.dim() == 3:
+        return block_pool(s.transpose(1, 2).reshape(-1, h * w), grid_in, grid_out).view(
+            s.shape[0], s.shape[2], ho * wo).transpose(1, 2)
     x = s.reshape(s.shape[0], 1, h, w).float()
     return F.avg_pool2d(x, (h // ho, w // wo)).reshape(s.shape[0], ho * wo).to(s.dtype)
 
@@ -62,7 +66,7 @@ def tower_scores(cap: QKCapture, n_out: int, needs: EncoderNeeds | None = None
     extra = n_total - math.isqrt(n_total) ** 2  # CLS / register tokens ahead of a square patch grid
     rows = 0 if extra >= 1 else torch.arange(n_total, device=cap.q.device)
     s, m = cap.signals(needs or EncoderNeeds(), rows)
-    s = s[:, extra:]  # [T, P*P]
+    s = s[:, extra:]  # [T, P*P] (or [T, P*P, S]: one column per block of a multi-block `needs.layer`)
     side_in = _square(s.shape[1], "patches")
     m = m[:, extra:] if m is not None and side_in == side_out else None
     return block_pool(s, (side_in, side_in), (side_out, side_out)), side_out, m
@@ -214,8 +218,8 @@ class LlavaNextVideoFamily(Family):
         s = _square(n, "tokens per frame")
         scores: list[torch.Tensor | None] = [None] * B
         if cap is not None and cap.q is not None:
-            sc, _, _ = tower_scores(cap, n, adapter.encoder_needs)  # [B*T, n]
-            scores = list(sc.reshape(B, T * n))
+            sc, _, _ = tower_scores(cap, n, adapter.encoder_needs)  # [B*T, n] (or [B*T, n, S])
+            scores = list(sc.reshape(B, T * n, *sc.shape[2:]))
         return [ItemMeta(grid=(T, s, s), scores=x) for x in scores]
 
 

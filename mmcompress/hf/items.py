@@ -101,6 +101,11 @@ def item_list(adapter: PlaceholderAdapter, mod: Modality, out: Any, ids: torch.T
         if "scores" in adapter._needs and mt.scores is None:
             raise ValueError(f"scores: the {type(fam).__name__} description gives no attention scores for "
                              f"{mod.name}; use a compressor that does not need `scores`")
+        S = len(adapter.encoder_needs.layers)
+        if "scores" in adapter._needs and S > 1 and (mt.scores.dim() != 2 or mt.scores.shape[1] != S):
+            raise ValueError(f"scores: compressor {adapter.compressor.name!r} reads attention at {S} encoder blocks "
+                             f"{adapter.encoder_needs.layer}; the {type(fam).__name__} description reads one "
+                             f"block only (served: LLaVA, InternVL, LLaVA-NeXT-Video towers)")
         sel = None if mt.fixed is None else (~mt.fixed.to(f.device)).nonzero().squeeze(1)  # [N_c]
         x = mt.x if mt.x is not None else f if sel is None else f[sel]
         sc = mt.scores if sel is None or mt.x is not None else mt.scores[sel]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcompress.compressors.attention_scores import QKCapture
+from mmcompress.compressors.attention_scores import QKCapture, QKCaptures
 from mmcompress.compressors.base import EncoderNeeds
 from mmcompress.hf.placeholder import Family, ItemMeta, Modality, register_family
 
@@ -53,15 +53,18 @@ def feature_block(tower: nn.Module, feature_layer: int | list[int]) -> int:
 
 
 def vision_scores_capture(tower: nn.Module, feature_layer: int | list[int],
-                          needs: EncoderNeeds | None = None) -> QKCapture:
+                          needs: EncoderNeeds | None = None) -> QKCapture | QKCaptures:
     """A `QKCapture` on the vision block `needs.layer` names: "feature" (default) is the block whose OUTPUT is
-    `hidden_states[feature_layer]`, "last" the tower's last block, an int that block."""
+    `hidden_states[feature_layer]`, "last" the tower's last block, an int that block; a tuple of them gives a
+    `QKCaptures` on those blocks (scores [B, N, S], one column per block)."""
     layers = vision_layers(tower)
-    layer = "feature" if needs is None else needs.layer
-    idx = feature_block(tower, feature_layer) if layer == "feature" else -1 if layer == "last" else int(layer)
-    if not -len(layers) <= idx < len(layers):
-        raise ValueError(f"layer: block {idx} asked but the vision tower has {len(layers)} blocks")
-    return QKCapture(layers[idx])
+    picked = []
+    for layer in ("feature",) if needs is None else needs.layers:
+        idx = feature_block(tower, feature_layer) if layer == "feature" else -1 if layer == "last" else int(layer)
+        if not -len(layers) <= idx < len(layers):
+            raise ValueError(f"layer: block {idx} asked but the vision tower has {len(layers)} blocks")
+        picked.append(layers[idx])
+    return QKCapture(picked[0]) if len(picked) == 1 else QKCaptures(picked)
 
 
 def _row_scores(cap: QKCapture, n_patches: int, needs: EncoderNeeds | None = None
@@ -234,10 +237,12 @@ def _anyres_items(adapter: Any, a: dict[str, Any], feats: torch.Tensor, scores: 
                                              patch_size=cfg.vision_config.image_size) if p else 1
                for s, p in zip(sizes, patching, strict=True)]
     per_img = list(torch.split(feats, n_tiles, 0))
-    per_sc = None if scores is None else list(torch.split(scores.unsqueeze(-1), n_tiles, 0))
+    rows = scores is not None and scores.dim() == 3  # [tiles, N, S]: one column per scored block
+    per_sc = None if scores is None else list(torch.split(scores if rows else scores.unsqueeze(-1), n_tiles, 0))
     packed = _pack(adapter, per_img, sizes, a)
     packed_sc = None if per_sc is None else _pack(adapter, per_sc, sizes, a)
-    return [ItemMeta(grid=hw if n_tiles[i] == 1 else None, scores=None if packed_sc is None else packed_sc[i][:, 0],
+    return [ItemMeta(grid=hw if n_tiles[i] == 1 else None,
+                     scores=None if packed_sc is None else packed_sc[i] if rows else packed_sc[i][:, 0],
                      x=x, tail=_newline(adapter)) for i, x in enumerate(packed)]
 
 
@@ -266,7 +271,8 @@ def _items_videos(adapter: Any, a: dict[str, Any], out: Any, feats: torch.Tensor
         s, _, _ = _row_scores(cap, h * w, adapter.encoder_needs)
         if a["vision_feature_select_strategy"] == "default":
             s = s[:, 1:]
-        scores = core.apply_pooling(s.unsqueeze(-1))[..., 0].reshape(Bv, T * hp * wp)
+        pooled = core.apply_pooling(s if s.dim() == 3 else s.unsqueeze(-1))  # [B*T, h'*w', S or 1]
+        scores = pooled.reshape(Bv, T * hp * wp, -1) if s.dim() == 3 else pooled[..., 0].reshape(Bv, T * hp * wp)
     feats = feats.reshape(Bv, T * hp * wp, feats.shape[-1])
     return [ItemMeta(grid=(T, hp, wp), scores=None if scores is None else scores[b], x=feats[b],
                      tail=_newline(adapter)) for b in range(Bv)]

@@ -2,7 +2,9 @@
 
 A builder checks `keep` and the method's own options (`<name>_*`) when `mmc.apply` is called, and returns
 `build(n_layers) -> rule`, which the adapter calls once it knows the decoder's depth (the layer options are checked
-against it then). `FastV` is not here: it is an adapter option pair (`fastv_k`, `fastv_r`) of its own, read by the
+against it then). A method with a stage before the LLM (TRIO) names it in `ENCODER_STAGES`: its budget option
+selects that compressor instead of the identity (`mmc.apply(model, "trio", keep=32, trio_encoder_keep=96)`). `FastV`
+is not here: it is an adapter option pair (`fastv_k`, `fastv_r`) of its own, read by the
 Hugging Face adapter.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BUILDERS", "OPTIONS", "check_layer"]
+__all__ = ["BUILDERS", "ENCODER_STAGES", "OPTIONS", "check_layer"]
 
 
 def check_layer(option: str, k: Any, n_layers: int) -> None:
@@ -144,10 +146,12 @@ def trio_builder(keep: Any, own: dict[str, Any]):
 #: method -> builder(keep, own options) -> build(n_layers) -> rule; `own` is popped as the builder reads it
 BUILDERS: dict[str, Callable[[Any, dict[str, Any]], Callable[[int], Any]]] = {
     "pdrop": pdrop_builder, "dart": dart_builder, "sparsevlm": sparsevlm_builder, "trio": trio_builder}
+#: method -> (its option naming a before-the-LLM budget, the compressor that stage is): TRIO's encoder stage
+ENCODER_STAGES: dict[str, tuple[str, str]] = {"trio": ("trio_encoder_keep", "trio_encoder")}
 #: method -> the option names it accepts (all `<name>_*`)
 OPTIONS: dict[str, frozenset[str]] = {
     "pdrop": frozenset({"pdrop_layers", "pdrop_lambda"}),
     "dart": frozenset({"dart_k", "dart_pivot_image", "dart_pivot_text"}),
     "sparsevlm": frozenset({"sparsevlm_layers", "sparsevlm_counts", "sparsevlm_recycle"}),
-    "trio": frozenset({"trio_layer", "trio_tau", "trio_positions", "trio_rerun"}),
+    "trio": frozenset({"trio_layer", "trio_tau", "trio_positions", "trio_rerun", "trio_encoder_keep"}),
 }
