@@ -19,6 +19,9 @@ V = {"prompt": tiny.prompt(seed=3, placeholder=tiny.VIDEO), "videos": [[5, 4, 12
 W = {"prompt": tiny.prompt(seed=4, n_words=4, placeholder=tiny.VIDEO), "videos": [[6, 6, 192, 128]]}
 TEXT = {"prompt": "<|im_start|>user w5 w9 w13 <|im_end|> <|im_start|>assistant"}
 N_A, N_B, N_V, N_W = 16, 24, 32, 24
+# PixelPrune: pages of flat 32 px cells (one merge group of 16 px patches): 16 and 24 groups
+P = {"prompt": tiny.prompt(seed=5), "images": [[7, 128, 128, "blocks", 32]]}
+Q = {"prompt": tiny.prompt(seed=6, n_words=9), "images": [[8, 192, 128, "blocks", 32]]}
 
 
 kw = tiny.request_kw
@@ -43,6 +46,8 @@ CALLS = {
     **served.calls([V, W], served.VIDEO, "vid"),
     "mixed_methods": served.mixed([(W, "holitom", 0.5), (B, "cdpruner", 0.5), (TEXT, None, 1.0),
                                    (A, "visionzip", 0.5), (V, "dycoke", 0.5)]),
+    "pp_none": [P, Q], "pp": [dict(P, **served.PIXELPRUNE), dict(Q, **served.PIXELPRUNE_TAU)],
+    "pp_mixed": [dict(Q, **served.PIXELPRUNE_TAU), dict(V, **kw("tome", 0.25)), dict(P, **served.PIXELPRUNE)],
 }
 NAMES = list(CALLS)
 PLAIN = ["none", "video"]
@@ -124,3 +129,20 @@ def test_batch_of_different_methods_equals_single_runs(runs):
     singles = [got["vid:holitom"][1], got["img:cdpruner"][1], got["text"][0], got["img:visionzip"][0],
                got["vid:dycoke"][0]]
     tiny.assert_same_runs(got["mixed_methods"], singles)
+
+
+@pytest.mark.parametrize("i,options", [(0, {}), (1, {"tau": 0.05})])
+def test_pixelprune_shortens_by_dropped_groups_and_agrees_with_mmc_apply(runs, i, options):
+    """PixelPrune: the ViT runs on the kept patches with their original rotary ids and interpolated position
+    embeddings, DeepStack features of the kept groups; prompt shorter by the dropped groups, outputs equal
+    `mmc.apply` in transformers."""
+    model_dir, got, _ = runs
+    req = CALLS["pp"][i]
+    assert served.pixel_kept(model_dir, req, **options)[0] < (16, 24)[i]  # groups were dropped
+    served.assert_pixelprune(model_dir, [req], got["pp"][i:i + 1], got["pp_none"][i:i + 1], [(16, 24)[i]],
+                             tiny.token_id("<|image_pad|>"), **options)
+
+
+def test_pixelprune_in_a_mixed_batch_equals_single_runs(runs):
+    _, got, _ = runs
+    tiny.assert_same_runs(got["pp_mixed"], [got["pp"][1], got["video_tome"][0], got["pp"][0]])
