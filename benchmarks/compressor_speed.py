@@ -16,7 +16,7 @@ finiteness pass over x) are timed too, and every op's ratio to both copies is in
         python benchmarks/compressor_speed.py --only tome-peer --out runs/speed/tome_peer_warm_malloc.csv
 
 Fidelity rows (`--only fidelity`): each paper-named method (visionzip, prumerge, prumerge+, dycoke, divprune,
-visiontrim)
+visiontrim, idpruner, trio_encoder)
 against a plain per-sample implementation of its release's rules (benchmarks/paper_references.py) on the same input,
 at batch 1 and 2, interleaved; each row checks the outputs agree (max abs difference in `agree_max_abs`; prumerge+
 budgets differ per sample, so both sides are zero-padded to the longest).
@@ -49,8 +49,10 @@ from csv_rows import quantiles  # noqa: E402
 from paper_references import (  # noqa: E402
     divprune_plain,
     dycoke_plain,
+    idpruner_plain,
     prumerge_plain,
     prumerge_plus_plain,
+    trio_encoder_plain,
     visiontrim_plain,
     visionzip_plain,
 )
@@ -170,6 +172,9 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
     v = torch.randn(B, 16 * 196, 896, generator=g)  # 16 frames of 14 x 14 LLM-space tokens
     vt = mmc.create("visiontrim", keep=64)  # 48 dominant + 16 complement
     te = torch.randn(B, 12, C, generator=g) + x[:, 1:13]  # a 12-token question about a few tokens
+    idp = mmc.create("idpruner", keep=64)
+    tri = mmc.create("trio_encoder", keep=96)
+    s2 = torch.rand(B, N, 2, generator=g)  # the shallow and deep [CLS] rows (24 x 24 grid)
     return [
         ("visionzip", lambda: vz(x, prefix=1, scores=sc, metric=me).ordered(),
          lambda: torch.stack([visionzip_plain(x[b], sc[b], me[b], 53, 10) for b in range(B)])),
@@ -183,6 +188,10 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
          lambda: torch.stack([dycoke_plain(v[b], 16) for b in range(B)])),
         ("visiontrim", lambda: vt(x[:, 1:], scores=sc[:, 1:], text=te).ordered(),
          lambda: torch.stack([visiontrim_plain(x[b, 1:], sc[b, 1:], te[b], 48, 16) for b in range(B)])),
+        ("idpruner", lambda: idp(x[:, 1:], scores=sc[:, 1:]).x,
+         lambda: torch.stack([idpruner_plain(x[b, 1:], sc[b, 1:], 64) for b in range(B)])),
+        ("trio_encoder", lambda: tri(x[:, 1:], grid=(24, 24), scores=s2).x,
+         lambda: torch.stack([trio_encoder_plain(x[b, 1:], s2[b, :, 0], s2[b, :, 1], 96) for b in range(B)])),
     ]
 
 

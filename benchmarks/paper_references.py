@@ -112,3 +112,40 @@ def dycoke_plain(x: torch.Tensor, T: int, prune: float = 0.7) -> torch.Tensor:
             sim = F.cosine_similarity(frames[g], frames[f], dim=1)
         out[f] = frames[f][sim.topk(q, largest=False).indices]
     return torch.cat(out)
+
+
+def idpruner_plain(x: torch.Tensor, scores: torch.Tensor, k: int, lam: float = 0.5) -> torch.Tensor:
+    """IDPruner's MMR: x [N, C], scores [N] -> [k, C], the kept tokens in source order. Importance = scores min-max
+    scaled (+1e-6); the most important token first, then one token per step maximising lam * importance - (1 - lam) *
+    (its highest cosine to the chosen tokens, recomputed from the chosen list at every step; ties: the lower index)."""
+    imp = (scores - scores.min()) / (scores.max() - scores.min() + 1e-6)
+    u = x / (x.norm(dim=1, keepdim=True) + 1e-8)
+    chosen = [int(imp.argmax())]
+    while len(chosen) < k:
+        v = lam * imp - (1 - lam) * (u @ u[chosen].T).max(dim=1).values  # [N]
+        v[chosen] = float("-inf")
+        chosen.append(int(v.argmax()))
+    return x[sorted(chosen)]
+
+
+def trio_encoder_plain(x: torch.Tensor, shallow: torch.Tensor, deep: torch.Tensor, k: int, side: int = 24,
+                       window: int = 6) -> torch.Tensor:
+    """TRIO's encoder stage: x [side * side, C], shallow and deep [side * side] -> [k, C] in source order. Window by
+    window (row-major), the top (k // 2) // (side // window)^2 tokens by `shallow`; then the top of `deep` among the
+    others up to k; every other token joins its most cosine-similar kept token (one loop step per token), and each
+    kept token becomes the plain mean of itself and its joiners."""
+    n_win = (side // window) ** 2
+    per = (k // 2) // n_win
+    kept: list[int] = []
+    for wy in range(side // window):
+        for wx in range(side // window):
+            cells = [(wy * window + dy) * side + wx * window + dx for dy in range(window) for dx in range(window)]
+            kept += sorted(cells, key=lambda i: (-float(shallow[i]), i))[:per]
+    rest = sorted((i for i in range(x.shape[0]) if i not in kept), key=lambda i: (-float(deep[i]), i))
+    kept = sorted(kept + rest[: k - len(kept)])
+    u = x / x.norm(dim=1, keepdim=True)
+    groups: dict[int, list[int]] = {t: [t] for t in kept}
+    for i in range(x.shape[0]):
+        if i not in groups:
+            groups[kept[int((u[kept] @ u[i]).argmax())]].append(i)
+    return torch.stack([x[groups[t]].mean(0) for t in kept])

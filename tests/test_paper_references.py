@@ -15,7 +15,8 @@ speed = load_script("benchmarks/compressor_speed.py")
 @pytest.mark.parametrize("B", [1, 2])
 def test_compressors_equal_the_plain_release_rules(B):
     cases = speed._fidelity_cases(B)
-    assert [c[0] for c in cases] == ["visionzip", "prumerge", "prumerge+", "divprune", "dycoke", "visiontrim"]
+    assert [c[0] for c in cases] == ["visionzip", "prumerge", "prumerge+", "divprune", "dycoke", "visiontrim",
+                                     "idpruner", "trio_encoder"]
     for label, ours, plain in cases:
         got, want = ours(), plain()
         assert got.shape == want.shape, (label, got.shape, want.shape)
