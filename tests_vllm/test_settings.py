@@ -64,6 +64,7 @@ def test_precedence(monkeypatch):
     ({"mmcompress_method": "fastv", "mmcompress_keep": 0.5}, ValueError, "inside the LLM"),
     ({"mmcompress_method": "pdrop", "mmcompress_keep": 0.5}, ValueError, "inside the LLM"),
     ({"mmcompress_method": "flashvid", "mmcompress_keep": 0.5}, ValueError, "inside the LLM"),  # its in-LLM stage
+    ({"mmcompress_method": "trio_encoder", "mmcompress_keep": 96}, ValueError, "several vision blocks"),
     ({"mmcompress_method": "tomee", "mmcompress_keep": 0.5}, ValueError, "did you mean"),
     ({"mmcompress_keep": 0.5}, ValueError, "without a compressor"),
 ])

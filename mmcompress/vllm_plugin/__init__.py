@@ -172,6 +172,11 @@ def _check_method(method: Any, where: str) -> str | None:
         raise ValueError(f"{where}: {method!r} also prunes inside the LLM's layers by default (its own in-LLM stage, "
                          "which mmc.apply runs); the mmcompress vLLM plugin does not change vLLM's decoder, so serving "
                          "only its part before the LLM would not be the method")
+    needs = getattr(comp_cls, "encoder_needs", None)
+    if needs is not None and isinstance(needs.layer, (tuple, list)):
+        raise ValueError(f"{where}: {method!r} reads the attention of several vision blocks ({needs.layer}); the "
+                         "mmcompress vLLM plugin serves scores of one block per method, so it cannot serve it; "
+                         "mmc.apply runs it in transformers")
     return method
 
 
