@@ -19,7 +19,7 @@ WORDS = ["what", "color", "is", "the", "circle", "red", "?", "how", "many", "cro
 
 @pytest.fixture(scope="module")
 def proc():
-    return mini.RefVLMMiniProcessor(mini.build_tokenizer(WORDS))
+    return mini.RefVLMMiniProcessor(mini.build_tokenizer(WORDS), 112)  # v1's 112 px: 64 image tokens
 
 
 def tiny_vision():
