@@ -181,7 +181,14 @@ def main() -> None:
     ap.add_argument("--no-resize", action="store_true", help="leave out the resized-image rows")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--table", type=Path, default=None, help="only print the tables of this CSV (no run)")
     args = ap.parse_args()
+    if args.table is not None:
+        import csv
+
+        with open(args.table) as f:
+            _print_tables(list(csv.DictReader(f)))
+        return
     methods = _csv_list(args.methods, str, "--methods")
     keeps = _csv_list(args.keeps, float, "--keeps")
     concs = _csv_list(args.concurrency, int, "--concurrency")
@@ -278,7 +285,7 @@ def main() -> None:
 
     rows = _rows(args, settings, concs, ttft, rps, ptok, windows, _times(times))
     write_rows(args.out, rows)
-    _print_tables(rows, settings, concs)
+    _print_tables(rows)
     print(f"wrote {args.out}")
 
 
@@ -344,25 +351,30 @@ def _rows(args, settings, concs, ttft, rps, ptok, windows, calls) -> list[dict]:
     return rows
 
 
-def _print_tables(rows: list[dict], settings: list, concs: list) -> None:
-    """The markdown tables docs/vllm.md shows, from the rows."""
-    get = {(r["method"], r["keep"], r["concurrency"], r["metric"]): r for r in rows}
+def _print_tables(rows: list[dict]) -> None:
+    """The markdown tables docs/vllm.md shows, from the CSV rows (as written, or read back with --table)."""
+    num = ("keep", "p20", "p50", "p80", "ratio_p50")
+    rows = [{k: (float(v) if k in num and v != "" else v) for k, v in r.items()} for r in rows]
+    get = {(r["method"], r["keep"], int(r["concurrency"]), r["metric"]): r for r in rows}
+    settings = list(dict.fromkeys((r["method"], r["keep"], r["image"]) for r in rows))
+    concs = list(dict.fromkeys(int(r["concurrency"]) for r in rows))
 
     def f(key, metric, fmt="{:.0f}", field="p50"):
         r = get.get(key + (metric,))
         return "" if r is None or r[field] == "" else fmt.format(r[field])
 
     print("\n| concurrency | method | keep | image px | prompt tokens | TTFT p20 / p50 / p80 ms | TTFT ratio | "
-          "requests/s p50 | req/s ratio | encoder ms p50 | encoder share of TTFT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "requests/s p50 | req/s ratio | encoder ms p50 | encoder share of TTFT | encoder share of wall time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in concs:
-        for m, k, size in settings:
+        for m, k, image in settings:
             key = (m, k, c)
             r = get[key + ("ttft_ms",)]
-            print(f"| {c} | {m} | {k:g} | {size[0]}x{size[1]} | {r['prompt_tokens']} | "
+            print(f"| {c} | {m} | {k:g} | {image} | {r['prompt_tokens']} | "
                   f"{r['p20']:.0f} / {r['p50']:.0f} / {r['p80']:.0f} | {r['ratio_p50']:.2f} | "
                   f"{f(key, 'req_per_s', '{:.3f}')} | {f(key, 'req_per_s', '{:.2f}', 'ratio_p50')} | "
-                  f"{f(key, 'encoder_ms')} | {f(key, 'encoder_share', '{:.2f}')} |")
+                  f"{f(key, 'encoder_ms')} | {f(key, 'encoder_share', '{:.2f}')} | "
+                  f"{f(key, 'encoder_wall_share', '{:.2f}')} |")
     if 1 in concs:
         print("\n| method | keep | vision blocks ms | LLM prefill ms | best TTFT ratio (free compression) | "
               "TTFT est. full depth ms | ratio | encoder share est. | best ratio est. |")
