@@ -75,7 +75,7 @@ test-vllm:
 # TTFT, requests/s and the encoder's share of `vllm serve` with the plugin on a random Qwen2-VL-2B-shaped model
 # (2B widths, depth cut to 4 LLM layers / 4 vision blocks; full-depth figures estimated from per-layer times):
 # tome, divprune, visionzip at keep 1/0.5/0.25 and the same images resized to the budget, concurrency 1 and 8, one
-# server, interleaved; ~25 min on 2 CPU cores (needs test-vllm's venv). Rows: runs/vllm/serving.csv
+# server, interleaved; 14.5 min on 2 idle CPU cores (needs test-vllm's venv). Rows: runs/vllm/serving.csv
 bench-vllm:
 	test -x $(VLLM_VENV)/bin/vllm || $(MAKE) test-vllm
 	$(VLLM_VENV)/bin/python benchmarks/vllm_serving.py --out runs/vllm/serving.csv
