@@ -234,6 +234,7 @@ X_LABELS = {"tokens": "tokens entering the LLM",
 Y_LABEL = "accuracy"
 _MARKERS = "osD^vP<>Xhp*"
 DODGE = 0.015  # horizontal offset between methods on the tokens axis, as a share of the axis width
+DODGE_SPREAD = 0.08  # at most this share of the axis between the first and the last method (many methods: less)
 
 
 def _has(rows: Sequence[dict[str, Any]], key: str) -> bool:
@@ -257,7 +258,8 @@ def pareto_figure(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = 
 
     The same figure is ``pareto.png`` and the demo's Results tab. Methods share budgets, so on the tokens panel
     their points would sit on top of each other: each method is dodged sideways by a fixed step (`DODGE` of the
-    axis width, the same for every budget), and every marker has its own shape and a white outline.
+    axis width, less when many methods would spread over more than `DODGE_SPREAD` of it; the same for every
+    budget), and every marker has its own shape and a white outline.
 
     Args:
         rows: summary rows (``task``, ``method``, ``keep``, ``accuracy``, ``stderr``, ``tokens``; ``prefill_gflops``,
@@ -300,7 +302,8 @@ def pareto_figure(rows: Sequence[dict[str, Any]], tasks: Sequence[str] | None = 
                 pts = sorted((r for r in trs if r["method"] == m), key=_by_budget)
                 if not pts:
                     continue
-                shift = DODGE * span * (mi - (len(methods) - 1) / 2) if xkey == "tokens" else 0.0
+                step = min(DODGE, DODGE_SPREAD / max(1, len(methods) - 1))
+                shift = step * span * (mi - (len(methods) - 1) / 2) if xkey == "tokens" else 0.0
                 ref = m in ("random", "resize")
                 h = ax.errorbar([float(p[xkey]) + shift for p in pts], [float(p["accuracy"]) for p in pts],
                                 yerr=[float(p["stderr"]) for p in pts], label=m,
