@@ -14,7 +14,7 @@ import torch
 
 #: attention-scored and text-guided image methods, (name, keep)
 IMAGE = [("visionzip", 0.5), ("vispruner", 0.5), ("scope", 0.5), ("holov", 0.5), ("prumerge", 6), ("prumerge+", 6),
-         ("prunesid", 0.5), ("cdpruner", 0.5), ("text_recovery", 0.5), ("visiontrim", 0.5)]
+         ("prunesid", 0.5), ("idpruner", 0.5), ("cdpruner", 0.5), ("text_recovery", 0.5), ("visiontrim", 0.5)]
 #: video methods (and an attention-scored one on video)
 VIDEO = [("dycoke", 0.5), ("holitom", 0.5), ("temporal", 0.5), ("visionzip", 0.25), ("text_recovery", 0.5)]
 
