@@ -61,7 +61,7 @@ import torch
 
 from mmcompress.compressors.base import Compressor, EncoderNeeds, Inputs, Plan
 from mmcompress.compressors.holitom import density_peaks
-from mmcompress.compressors.merge_ops import accum_dtype
+from mmcompress.compressors.merge_ops import accum_dtype, by_score
 from mmcompress.registry import register
 
 __all__ = ["FlashVID", "flashvid_segments"]
@@ -206,12 +206,6 @@ class _Video:
         sr[free] = rep_of[fr] + off
         dd = div[s:e]
         dd[free] = dv[fr]
-
-
-def _by_score(idx: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """idx [n] flat token indices sorted by descending score, ties by index (ascending)."""
-    idx = idx.sort().values
-    return idx[torch.sort(score[idx], descending=True, stable=True).indices]
 
 
 @register("flashvid")
@@ -359,7 +353,7 @@ class FlashVID(Compressor):
                 b -= 1
                 slot, grp, rep, div = self._rule(vid, x, score, b)[1] if b >= 1 else (None,) * 4
         if slot is None:  # below one token per frame: the k highest scores
-            rep = _by_score(torch.arange(N), score)[:k].sort().values
+            rep = by_score(torch.arange(N), score)[:k].sort().values
             slot = torch.full((N,), -1, dtype=torch.long)
             slot[rep] = torch.arange(k)
             return slot, rep, torch.ones(N)
@@ -367,8 +361,8 @@ class FlashVID(Compressor):
         if M < k:  # fill: dropped tokens, then members taken out of merged slots, by score
             is_rep = torch.zeros(N, dtype=torch.bool)
             is_rep[rep] = True
-            dropped = _by_score((slot < 0).nonzero()[:, 0], score)
-            inner = _by_score(((slot >= 0) & ~is_rep).nonzero()[:, 0], score)
+            dropped = by_score((slot < 0).nonzero()[:, 0], score)
+            inner = by_score(((slot >= 0) & ~is_rep).nonzero()[:, 0], score)
             extra = torch.cat([dropped, inner])[: k - M]
             slot[extra] = M + torch.arange(len(extra))
             grp[extra] = extra

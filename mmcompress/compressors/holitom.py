@@ -46,7 +46,7 @@ import math
 import torch
 
 from mmcompress.compressors.base import Compressor, EncoderNeeds, Inputs, Plan
-from mmcompress.compressors.merge_ops import accum_dtype, cosine_normalize
+from mmcompress.compressors.merge_ops import accum_dtype, by_score, cosine_normalize
 from mmcompress.registry import register
 
 
@@ -192,12 +192,6 @@ class _Video:
         return assign, rep, clusters
 
 
-def _by_score(idx: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """idx [n] flat token indices sorted by descending score, ties by index (ascending)."""
-    idx = idx.sort().values
-    return idx[torch.sort(score[idx], descending=True, stable=True).indices]
-
-
 @register("holitom")
 class HoliTom(Compressor):
     """Video: temporal merging over globally chosen windows, DPC-kNN merging of static tokens, top dynamic tokens.
@@ -281,8 +275,8 @@ class HoliTom(Compressor):
             is_rep = torch.zeros(N, dtype=torch.bool)
             is_rep[rep] = True
             member_static = (assign >= 0) & is_static[assign.clamp(min=0)]
-            dropped = _by_score((assign < 0).nonzero()[:, 0], score)
-            inner = _by_score((member_static & ~is_rep).nonzero()[:, 0], score)
+            dropped = by_score((assign < 0).nonzero()[:, 0], score)
+            inner = by_score((member_static & ~is_rep).nonzero()[:, 0], score)
             extra = torch.cat([dropped, inner])[: k - M]
             stolen[extra] = assign[extra] >= 0
             assign[extra] = M + torch.arange(len(extra))

@@ -86,3 +86,9 @@ def cosine_normalize(m: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Rows of m [..., d] scaled to unit L2 norm, in float32 for half inputs."""
     m = m.to(accum_dtype(m.dtype))
     return m / m.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def by_score(idx: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """idx [n] flat token indices sorted by descending score, ties by index (ascending)."""
+    idx = idx.sort().values
+    return idx[torch.sort(score[idx], descending=True, stable=True).indices]
