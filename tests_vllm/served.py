@@ -94,7 +94,16 @@ def assert_pixelprune(model_dir, reqs: list[dict], got: list[dict], plain: list[
     import mmcompress as mmc
 
     kept = [pixel_kept(model_dir, r, **options)[0] for r in reqs]
+    assert all(1 <= k < n for k, n in zip(kept, groups, strict=True)), kept  # groups were dropped
     assert_shorter(got, plain, groups, kept, pad)
     model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     mmc.apply(model, "pixelprune", **options)
     tiny.assert_transformers_agree(model, T.AutoProcessor.from_pretrained(model_dir), reqs, got)
+
+
+def assert_pixelprune_call(runs: tuple, calls: dict, i: int, groups: int, **options) -> None:
+    """`assert_pixelprune` on the i-th "pp" call of a family engine's `runs` (model_dir, outputs, ...), whose image
+    has `groups` merged groups uncompressed."""
+    model_dir, got = runs[0], runs[1]
+    assert_pixelprune(model_dir, [calls["pp"][i]], got["pp"][i:i + 1], got["pp_none"][i:i + 1], [groups],
+                      tiny.token_id("<|image_pad|>"), **options)

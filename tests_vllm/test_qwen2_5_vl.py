@@ -96,11 +96,7 @@ def test_batch_of_different_methods_equals_single_runs(runs):
 def test_pixelprune_shortens_by_dropped_groups_and_agrees_with_mmc_apply(runs, i, options):
     """PixelPrune: the ViT runs on the kept patches, each window of the full grid holding its kept groups (as
     `mmc.apply` runs the HF tower); prompt shorter by the dropped groups, outputs equal transformers'."""
-    model_dir, got, _ = runs
-    req = CALLS["pp"][i]
-    assert served.pixel_kept(model_dir, req, **options)[0] < (24, 48)[i]  # groups were dropped
-    served.assert_pixelprune(model_dir, [req], got["pp"][i:i + 1], got["pp_none"][i:i + 1], [(24, 48)[i]],
-                             tiny.token_id("<|image_pad|>"), **options)
+    served.assert_pixelprune_call(runs, CALLS, i, (24, 48)[i], **options)
 
 
 def test_pixelprune_in_a_mixed_batch_equals_single_runs(runs):

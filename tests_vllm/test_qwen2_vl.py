@@ -138,8 +138,6 @@ def test_pixelprune_shortens_by_dropped_groups_and_agrees_with_mmc_apply(runs, m
     `mmc.apply(model, "pixelprune", **options)` in transformers."""
     got, _ = runs
     pad = tiny.token_id("<|image_pad|>")
-    kept = [served.pixel_kept(models["qwen2_vl"], r, **options)[0] for r in (P, Q)]
-    assert all(1 <= k < n for k, n in zip(kept, (N_P, N_Q), strict=True)), kept  # groups were dropped
     served.assert_pixelprune(models["qwen2_vl"], CALLS[name][:2], got[name][:2], got["pp_none"], [N_P, N_Q], pad,
                              **options)
 

@@ -136,11 +136,7 @@ def test_pixelprune_shortens_by_dropped_groups_and_agrees_with_mmc_apply(runs, i
     """PixelPrune: the ViT runs on the kept patches with their original rotary ids and interpolated position
     embeddings, DeepStack features of the kept groups; prompt shorter by the dropped groups, outputs equal
     `mmc.apply` in transformers."""
-    model_dir, got, _ = runs
-    req = CALLS["pp"][i]
-    assert served.pixel_kept(model_dir, req, **options)[0] < (16, 24)[i]  # groups were dropped
-    served.assert_pixelprune(model_dir, [req], got["pp"][i:i + 1], got["pp_none"][i:i + 1], [(16, 24)[i]],
-                             tiny.token_id("<|image_pad|>"), **options)
+    served.assert_pixelprune_call(runs, CALLS, i, (16, 24)[i], **options)
 
 
 def test_pixelprune_in_a_mixed_batch_equals_single_runs(runs):
