@@ -233,9 +233,14 @@ def test_browser_sample_upload_eight_maps_concurrency_and_bad_upload(setup):
         page.locator("#image-upload input[type=file]").set_input_files(str(bad))
         expect(page.locator(f'#image-upload a[href$="/{bad.name}"]')).to_have_count(1, timeout=30_000)
         page.locator("#image-run").click()
-        expect(page.get_by_text("the uploaded file is not an image").first).to_be_visible(timeout=30_000)
+        # the upload's note says it at once; the run's refusal comes later, as a toast and one log line
+        expect(page.get_by_text("Cannot use this upload").first).to_be_visible(timeout=30_000)
+        deadline = time.monotonic() + 60.0
+        while "refused: the uploaded file is not an image" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
         text = log.read_text()
         assert "refused: the uploaded file is not an image" in text and "Traceback" not in text, text[-3000:]
+        expect(page.locator('[data-testid="toast-body"]').first).to_contain_text("not an image", timeout=30_000)
         # the next successful run closes the error toast (it stayed up beside the new result)
         page.locator("#image-photo input").click()  # picking a sample clears the bad upload
         page.get_by_role("option", name=sample, exact=True).click()
