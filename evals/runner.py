@@ -463,9 +463,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     timings = read_timings(cfg.out, list(order), names)
     notes = []
     if timings:
-        from mmcompress.evals.timing import TimingConfig
+        from mmcompress.evals.timing import TimingConfig, describe_machine
 
         notes.append(TimingConfig(cfg.timing_threads, cfg.timing_repeats, cfg.timing_samples).describe())
+        notes += [m for m in [describe_machine(list(timings.values()))] if m]
     notes += [f"{k}: schedule {json.dumps(v, sort_keys=True)}" for k, v in schedules.items()]
     rows = report.write_reports(cfg.out, records, tasks, settings, skipped=skipped, bad_rows=bad_rows,
                                 timings=timings, notes=notes,

@@ -19,6 +19,10 @@ Protocol (`time_setting`), per task x setting, on one fixed batch (the task's fi
    minimum is the estimate that load disturbs least); ``prefill_ratio`` = fastest setting / fastest none.
    ``ratio_spread`` checks it within the run: the same ratio from the even and from the odd pairs, half their
    difference relative to the ratio (each half has both orders, none first and setting first).
+6. Where that check exceeds ``max_spread`` (default 2.5 %), two pairs more at a time, up to ``3 x repeats`` pairs:
+   a setting disturbed by load is measured longer instead of kept as it fell (``pairs`` says how many ran).
+7. The machine is recorded beside the numbers: the CPU's name, its logical CPUs and the 1-minute load average
+   before the setting's measurement (``cpu``, ``cpus``, ``load1``), so two runs can be read side by side.
 
 Replaying on a kept encoder output is checked once per setting: its last-position logits must equal the full
 prefill's; where they do not (or the model takes no ``mm_encoder_outputs``), every repeat runs the full prefill and
@@ -35,7 +39,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["TimingConfig", "time_setting", "language_model", "capture_encoder", "fastest_ratio", "split_half_spread"]
+__all__ = ["TimingConfig", "time_setting", "language_model", "capture_encoder", "fastest_ratio", "split_half_spread",
+           "machine", "describe_machine", "run_pairs"]
 
 
 class TimingConfig:
@@ -47,17 +52,58 @@ class TimingConfig:
         samples: the timing batch: the task's first `samples` samples (>= 1).
     """
 
-    def __init__(self, threads: int = 1, repeats: int = 7, samples: int = 8) -> None:
+    def __init__(self, threads: int = 1, repeats: int = 7, samples: int = 8, max_spread: float = 0.025) -> None:
         for name, v in (("timing_threads", threads), ("timing_repeats", repeats), ("timing_samples", samples)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        self.threads, self.repeats, self.samples = threads, repeats, samples
+        if isinstance(max_spread, bool) or not isinstance(max_spread, (int, float)) or not max_spread > 0:
+            raise ValueError(f"max_spread: expected a number > 0, got {max_spread!r}")
+        self.threads, self.repeats, self.samples, self.max_spread = threads, repeats, samples, float(max_spread)
+
+    @property
+    def max_repeats(self) -> int:
+        """The most pairs a setting whose split-half check stays above ``max_spread`` gets."""
+        return 3 * self.repeats
 
     def describe(self) -> str:
         """One sentence for ``summary.md``."""
         return (f"times: {self.threads} torch thread(s), the task's first {self.samples} samples as one batch, "
-                f"{self.repeats} interleaved (none, setting) prefill pairs; the fastest repeat per sample; prefill "
-                "ratio = fastest setting / fastest none")
+                f"{self.repeats} interleaved (none, setting) prefill pairs (two more at a time while the even and odd "
+                f"pairs' ratios differ by more than ±{100 * self.max_spread:g} %, up to {self.max_repeats}); the "
+                "fastest repeat per sample; prefill ratio = fastest setting / fastest none")
+
+
+def machine() -> dict[str, Any]:
+    """``{"cpu": the CPU's model name, "cpus": logical CPUs, "load1": the 1-minute load average (None where the OS has
+    none)}``."""
+    import os
+    import platform
+
+    name = ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    load = None
+    with contextlib.suppress(OSError, AttributeError):
+        load = round(os.getloadavg()[0], 2)
+    return {"cpu": name or platform.processor() or platform.machine(), "cpus": os.cpu_count(), "load1": load}
+
+
+def describe_machine(timings: list[dict[str, Any]]) -> str | None:
+    """One sentence for ``summary.md`` on where the times were taken: the CPU, the load before the settings, how many
+    settings were measured longer (None where no timing says)."""
+    got = [t for t in timings if t.get("cpu")]
+    if not got:
+        return None
+    cpus = sorted({f"{t['cpu']} ({t.get('cpus')} logical CPUs)" for t in got})
+    loads = [t["load1"] for t in got if t.get("load1") is not None]
+    longer = sum(t.get("pairs", t.get("repeats", 0)) > t.get("repeats", 0) for t in got)
+    text = f"timed on {', '.join(cpus)}"
+    if loads:
+        text += f"; 1-minute load average {min(loads):.2f}-{max(loads):.2f} before the settings' measurements"
+    return text + f"; {longer} of {len(got)} settings measured with extra pairs"
 
 
 def language_model(model: Any) -> Any:
@@ -156,6 +202,20 @@ def split_half_spread(setting: list[float], none: list[float]) -> float:
     return abs(even - odd) / 2 / whole if whole else float("nan")
 
 
+def run_pairs(pair: Any, runs: dict[str, list[float]], cfg: TimingConfig) -> int:
+    """Run ``pair(r)`` for r = 0 .. repeats - 1, then two more at a time while the split-half check of
+    ``runs["set"]`` vs ``runs["none"]`` (which `pair` appends to) exceeds ``cfg.max_spread``, up to
+    ``cfg.max_repeats``. Returns the pairs run."""
+    for r in range(cfg.repeats):
+        pair(r)
+    r = cfg.repeats
+    while r + 2 <= cfg.max_repeats and split_half_spread(runs["set"], runs["none"]) > cfg.max_spread:
+        pair(r)  # two at a time: both orders, one more pair in each half
+        pair(r + 1)
+        r += 2
+    return r
+
+
 def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[str, Any]:
     """Time one setting (the one `backend` is configured with) against the uncompressed model (see the module doc).
 
@@ -166,8 +226,9 @@ def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[st
 
     Returns:
         ``{"encode_ms", "compress_ms", "prefill_ms", "none_prefill_ms", "none_encode_ms", "prefill_ratio",
-        "ratio_spread", "replay", "threads", "repeats", "samples", "prefill_ms_runs", "none_prefill_ms_runs"}``
-        (ms per sample).
+        "ratio_spread", "replay", "threads", "repeats", "pairs", "samples", "cpu", "cpus", "load1",
+        "prefill_ms_runs", "none_prefill_ms_runs"}`` (ms per sample; ``pairs``: the pairs that ran, ``repeats`` or
+        more).
     """
     import torch
 
@@ -202,6 +263,7 @@ def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[st
         comp = float(mmc.stats(model).get("compress_ms", 0.0)) / 1e3 if compressed and wrapped else 0.0
         return vis.total, llm.total, comp, out.logits[:, -1].float()
 
+    load = machine()  # before this setting's own work
     with _threads(cfg.threads):
         with capture_encoder(model) as got:
             enc_s, _, _, ref = forward(set_inputs, True)  # warm-up of the setting, and its encoder output
@@ -219,20 +281,22 @@ def time_setting(backend: Any, samples: list[Any], cfg: TimingConfig) -> dict[st
         set_enc, base_enc = (enc, none_enc) if replay else (None, None)
         forward(base_inputs, False, base_enc)  # warm-up of the uncompressed replay
         runs: dict[str, list[float]] = {"set": [], "none": [], "comp": []}
-        for r in range(cfg.repeats):
-            order = ("none", "set") if r % 2 == 0 else ("set", "none")
-            for which in order:
+
+        def pair(r: int) -> None:
+            for which in ("none", "set") if r % 2 == 0 else ("set", "none"):
                 if which == "set":
                     _, llm_s, comp_s, _ = forward(set_inputs, True, set_enc)
                     runs["set"].append(llm_s)
                     runs["comp"].append(comp_s)
                 else:
                     runs["none"].append(forward(base_inputs, False, base_enc)[1])
+
+        run_pairs(pair, runs, cfg)
     per = 1e3 / B
     return {"encode_ms": enc_s * per, "none_encode_ms": none_enc_s * per,
             "compress_ms": min(runs["comp"]) * per, "prefill_ms": min(runs["set"]) * per,
             "none_prefill_ms": min(runs["none"]) * per, "prefill_ratio": fastest_ratio(runs["set"], runs["none"]),
             "ratio_spread": split_half_spread(runs["set"], runs["none"]), "replay": replay,
-            "threads": cfg.threads, "repeats": cfg.repeats, "samples": B,
+            "threads": cfg.threads, "repeats": cfg.repeats, "pairs": len(runs["set"]), "samples": B, **load,
             "prefill_ms_runs": [round(x * per, 4) for x in runs["set"]],
             "none_prefill_ms_runs": [round(x * per, 4) for x in runs["none"]]}

@@ -200,6 +200,36 @@ def test_timing_ratio_is_fastest_over_fastest_with_a_split_half_check():
         TimingConfig(repeats=0)
 
 
+def test_a_disturbed_setting_gets_extra_pairs_until_its_halves_agree():
+    from mmcompress.evals.timing import TimingConfig, describe_machine, run_pairs, split_half_spread
+
+    def scripted(setting: list[float]):
+        runs: dict[str, list[float]] = {"set": [], "none": []}
+
+        def pair(r: int) -> None:
+            runs["none"].append(10.0)
+            runs["set"].append(setting[r] if r < len(setting) else 5.0)
+        return runs, pair
+
+    cfg = TimingConfig(repeats=3, max_spread=0.025)
+    runs, pair = scripted([5.0, 5.0, 5.0])  # halves agree: 3 pairs and no more
+    assert run_pairs(pair, runs, cfg) == 3 and len(runs["set"]) == 3
+    # the even pairs (0, 2) were disturbed: 6 / 10 against 5 / 10; pairs 3 and 4 bring an even pair at 5.0
+    runs, pair = scripted([6.0, 5.0, 6.0])
+    assert split_half_spread([6.0, 5.0, 6.0], [10.0] * 3) > 0.025
+    assert run_pairs(pair, runs, cfg) == 5 and split_half_spread(runs["set"], runs["none"]) == 0
+    runs, pair = scripted([6.0, 5.0] * 10)  # never agrees: stops at 3 x repeats
+    assert run_pairs(pair, runs, cfg) == 9 == cfg.max_repeats
+    with pytest.raises(ValueError, match="max_spread"):
+        TimingConfig(max_spread=0)
+
+    timings = [{"cpu": "AMD EPYC", "cpus": 2, "load1": 0.5, "repeats": 7, "pairs": 7},
+               {"cpu": "AMD EPYC", "cpus": 2, "load1": 2.25, "repeats": 7, "pairs": 11}]
+    assert describe_machine(timings) == ("timed on AMD EPYC (2 logical CPUs); 1-minute load average 0.50-2.25 before "
+                                         "the settings' measurements; 1 of 2 settings measured with extra pairs")
+    assert describe_machine([{"repeats": 7}]) is None
+
+
 def test_trio_schedule_scales_the_release_readme_shape(monkeypatch):
     """With its encoder stage: e tokens in, e / 3 from layer L / 2 on (the release's 96 -> 32 at layer 16 of 32);
     without it: the in-LLM stage alone, its layer lowered until a token fits the budget."""
