@@ -16,10 +16,10 @@ finiteness pass over x) are timed too, and every op's ratio to both copies is in
         python benchmarks/compressor_speed.py --only tome-peer --out runs/speed/tome_peer_warm_malloc.csv
 
 Fidelity rows (`--only fidelity`): each paper-named method (visionzip, prumerge, prumerge+, dycoke, divprune,
-visiontrim, idpruner, trio_encoder)
+visiontrim, idpruner, trio_encoder, prunesid, flashvid)
 against a plain per-sample implementation of its release's rules (benchmarks/paper_references.py) on the same input,
 at batch 1 and 2, interleaved; each row checks the outputs agree (max abs difference in `agree_max_abs`; prumerge+
-budgets differ per sample, so both sides are zero-padded to the longest).
+and flashvid budgets differ per sample, so both sides are zero-padded to the longest).
 
     python benchmarks/compressor_speed.py --only fidelity --out runs/speed/fidelity.csv
     python benchmarks/compressor_speed.py --only fidelity --threads 1 --cpu-time --out runs/speed/fidelity.csv
@@ -49,9 +49,11 @@ from csv_rows import quantiles  # noqa: E402
 from paper_references import (  # noqa: E402
     divprune_plain,
     dycoke_plain,
+    flashvid_plain,
     idpruner_plain,
     prumerge_plain,
     prumerge_plus_plain,
+    prunesid_plain,
     trio_encoder_plain,
     visiontrim_plain,
     visionzip_plain,
@@ -175,6 +177,22 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
     idp = mmc.create("idpruner", keep=64)
     tri = mmc.create("trio_encoder", keep=96)
     s2 = torch.rand(B, N, 2, generator=g)  # the shallow and deep [CLS] rows (24 x 24 grid)
+    # prunesid: patches around 24 centres (NMS suppresses within them), keep 128 = CLS + 127 (32 groups: some caps
+    # cut a group's share and the shortfall is filled)
+    cen = torch.randn(B, 24, C, generator=g)
+    lab = torch.randint(0, 24, (B, N, 1), generator=g).expand(B, N, C)
+    xs = torch.cat([x[:, :1], cen.gather(1, lab) + 0.8 * torch.randn(B, N, C, generator=g)], dim=1)  # [B, 1 + N, C]
+    sid = mmc.create("prunesid", keep=128)
+    # flashvid: 8 frames of 7 x 7 x 128, a near-static scene (frames 0-3: its trees span the segment and the merge
+    # threshold is lowered to keep b tokens per frame) then a noisier one (frames 4-7); attention per scene
+    T, S, Cv = 8, 49, 128
+    scene = torch.randn(B, 2, S, Cv, generator=g) + 0.3 * torch.randn(B, 1, 1, Cv, generator=g)
+    noise = torch.cat([0.01 + 0.09 * torch.rand(B, 4, S, 1, generator=g),
+                       0.2 + 0.6 * torch.rand(B, 4, S, 1, generator=g)], dim=1)  # [B, T, S, 1]
+    fv_x = (scene.repeat_interleave(4, dim=1) + noise * torch.randn(B, T, S, Cv, generator=g)).view(B, T * S, Cv)
+    fv_a = (torch.randn(B, 2, S, generator=g).repeat_interleave(4, dim=1) + 0.1 * torch.randn(B, T, S, generator=g))
+    fv_a = fv_a.mul(1.5).softmax(-1).view(B, T * S)
+    fv = mmc.create("flashvid", keep="auto", retention=0.5, min_segments=3)  # ceil(49 * 0.5 * 1.25) = 31 per frame
     return [
         ("visionzip", lambda: vz(x, prefix=1, scores=sc, metric=me).ordered(),
          lambda: torch.stack([visionzip_plain(x[b], sc[b], me[b], 53, 10) for b in range(B)])),
@@ -192,6 +210,11 @@ def _fidelity_cases(B: int) -> list[tuple[str, object, object]]:
          lambda: torch.stack([idpruner_plain(x[b, 1:], sc[b, 1:], 64) for b in range(B)])),
         ("trio_encoder", lambda: tri(x[:, 1:], grid=(24, 24), scores=s2).x,
          lambda: torch.stack([trio_encoder_plain(x[b, 1:], s2[b, :, 0], s2[b, :, 1], 96) for b in range(B)])),
+        ("prunesid", lambda: sid(xs, prefix=1, scores=sc).ordered(),
+         lambda: torch.stack([prunesid_plain(xs[b], sc[b, 1:], 128) for b in range(B)])),
+        ("flashvid", lambda: fv(fv_x, grid=(T, 7, 7), scores=fv_a).x,
+         lambda: pad_sequence([flashvid_plain(fv_x[b].view(T, S, Cv), fv_a[b].view(T, S), 31, min_seg=3)
+                               for b in range(B)], batch_first=True)),
     ]
 
 

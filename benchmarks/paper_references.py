@@ -2,10 +2,12 @@
 docs/fidelity.md, one sample at a time with Python loops where the papers describe loops): the peers that
 `compressor_speed.py --only fidelity` times our batched compressors against, and checks them with.
 
-Letters: N tokens (prefix removed), C channels, d metric channels, k budget.
+Letters: N tokens (prefix removed), C channels, d metric channels, k budget, T frames, S tokens per frame.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -149,3 +151,161 @@ def trio_encoder_plain(x: torch.Tensor, shallow: torch.Tensor, deep: torch.Tenso
         if i not in groups:
             groups[kept[int((u[kept] @ u[i]).argmax())]].append(i)
     return torch.stack([x[groups[t]].mean(0) for t in kept])
+
+
+def prunesid_plain(x: torch.Tensor, scores: torch.Tensor, K: int, seed: int = 0) -> torch.Tensor:
+    """PruneSID's LLaVA path: x [1 + N, C] with the CLS first, scores [N] (the CLS attention row over the patches)
+    -> [K, C]: the CLS, then group by group (0, 1, ...) each group's first d_g tokens of its ranking.
+
+    Groups: torch.pca_lowrank(sigmoid(patches)^T, q = G) (the release's call) with the global RNG seeded with `seed`
+    just before it (restored after), G = floor(K / 4) clamped to [1, min(K - 1, C, N)]; each patch joins the
+    component of its largest |V|. NMS per group, one token at a time in descending score (ties: the lower index):
+    kept unless a kept token of its group has cosine above (K / 32) x the mean cosine over the pairs i < j. Budgets:
+    one per non-empty group; caps min(5 ceil(K / 64), size, NMS count), all raised by one (each at most its size)
+    until they sum to min(K, N); the other K - 1 - (non-empty groups) shared by rounded cumulative NMS fractions
+    (float32, as the release computes them), each group capped; the shortfall filled group by group in the order
+    of torch.argsort(NMS counts, descending=True), the release's call (its order among equal counts is torch's).
+    A group's ranking: its NMS survivors in NMS order, then the rest by descending score."""
+    p = x[1:].float()  # [N, C] patches
+    N, C = p.shape
+    G = max(1, min(K // 4, K - 1, C, N))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loads = torch.pca_lowrank(torch.sigmoid(p).T, q=G)[2].abs()  # [N, G]
+    group = loads.argmax(dim=1).tolist()
+    u = p / p.norm(dim=1, keepdim=True)
+    sim = u @ u.T  # [N, N]
+    iu = torch.triu_indices(N, N, offset=1)
+    thr = (K / 32) * sim[iu[0], iu[1]].mean()  # float32, as the release's
+    ranked: list[list[int]] = []
+    nms: list[int] = []
+    for g in range(G):
+        members = sorted((i for i in range(N) if group[i] == g), key=lambda i: (-float(scores[i]), i))
+        kept: list[int] = []
+        for i in members:
+            if not kept or not bool((sim[kept, i] > thr).any()):
+                kept.append(i)
+        ranked.append(kept + [i for i in members if i not in kept])
+        nms.append(len(kept))
+    sizes = [len(r) for r in ranked]
+    lower = [min(1, s) for s in sizes]
+    upper = [min(5 * math.ceil(K / 64), s, n) for s, n in zip(sizes, nms, strict=True)]
+    while sum(upper) < min(K, N):
+        upper = [min(c + 1, s) for c, s in zip(upper, sizes, strict=True)]
+    other = max(K - 1 - sum(lower), 0)
+    cum = ((torch.tensor(nms) / sum(nms)).cumsum(0) * other).round().long().tolist()  # [G] rounded cumulative shares
+    d = [min(c - prev + lo, up) for c, prev, lo, up in zip(cum, [0] + cum[:-1], lower, upper, strict=True)]
+    for g in torch.argsort(torch.tensor(nms), descending=True).tolist():
+        missing = other + sum(lower) - sum(d)
+        if missing <= 0:
+            break
+        d[g] += min(upper[g] - d[g], missing)
+    seq = [i for g in range(G) for i in ranked[g][: d[g]]]
+    return x[[0] + [1 + i for i in seq]]
+
+
+def _dpc_knn(f: torch.Tensor, n: int, knn: int) -> list[list[int]]:
+    """DPC-kNN of f [m, C] into n clusters -> the member rows of each cluster, its centre first, clusters in source
+    order of their centres. d = Euclidean / sqrt(C); density exp(-mean of the knn smallest d^2, self included);
+    delta = d to the nearest denser row (none: the largest d); the n highest delta x density are the centres (ties:
+    the lower row); every other row joins its nearest centre (ties: the higher-scored centre)."""
+    m, C = f.shape
+    d = torch.cdist(f, f) / math.sqrt(C)  # [m, m]
+    dens = torch.stack([torch.exp(-(d[i].topk(knn, largest=False).values ** 2).mean()) for i in range(m)])  # [m]
+    far = d.max()
+    delta = torch.stack([min((d[i, j] for j in range(m) if dens[j] > dens[i]), default=far) for i in range(m)])
+    score = (delta * dens).tolist()
+    centres = sorted(range(m), key=lambda i: (-score[i], i))[:n]
+    members: dict[int, list[int]] = {c: [c] for c in centres}
+    for i in range(m):
+        if i not in members:
+            members[centres[int(d[i, centres].argmin())]].append(i)
+    return [members[c] for c in sorted(centres)]
+
+
+def flashvid_plain(x: torch.Tensor, a: torch.Tensor, b: int, alpha: float = 0.7, tau: float = 0.8,
+                   seg_th: float = 0.9, min_seg: int = 8, knn: int = 7) -> torch.Tensor:
+    """FlashVID before the LLM at per-frame budget b: x [T, S, C] frames, a [T, S] attention -> [M, C] in source
+    order (of the selected tokens and of the clusters' centres). n_sel = ceil(b * alpha), n_sttm = b - n_sel.
+
+    1. Segments: a cut after frame t where cos(mean of frame t, mean of frame t + 1) < seg_th; below min_seg
+       segments, the lowest-similarity uncut transitions are cut too.
+    2. Per frame, D[i, j] = (1 - cos(x_i, x_j)) * a_j * 1e6 * r_j, r_j = mean over the segment's frames c of
+       x_j . mean(frame c); first the token whose column has the largest second-smallest entry, then one at a time
+       the unselected token with the largest min over the selected rows (ties: the lower index); n_sel tokens.
+    3. In a segment, frame by frame, each unselected token of frame t > 0 finds its most similar unselected token of
+       frame t - 1 and merges into it when the cosine exceeds tau (when fewer than b L tokens of the L frames would
+       stay, tau becomes the (L S - b L)-th largest of those cosines, at least -1 + 1e-6). From the last frame back,
+       a merged token adds its value (itself plus what merged into it) to its anchor, whose count grows by one; a
+       token that stays (a tree's root) is worth its value over its count.
+    4. The roots of frame t (a one-frame segment: its unselected tokens) go into ceil(n_t * n_sttm L / roots of the
+       segment) DPC-kNN clusters (knn = min(clusters, 7)) when that ratio is below 1, each output the mean of its
+       roots' values at its centre's place; otherwise each root is output. n_sttm = 0: the unselected are dropped.
+    """
+    T, S, C = x.shape
+    x = x.float()
+    unit = x / x.norm(dim=-1, keepdim=True)  # [T, S, C]
+    fm = x.mean(1)  # [T, C] frame means
+    fu = fm / fm.norm(dim=1, keepdim=True)
+    trans = [fu[t] @ fu[t + 1] for t in range(T - 1)]  # [T - 1] transition similarities
+    cuts = {t for t in range(T - 1) if trans[t] < seg_th}
+    if len(cuts) + 1 < min_seg:
+        extra = sorted((t for t in range(T - 1) if t not in cuts), key=lambda t: (float(trans[t]), t))
+        cuts |= set(extra[: min_seg - 1 - len(cuts)])
+    bounds = [0] + [t + 1 for t in sorted(cuts)] + [T]
+    n_sel = math.ceil(b * alpha)
+    n_sttm = b - n_sel
+    out: dict[int, torch.Tensor] = {}  # source index of the representative -> output token
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        L = e - s
+        means = fm[s:e]  # [L, C]
+        sel: list[list[int]] = []
+        for t in range(s, e):
+            rel = (x[t] @ means.T).mean(1)  # [S] event relevance
+            dist = (1.0 - unit[t] @ unit[t].T) * (a[t].float() * 1e6) * rel  # [S, S], column j calibrated
+            picks = [int(dist.topk(2, dim=0, largest=False).values[1].argmax())] if n_sel else []
+            while len(picks) < n_sel:
+                m = dist[picks].min(0).values
+                m[picks] = float("-inf")
+                picks.append(int(m.argmax()))
+            sel.append(picks)
+            for i in picks:
+                out[t * S + i] = x[t, i]
+        if n_sttm == 0:
+            continue
+        free = [[i for i in range(S) if i not in sel[t]] for t in range(L)]
+        val = x[s:e].clone()  # [L, S, C] each token's value (its own plus what merges into it)
+        cnt = [[1] * S for _ in range(L)]
+        merged = [[False] * S for _ in range(L)]
+        if L > 1:
+            best = torch.full((L, S), -1.0)  # [L, S] best cosine to the previous frame's unselected tokens
+            anchor = [[-1] * S for _ in range(L)]
+            for t in range(1, L):
+                for i in free[t]:
+                    c = unit[s + t - 1, free[t - 1]] @ unit[s + t, i]  # [S - n_sel]
+                    j = int(c.argmax())
+                    best[t, i], anchor[t][i] = c[j], free[t - 1][j]
+            th = torch.tensor(tau)
+            if int((best <= th).sum()) < b * L:
+                soft = best.flatten().sort(descending=True).values[L * S - b * L - 1]
+                th = soft if soft > -1.0 + 1e-6 else torch.tensor(-1.0 + 1e-6)
+            merged = (best > th).tolist()
+            for t in range(L - 1, 0, -1):
+                for i in range(S):
+                    if merged[t][i]:
+                        val[t - 1, anchor[t][i]] += val[t, i]
+                        cnt[t - 1][anchor[t][i]] += 1
+        roots = [[i for i in free[t] if not merged[t][i]] for t in range(L)]
+        ratio = n_sttm * L / sum(len(r) for r in roots)
+        for t in range(L):
+            tree = [val[t, i] / cnt[t][i] for i in roots[t]]  # each root's tree value
+            nc = math.ceil(len(roots[t]) * ratio)
+            if nc == 0:
+                continue
+            if ratio >= 1.0:
+                for i, v in zip(roots[t], tree, strict=True):
+                    out[(s + t) * S + i] = v
+                continue
+            for rows in _dpc_knn(torch.stack(tree), nc, min(nc, knn)):
+                out[(s + t) * S + roots[t][rows[0]]] = torch.stack([tree[r] for r in rows]).mean(0)
+    return torch.stack([out[i] for i in sorted(out)])
