@@ -103,7 +103,8 @@ def summarize(records: Sequence[dict[str, Any]], tasks: Sequence[Any], settings:
                 for t in ("encode_ms", "compress_ms", "prefill_ms"):
                     row[t] = float(tm[t])
                 row["prefill_ratio"], row["ratio_spread"] = float(tm["prefill_ratio"]), float(tm["ratio_spread"])
-                row["timing"] = f"interleaved x{tm.get('pairs', tm['repeats'])}, {tm['threads']} thread(s)"
+                # the protocol, not a measurement (extra pairs, in timing.json, would make two runs' rows differ)
+                row["timing"] = f"interleaved x{tm['repeats']}, {tm['threads']} thread(s)"
             rest = {k: v for k, v in metrics.items() if k not in ("accuracy", "stderr", "n", task.primary)}
             row["metrics"] = json.dumps(rest, sort_keys=True) if rest else ""
             task_rows.append(row)

@@ -34,6 +34,7 @@ Letters: B timing batch, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import Iterator
@@ -73,22 +74,27 @@ class TimingConfig:
                 "fastest repeat per sample; prefill ratio = fastest setting / fastest none")
 
 
+@functools.cache
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo, else what `platform` says); read once per process."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """``{"cpu": the CPU's model name, "cpus": logical CPUs, "load1": the 1-minute load average (None where the OS has
     none)}``."""
     import os
-    import platform
 
-    name = ""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
     load = None
     with contextlib.suppress(OSError, AttributeError):
         load = round(os.getloadavg()[0], 2)
-    return {"cpu": name or platform.processor() or platform.machine(), "cpus": os.cpu_count(), "load1": load}
+    return {"cpu": _cpu_name(), "cpus": os.cpu_count(), "load1": load}
 
 
 def describe_machine(timings: list[dict[str, Any]]) -> str | None:
