@@ -296,6 +296,26 @@ def evaluate(model, proc, evalsets, grid, bs: int = 128) -> dict[str, float]:
     return out
 
 
+def merge_logs(prior: Path, log: Path) -> tuple[str, dict[str, int]]:
+    """The log of a run that continued another one's export (``--grow-from`` at the same depth): `prior`'s rows,
+    then `log`'s with step, epoch, presentations and seconds counted on from `prior`'s last row. Returns the text
+    and the offsets added."""
+    head, *rows_p = prior.read_text().splitlines()
+    _, *rows = log.read_text().splitlines()
+    last = rows_p[-1].split("\t")
+    off = {"step": int(last[0]), "presentations": int(last[2]), "seconds": int(last[5])}
+    epoch0 = float(last[1])
+    out = [head, *rows_p]
+    for line in rows:
+        c = line.split("\t")
+        c[0] = str(int(c[0]) + off["step"])
+        c[1] = f"{float(c[1]) + epoch0:.3f}"
+        c[2] = str(int(c[2]) + off["presentations"])
+        c[5] = str(int(c[5]) + off["seconds"])
+        out.append("\t".join(c))
+    return "\n".join(out) + "\n", off
+
+
 def plot_log(log_path: Path, out: Path) -> None:
     """Validation accuracy (detail and easy-VQA, uncompressed and at fixed budgets) against question
     presentations, from the training log."""
@@ -361,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="start from a shallower export (e.g. v1's refvlm_mini.safetensors) by block expansion: "
                         "its layer i becomes layer i*k and the k-1 layers after it are copies of it with o_proj and "
                         "down_proj zeroed, so training starts from exactly the smaller model's function")
+    p.add_argument("--prior-log", type=Path, default=None,
+                   help="with --assets, for a run that continues an export (--grow-from at the same depth): that "
+                        "export's training log; the exported log and curve are it followed by this run, counted on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=None, help="with --assets: also draw the learning curve to this PNG")
     a = p.parse_args(argv)
@@ -533,17 +556,28 @@ def main(argv: list[str] | None = None) -> int:
         a.assets.mkdir(parents=True, exist_ok=True)
         save_file({k: v.cpu() for k, v in model.export().items()}, str(a.assets / mini.WEIGHTS_FILE))
         shutil.copyfile(tok_path, a.assets / mini.TOKENIZER_FILE)
-        shutil.copyfile(log_path, a.assets / "refvlm_mini_train_log.tsv")
+        off = {"step": 0, "presentations": 0, "seconds": 0}
+        if a.prior_log is not None:
+            merged, off = merge_logs(a.prior_log, log_path)
+            if a.prior_log.resolve() == (a.assets / "refvlm_mini_train_log.tsv").resolve():
+                p.error("--prior-log: give a copy, not the file the export overwrites")
+            (a.assets / "refvlm_mini_train_log.tsv").write_text(merged)
+        else:
+            shutil.copyfile(log_path, a.assets / "refvlm_mini_train_log.tsv")
         final = evaluate(model, proc, evalsets, grid)
-        info = {"arch": shape.to_dict(), "steps": step, "question_presentations": presented,
-                "train_seconds": round(elapsed), "image_tokens_fed": tokens_fed, "parameters_trained": n_params,
+        info = {"arch": shape.to_dict(), "steps": step + off["step"],
+                "question_presentations": presented + off["presentations"],
+                "train_seconds": round(elapsed) + off["seconds"], "image_tokens_fed": tokens_fed,
+                "parameters_trained": n_params,
                 "train_questions": n_q, "detail_types": list(types), "detail_scenes": a.detail_scenes,
                 "batch_size": a.batch_size, "lr": a.lr, "full_frac": full_frac, "min_frac": a.min_frac,
                 "mix": list(mix), "validation": {k: round(v, 4) for k, v in final.items()},
                 "command": train_cmd}
+        if a.prior_log is not None:
+            info["continued_from"] = {"export": str(a.grow_from), "log": str(a.prior_log), **off}
         (a.assets / "refvlm_mini.json").write_text(json.dumps(info, indent=1) + "\n")
         if a.plot is not None:
-            plot_log(log_path, a.plot)
+            plot_log(a.assets / "refvlm_mini_train_log.tsv", a.plot)
         print(f"exported to {a.assets}: {info}", flush=True)
     return 0
 

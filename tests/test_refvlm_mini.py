@@ -169,6 +169,24 @@ def test_step_plan_is_a_pure_function_of_the_step():
     assert {m for _, ms in plans for m in ms} == set(train.MIX) | {"full"}
 
 
+def test_a_continued_run_s_log_counts_on_from_the_run_it_continues(tmp_path):
+    """--prior-log: the exported log is the earlier run's rows, then the continuation's with step, epoch,
+    presentations and seconds counted on from the earlier run's last row (evaluations and losses untouched)."""
+    train = load_script("scripts/train_ref_mini.py")
+    head = "step\tepoch\tpresentations\tloss\tlr\tseconds\tevaluation\timage_tokens"
+    (tmp_path / "a.tsv").write_text(f"{head}\n10\t0.008\t640\t0.4\t1e-4\t17\t\t93.6\n"
+                                    '1700\t1.331\t108800\t0.2\t2.5e-05\t3981\t{"detail_val_acc": 0.8}\t70.0\n')
+    (tmp_path / "b.tsv").write_text(f"{head}\n10\t0.008\t640\t0.19\t5.5e-05\t19\t\t62.8\n"
+                                    '300\t0.235\t19200\t0.18\t2e-4\t600\t{"detail_val_acc": 0.81}\t70.1\n')
+    text, off = train.merge_logs(tmp_path / "a.tsv", tmp_path / "b.tsv")
+    assert off == {"step": 1700, "presentations": 108800, "seconds": 3981}
+    lines = text.splitlines()
+    assert lines[0] == head and len(lines) == 5
+    assert lines[3].split("\t") == ["1710", "1.339", "109440", "0.19", "5.5e-05", "4000", "", "62.8"]
+    assert lines[4].split("\t")[:3] == ["2000", "1.566", "128000"]
+    assert lines[4].split("\t")[6] == '{"detail_val_acc": 0.81}'
+
+
 @pytest.mark.parametrize("method", ["cdpruner", "text_recovery"])
 def test_bench_hands_text_guided_methods_the_question(monkeypatch, method):
     """ref-vlm-mini's template puts the question BEFORE the image, so the tokens after the image are template
