@@ -387,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, default=None, help="with --assets: also draw the learning curve to this PNG")
     a = p.parse_args(argv)
+    if a.prior_log is not None:
+        if a.assets is None or not a.prior_log.is_file():
+            p.error("--prior-log: needs --assets and an existing log file")
+        if a.prior_log.resolve() == (a.assets / "refvlm_mini_train_log.tsv").resolve():
+            p.error("--prior-log: give a copy, not the log file the export overwrites")
     if a.threads:
         torch.set_num_threads(a.threads)
     types = tuple(t for t in a.types.split(",") if t)
@@ -559,8 +564,6 @@ def main(argv: list[str] | None = None) -> int:
         off = {"step": 0, "presentations": 0, "seconds": 0}
         if a.prior_log is not None:
             merged, off = merge_logs(a.prior_log, log_path)
-            if a.prior_log.resolve() == (a.assets / "refvlm_mini_train_log.tsv").resolve():
-                p.error("--prior-log: give a copy, not the file the export overwrites")
             (a.assets / "refvlm_mini_train_log.tsv").write_text(merged)
         else:
             shutil.copyfile(log_path, a.assets / "refvlm_mini_train_log.tsv")
