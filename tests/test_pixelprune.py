@@ -120,29 +120,21 @@ def test_lossless_at_tau0_on_a_page():
     assert torch.equal(decode(g, kept), g)
 
 
-def _photos() -> list[tuple[str, object]]:
-    """Real photos that ship in installed wheels: matplotlib's (a test dependency) always, scikit-image's if present."""
-    import importlib.util
-
-    import matplotlib.cbook
+def _photo(name: str):
+    """A real photo from an installed wheel: matplotlib's (a test dependency) or scikit-image's (skipped without it)."""
     import numpy as np
-    from PIL import Image
 
-    hopper = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
-    out = [("grace_hopper", np.asarray(hopper))]
-    if importlib.util.find_spec("skimage") is not None:
-        from skimage import data
+    if name == "grace_hopper":
+        import matplotlib.cbook
+        from PIL import Image
 
-        out.append(("astronaut", data.astronaut()))
-    return out
+        return np.asarray(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
+    return pytest.importorskip("skimage.data").astronaut()
 
 
 @pytest.mark.parametrize("name", ["grace_hopper", "astronaut"])
 def test_natural_photo_loses_nothing(name):
-    photos = dict(_photos())
-    if name not in photos:
-        pytest.skip("scikit-image is not installed (the matplotlib photo runs regardless)")
-    img = torch.tensor(photos[name][:224, :224] / 255.0, dtype=torch.float32).permute(2, 0, 1).contiguous()
+    img = torch.tensor(_photo(name)[:224, :224] / 255.0, dtype=torch.float32).permute(2, 0, 1).contiguous()
     pv, grid = qwen_pixels(img, patch=14, mean=QWEN2_MEAN, std=QWEN2_STD)
     kept = pixelprune_select(pv, grid, mean=QWEN2_MEAN, std=QWEN2_STD)[0]
     g = group_pixels(pv, grid, mean=QWEN2_MEAN, std=QWEN2_STD)[0]
